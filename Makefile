@@ -1,0 +1,41 @@
+# make bench / make test: set up .venv (torch and the build tools), build the extension,
+# then run the benchmark or the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.14.1
+TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel
+
+# torch's guess of the CUDA toolkit misses /usr/local/cuda when nvcc is not on PATH.
+ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
+# With no GPU visible torch cannot pick the architecture: default to Hopper only.
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+
+SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
+
+.PHONY: bench test build setup clean gpu-check
+
+bench: build
+	$(PY) -m fastreg bench
+
+test: build
+	$(PY) -m pytest -q tests
+
+build: $(VENV)/.built
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TOOLS)
+	touch $@
+
+$(VENV)/.built: $(VENV)/.installed $(SOURCES)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+clean:
+	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built

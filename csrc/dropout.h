@@ -1,0 +1,109 @@
+// Host-side pieces that the CPU and CUDA dropout kernels share: the mask modes, the
+// checks the dispatcher-level ops make, and how outputs and masks are allocated.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <string>
+
+#include "philox.h"
+
+namespace fastreg {
+
+// What the forward keeps for backward.
+enum class MaskMode { Bits, Bool, Recompute };
+
+inline MaskMode parse_mask_mode(c10::string_view mode) {
+  if (mode == "bits") return MaskMode::Bits;
+  if (mode == "bool") return MaskMode::Bool;
+  if (mode == "recompute") return MaskMode::Recompute;
+  TORCH_CHECK_VALUE(false, "mask must be 'bits', 'bool' or 'recompute', but got '",
+                    std::string(mode), "'");
+}
+
+// Bits mode packs element i into bit i % 32 of 32-bit word i / 32.
+inline int64_t mask_words(int64_t numel) { return (numel + 31) / 32; }
+
+struct RngState {
+  uint64_t seed;
+  uint64_t offset;
+};
+
+inline void check_rng_state(const at::Tensor& rng_state, const at::Tensor& like) {
+  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2 &&
+                  rng_state.is_contiguous(),
+              "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset)");
+  TORCH_CHECK(rng_state.device() == like.device(), "rng_state must be on ", like.device(),
+              ", but is on ", rng_state.device());
+}
+
+inline void check_dropout_args(const at::Tensor& input, double p) {
+  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()) &&
+                       input.scalar_type() != at::kFloat8_e4m3fn &&
+                       input.scalar_type() != at::kFloat8_e5m2,
+                   "input must be float16, bfloat16, float32 or float64, but got ",
+                   input.scalar_type());
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
+                    "dropout probability has to be between 0 and 1, but got ", p);
+}
+
+// scale = 1 / (1 - p), computed in double and rounded once to the op-math type.
+template <typename opmath_t>
+opmath_t dropout_scale(double p) {
+  return p >= 1.0 ? opmath_t(0) : static_cast<opmath_t>(1.0 / (1.0 - p));
+}
+
+// The forward's output has the input's layout when the input is dense (empty_like keeps
+// its strides); a non-dense input is first gathered into the output, and the kernel
+// then runs in place. Either way element i of the contract is out's i-th memory slot.
+struct ForwardBuffers {
+  at::Tensor src;  // dense, with out's strides
+  at::Tensor out;
+  at::Tensor mask;
+};
+
+inline ForwardBuffers make_forward_buffers(const at::Tensor& input, MaskMode mode) {
+  ForwardBuffers b;
+  b.out = at::empty_like(input);
+  b.src = input;
+  if (!input.is_non_overlapping_and_dense() || input.strides() != b.out.strides()) {
+    b.out.copy_(input);
+    b.src = b.out;
+  }
+  switch (mode) {
+    case MaskMode::Bits:
+      b.mask = at::empty({mask_words(input.numel())}, input.options().dtype(at::kInt));
+      break;
+    case MaskMode::Bool:
+      b.mask = at::empty_like(b.out, b.out.options().dtype(at::kBool));
+      break;
+    case MaskMode::Recompute:
+      b.mask = at::empty({0}, input.options().dtype(at::kInt));
+      break;
+  }
+  return b;
+}
+
+// Backward applies the forward's mask to a gradient that the Python layer has already
+// given the forward output's layout.
+inline void check_backward_args(const at::Tensor& grad, const at::Tensor& mask, MaskMode mode) {
+  TORCH_CHECK(grad.is_non_overlapping_and_dense(),
+              "grad must be dense (fastreg gives it the forward output's layout)");
+  switch (mode) {
+    case MaskMode::Bits:
+      TORCH_CHECK(mask.scalar_type() == at::kInt && mask.numel() == mask_words(grad.numel()),
+                  "a bits mask must be int32 with ", mask_words(grad.numel()), " words");
+      break;
+    case MaskMode::Bool:
+      TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == grad.sizes() &&
+                      mask.strides() == grad.strides(),
+                  "a bool mask must have grad's shape and strides");
+      break;
+    case MaskMode::Recompute:
+      break;
+  }
+  TORCH_CHECK(mask.device() == grad.device(), "mask must be on ", grad.device());
+}
+
+}  // namespace fastreg

@@ -1,0 +1,15 @@
+// The Python module fastreg._C: importing it loads the operator registrations; it also
+// tells what the binary was built with.
+#include <torch/extension.h>
+
+#define FASTREG_STR_(x) #x
+#define FASTREG_STR(x) FASTREG_STR_(x)
+
+PYBIND11_MODULE(_C, m) {
+  m.attr("built_with_torch") = FASTREG_STR(FASTREG_BUILT_WITH_TORCH);  // set by setup.py
+#ifdef FASTREG_WITH_CUDA
+  m.attr("cuda_kernels") = true;
+#else
+  m.attr("cuda_kernels") = false;
+#endif
+}

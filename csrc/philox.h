@@ -1,0 +1,81 @@
+// Philox4x32-10 and the dropout keep rule: the single source of fastreg's randomness.
+//
+// The RNG contract, shared by the CPU kernels, the CUDA kernels and fastreg/reference.py:
+// for a call with 64-bit seed S and offset O, element i (its position in memory in the
+// output) takes q = i / 4, r = i % 4 and computes
+//     philox4x32_10(counter = (q lo, q hi, O lo, O hi), key = (S lo, S hi))
+// Element i is kept iff output word r >= t, with t = floor(p * 2^32) for p < 1; p = 1
+// drops everything. Kept values are x * scale, scale = 1 / (1 - p) rounded once to the
+// op-math type (float32, float64 for float64), the product rounded once to the dtype.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FASTREG_HD __host__ __device__ __forceinline__
+#else
+#define FASTREG_HD inline __attribute__((always_inline))
+#endif
+
+namespace fastreg {
+
+struct Philox4 {
+  uint32_t v[4];
+};
+
+// 32x32 -> 64-bit product split into its high and low words. Written as a plain
+// 64-bit multiply so that nvcc emits mul.hi/mul.lo and gcc vectorizes it (pmuludq).
+FASTREG_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+  const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
+  hi = static_cast<uint32_t>(product >> 32);
+  lo = static_cast<uint32_t>(product);
+}
+
+// Philox4x32 with 10 rounds (Salmon et al., SC'11; constants of Random123).
+FASTREG_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                                 uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo32(kMul0, c0, hi0, lo0);
+    mulhilo32(kMul1, c2, hi1, lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += kWeyl0;
+    k1 += kWeyl1;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The four random words of Philox block q (elements 4q .. 4q+3) for seed and offset.
+FASTREG_HD Philox4 philox_block(uint64_t seed, uint64_t offset, uint64_t q) {
+  return philox4x32_10(static_cast<uint32_t>(q), static_cast<uint32_t>(q >> 32),
+                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// The keep rule's parameters for a drop probability p in [0, 1]. The threshold is
+// computed in double on the host so every device compares against the same integer.
+struct KeepRule {
+  uint32_t threshold;  // keep iff word >= threshold
+  bool drop_all;       // p == 1: no word passes
+
+  static KeepRule from_p(double p) {
+    KeepRule rule;
+    rule.drop_all = p >= 1.0;
+    rule.threshold = rule.drop_all ? 0u : static_cast<uint32_t>(p * 4294967296.0);
+    return rule;
+  }
+
+  FASTREG_HD bool keep(uint32_t word) const { return !drop_all && word >= threshold; }
+};
+
+}  // namespace fastreg

@@ -1,0 +1,26 @@
+"""fastreg: fused dropout and L1/L2 penalties for PyTorch, in C++ and CUDA."""
+
+import torch
+
+from fastreg import _ops, reference
+from fastreg.dropout import Dropout, dropout, dropout_mask, replace_dropout
+
+__version__ = "0.1.0"
+
+
+def info():
+    """What runs: version, backend ("extension" or "reference"), kernels built, torch."""
+    ext = _ops._C
+    return {
+        "version": __version__,
+        "backend": "extension" if ext is not None else "reference",
+        "reason": _ops.WHY_REFERENCE,
+        "cpu_kernels": ext is not None,
+        "cuda_kernels": bool(ext is not None and ext.cuda_kernels),
+        "built_with_torch": ext.built_with_torch if ext is not None else None,
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+__all__ = ["Dropout", "dropout", "dropout_mask", "info", "reference", "replace_dropout"]

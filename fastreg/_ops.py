@@ -1,0 +1,110 @@
+"""Loading the compiled extension, choosing the backend, and the Python halves of the
+operators: fake (meta) kernels and autograd formulas, registered with torch.library.
+
+The operators themselves are declared in csrc/schema.cpp. FASTREG_BACKEND=reference
+skips the extension; otherwise a missing or broken extension falls back to
+fastreg.reference with one warning.
+"""
+
+import os
+import warnings
+
+import torch
+
+BACKEND_ENV = "FASTREG_BACKEND"
+
+
+def _load_extension():
+    """(module or None, why not)"""
+    choice = os.environ.get(BACKEND_ENV, "auto")
+    if choice not in ("auto", "extension", "reference"):
+        raise ValueError(f"{BACKEND_ENV} must be 'auto', 'extension' or 'reference', "
+                         f"but got {choice!r}")
+    if choice == "reference":
+        return None, f"{BACKEND_ENV}=reference"
+    try:
+        from fastreg import _C
+    except (ImportError, OSError) as error:
+        if choice == "extension":
+            raise
+        why = f"the compiled extension fastreg._C could not be loaded ({error})"
+        warnings.warn(f"fastreg: {why}; running torch {torch.__version__}. Falling back to the "
+                      "pure-PyTorch reference (slower, same results). Rebuild with "
+                      "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
+        return None, why
+    if _C.built_with_torch.split("+")[0] != torch.__version__.split("+")[0]:
+        warnings.warn(f"fastreg: extension built for torch {_C.built_with_torch}, running torch "
+                      f"{torch.__version__}; rebuild it if operators misbehave.", RuntimeWarning,
+                      stacklevel=3)
+    return _C, None
+
+
+_C, WHY_REFERENCE = _load_extension()
+HAVE_EXTENSION = _C is not None
+
+
+def has_kernels(device):
+    """Whether compiled kernels serve tensors on `device` (else the reference does)."""
+    if _C is None:
+        return False
+    kind = torch.device(device).type
+    return kind in ("cpu", "meta") or (kind == "cuda" and _C.cuda_kernels)
+
+
+def with_strides(tensor, stride):
+    """`tensor`, copied into the dense layout `stride` unless it has it already."""
+    if tensor.stride() == tuple(stride):
+        return tensor
+    return torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype,
+                               device=tensor.device).copy_(tensor)
+
+
+def _register_dropout():
+    ops = torch.ops.fastreg
+
+    @torch.library.register_fake("fastreg::dropout_fwd")
+    def _(input, p, rng_state, mode):
+        out = torch.empty_like(input)
+        if mode == "bits":
+            mask = input.new_empty(((input.numel() + 31) // 32,), dtype=torch.int32)
+        elif mode == "bool":
+            mask = torch.empty_like(out, dtype=torch.bool)
+        else:
+            mask = input.new_empty((0,), dtype=torch.int32)
+        return out, mask
+
+    @torch.library.register_fake("fastreg::dropout_bwd")
+    def _(grad, mask, p, rng_state, mode):
+        return torch.empty_like(grad)
+
+    @torch.library.register_fake("fastreg::dropout_mask")
+    def _(rng_state, size, p):
+        return rng_state.new_empty(size, dtype=torch.bool)
+
+    # The forward keeps the mask (or nothing, in recompute mode), the rng_state and the
+    # output's strides; the gradient is given those strides before the mask is applied,
+    # since mask bit i belongs to the output's i-th memory slot.
+    def setup_mask_context(ctx, inputs, output):
+        p, rng_state, mode = inputs[-3:]
+        result, mask = output if isinstance(output, tuple) else (output, inputs[1])
+        ctx.save_for_backward(mask, rng_state)
+        ctx.p, ctx.mode, ctx.stride = p, mode, result.stride()
+
+    def apply_saved_mask(ctx, grad):
+        mask, rng_state = ctx.saved_tensors
+        return ops.dropout_bwd(with_strides(grad, ctx.stride), mask, ctx.p, rng_state, ctx.mode)
+
+    def dropout_fwd_backward(ctx, grad_out, _grad_mask):
+        return apply_saved_mask(ctx, grad_out), None, None, None
+
+    def dropout_bwd_backward(ctx, grad_grad):
+        return apply_saved_mask(ctx, grad_grad), None, None, None, None
+
+    torch.library.register_autograd("fastreg::dropout_fwd", dropout_fwd_backward,
+                                    setup_context=setup_mask_context)
+    torch.library.register_autograd("fastreg::dropout_bwd", dropout_bwd_backward,
+                                    setup_context=setup_mask_context)
+
+
+if HAVE_EXTENSION:
+    _register_dropout()

@@ -1,0 +1,92 @@
+"""Public dropout API: the functional form, the nn.Dropout drop-in and the mask utility."""
+
+import torch
+from torch import nn
+
+from fastreg import _args, _ops, reference
+
+
+def _apply_kernels(input, p, rng_state, mask):
+    return torch.ops.fastreg.dropout_fwd(input, p, rng_state, mask)[0]
+
+
+def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
+            generator=None):
+    """Inverted dropout, a drop-in for ``torch.nn.functional.dropout``.
+
+    Each element is zeroed with probability ``p`` and the others are scaled by
+    ``1 / (1 - p)``, by one fused kernel that draws the keep-mask from Philox4x32-10
+    (see README, "The RNG contract").
+
+    Args:
+        input: a float16, bfloat16, float32 or float64 tensor, any layout.
+        p: probability of an element to be zeroed, in [0, 1].
+        training: apply dropout if True, else return ``input`` unchanged.
+        inplace: write the result into ``input`` and return it.
+        mask: what is kept for backward: ``"bits"`` (1 bit per element), ``"bool"``
+            (1 byte per element, like native CUDA dropout) or ``"recompute"`` (only the
+            seed and offset; backward regenerates the mask).
+        seed: a 64-bit seed; the mask is then exactly ``dropout_mask(input.shape, p, seed)``
+            laid out in the output's memory order. By default the seed and offset are drawn
+            from ``generator`` or the device's default generator.
+        generator: a ``torch.Generator`` on ``input``'s device.
+
+    Dropped elements are exactly 0, also where ``input`` is NaN or infinite.
+    """
+    apply = _apply_kernels if _ops.has_kernels(input.device) else reference.dropout_apply
+    return _args.dropout_front(apply, input, p, training, inplace, mask, seed, generator)
+
+
+def dropout_mask(shape, p, seed, offset=0, *, device=None):
+    """The bool keep-mask (True = kept) that ``(seed, offset)`` gives for ``shape``:
+    element i of the contiguous result is kept iff the contract keeps element i."""
+    if not _ops.has_kernels(device or "cpu"):
+        return reference.dropout_mask(shape, p, seed, offset, device=device)
+    p = _args.check_probability(p)
+    shape = [shape] if isinstance(shape, int) else list(shape)
+    state = torch.tensor([_args.as_int64(seed, "seed"), _args.as_int64(offset, "offset")],
+                         dtype=torch.int64, device=device)
+    return torch.ops.fastreg.dropout_mask(state, shape, p)
+
+
+class Dropout(nn.Dropout):
+    """Drop-in for ``torch.nn.Dropout`` running :func:`fastreg.dropout`.
+
+    Args:
+        p: probability of an element to be zeroed. Default: 0.5
+        inplace: do the operation in place. Default: False
+        mask: what is kept for backward: ``"bits"`` (default), ``"bool"`` or
+            ``"recompute"``; see :func:`fastreg.dropout`.
+    """
+
+    def __init__(self, p=0.5, inplace=False, *, mask="bits"):
+        super().__init__(p, inplace)
+        _args.check_mask_mode(mask)
+        self.mask = mask
+
+    def forward(self, input):
+        return dropout(input, self.p, self.training, self.inplace, mask=self.mask)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, mask={self.mask!r}"
+
+
+def replace_dropout(model, *, mask="bits"):
+    """Replaces every ``nn.Dropout`` in ``model`` (in place) by :class:`fastreg.Dropout`
+    with the same ``p``, ``inplace`` and training mode; returns ``model``, or the new
+    module if ``model`` itself is an ``nn.Dropout``."""
+    _args.check_mask_mode(mask)
+
+    def swap(module):
+        new = Dropout(module.p, module.inplace, mask=mask)
+        new.train(module.training)
+        return new
+
+    if type(model) is nn.Dropout:
+        return swap(model)
+    for name, child in list(model.named_children()):
+        if type(child) is nn.Dropout:
+            setattr(model, name, swap(child))
+        else:
+            replace_dropout(child, mask=mask)
+    return model
