@@ -68,16 +68,22 @@ def extension():
     log(("building CUDA kernels: " if with_cuda else "building CPU kernels only: ") + reason)
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     defines = [f"-DFASTREG_BUILT_WITH_TORCH={torch.__version__}"]  # stringified in module.cpp
-    cxx_flags = ["-O3"] + defines  # the C++ standard is torch.utils.cpp_extension's choice
+    # The C++ standard is torch.utils.cpp_extension's choice. -fopenmp makes
+    # at::parallel_for parallel (without it the header falls back to a serial loop); the
+    # OpenMP runtime is the libgomp.so.1 that libtorch_cpu has already loaded.
+    cxx_flags = ["-O3", "-fopenmp"] + defines
+    link_flags = ["-fopenmp"]
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "fastreg._C", sources, extra_compile_args={"cxx": cxx_flags})
+            "fastreg._C", sources, extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags)
     sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
     # No --use_fast_math: the kernels' results are promised bit-exact.
     nvcc_flags = ["-O3", "-lineinfo", "-DFASTREG_WITH_CUDA"] + defines
     return cpp_extension.CUDAExtension(
         "fastreg._C", sources,
         include_dirs=wheel_cuda_includes(),
+        extra_link_args=link_flags,
         extra_compile_args={"cxx": cxx_flags + ["-DFASTREG_WITH_CUDA"], "nvcc": nvcc_flags})
 
 

@@ -23,34 +23,38 @@ struct Philox4 {
   uint32_t v[4];
 };
 
-// 32x32 -> 64-bit product split into its high and low words. Written as a plain
-// 64-bit multiply so that nvcc emits mul.hi/mul.lo and gcc vectorizes it (pmuludq).
-FASTREG_HD void mulhilo32(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-  const uint64_t product = static_cast<uint64_t>(a) * static_cast<uint64_t>(b);
-  hi = static_cast<uint32_t>(product >> 32);
-  lo = static_cast<uint32_t>(product);
+// One Philox4x32 round on the counter words, with round key (k0, k1). The products are
+// plain 64-bit multiplies: nvcc emits mul.hi/mul.lo and gcc vectorizes them across
+// lanes (see the CPU kernels, which run this round over 64 blocks at once).
+FASTREG_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
+                             uint32_t k0, uint32_t k1) {
+  const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
+  const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
+  const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+  const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+  c1 = static_cast<uint32_t>(p1);
+  c3 = static_cast<uint32_t>(p0);
+  c0 = n0;
+  c2 = n2;
 }
 
-// Philox4x32 with 10 rounds (Salmon et al., SC'11; constants of Random123).
+// The key schedule: a Weyl sequence added between rounds.
+FASTREG_HD void philox_bump_key(uint32_t& k0, uint32_t& k1) {
+  k0 += 0x9E3779B9u;
+  k1 += 0xBB67AE85u;
+}
+
+constexpr int kPhiloxRounds = 10;
+
+// Philox4x32-10 (Salmon et al., SC'11; the constants of Random123).
 FASTREG_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                                  uint32_t k0, uint32_t k1) {
-  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
-  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
 #if defined(__CUDACC__)
 #pragma unroll
 #endif
-  for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo32(kMul0, c0, hi0, lo0);
-    mulhilo32(kMul1, c2, hi1, lo1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0;
-    const uint32_t n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += kWeyl0;
-    k1 += kWeyl1;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    philox_round(c0, c1, c2, c3, k0, k1);
+    philox_bump_key(k0, k1);
   }
   return Philox4{{c0, c1, c2, c3}};
 }
