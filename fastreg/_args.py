@@ -63,7 +63,9 @@ def rng_state(device, seed=None, generator=None):
         return torch.tensor([as_int64(seed, "seed"), 0], dtype=torch.int64, device=device)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, but got {type(generator).__name__}")
-    return torch.empty(2, dtype=torch.int64, device=device).random_(generator=generator)
+    # Out of place (torch.compile traces randint, not random_); nearly the full int64 range.
+    return torch.randint(-(1 << 63), (1 << 63) - 1, (2,), dtype=torch.int64, device=device,
+                         generator=generator)
 
 
 def dropout_front(apply, input, p, training, inplace, mask, seed, generator):

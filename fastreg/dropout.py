@@ -6,7 +6,9 @@ from torch import nn
 from fastreg import _args, _ops, reference
 
 
-def _apply_kernels(input, p, rng_state, mask):
+def _apply(input, p, rng_state, mask):
+    if not _ops.has_kernels(input.device):
+        return reference.dropout_apply(input, p, rng_state, mask)
     return torch.ops.fastreg.dropout_fwd(input, p, rng_state, mask)[0]
 
 
@@ -33,8 +35,7 @@ def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=Non
 
     Dropped elements are exactly 0, also where ``input`` is NaN or infinite.
     """
-    apply = _apply_kernels if _ops.has_kernels(input.device) else reference.dropout_apply
-    return _args.dropout_front(apply, input, p, training, inplace, mask, seed, generator)
+    return _args.dropout_front(_apply, input, p, training, inplace, mask, seed, generator)
 
 
 def dropout_mask(shape, p, seed, offset=0, *, device=None):
@@ -60,7 +61,7 @@ class Dropout(nn.Dropout):
     """
 
     def __init__(self, p=0.5, inplace=False, *, mask="bits"):
-        super().__init__(p, inplace)
+        super().__init__(_args.check_probability(p), inplace)  # also rejects NaN
         _args.check_mask_mode(mask)
         self.mask = mask
 
