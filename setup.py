@@ -59,7 +59,7 @@ def wheel_cuda_includes():
 
     folders = []
     for base in site.getsitepackages() + [site.getusersitepackages()]:
-        folders += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
+        folders += glob.glob(os.path.join(base, "nvidia", "cu[0-9]*", "include"))
     return folders
 
 
