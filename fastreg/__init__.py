@@ -4,6 +4,8 @@ import torch
 
 from fastreg import _ops, reference
 from fastreg.dropout import Dropout, dropout, dropout_mask, replace_dropout
+from fastreg.penalty import (L1Penalty, L2Penalty, Penalty, l1_penalty, l2_penalty, penalty,
+                             penalty_grad_, prox_l1_)
 
 __version__ = "0.1.0"
 
@@ -24,3 +26,5 @@ def info():
 
 
 __all__ = ["Dropout", "dropout", "dropout_mask", "info", "reference", "replace_dropout"]
+__all__ += ["L1Penalty", "L2Penalty", "Penalty", "l1_penalty", "l2_penalty", "penalty",
+            "penalty_grad_", "prox_l1_"]
