@@ -212,11 +212,15 @@ inline std::vector<ElementwiseJob> backward_jobs(at::TensorList params,
 
 // penalty_grad_: grads[i] += slope(params[i]) in place. A gradient whose layout differs
 // from its parameter's goes through a temporary with the parameter's dense layout.
+inline void check_grads_length(at::TensorList grads, at::TensorList params) {
+  TORCH_CHECK_VALUE(grads.size() == params.size(), "grads and params must have the same "
+                    "length, but have ", grads.size(), " and ", params.size());
+}
+
 inline std::vector<ElementwiseJob> add_grad_jobs(at::TensorList grads, at::TensorList params,
                                                  c10::ArrayRef<double> l1,
                                                  c10::ArrayRef<double> l2) {
-  TORCH_CHECK_VALUE(grads.size() == params.size(), "grads and params must have the same "
-                    "length, but have ", grads.size(), " and ", params.size());
+  check_grads_length(grads, params);
   check_penalty_tensors(grads, "grads");
   std::vector<ElementwiseJob> jobs;
   for (size_t i = 0; i < params.size(); ++i) {

@@ -172,58 +172,60 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
     """
     check_exclude(exclude, params, function)
     group_keys = coefficients.keys() if group_keys is None else group_keys
-    labels = []
     if isinstance(params, torch.nn.Module):
         named = module_params(params, exclude)
         tensors = [p for _, p in named]
-        labels = [f"parameter {name!r}" for name, _ in named]
         values = {key: [value] * len(tensors) for key, value in coefficients.items()}
+        check_tensors(function, tensors, lambda i: f"parameter {named[i][0]!r}")
+        return tensors, values
+    if isinstance(params, (torch.Tensor, dict)):
+        items = [params]
     else:
-        if isinstance(params, torch.Tensor):
-            items = [params]
-        elif isinstance(params, dict):
-            items = [params]
-        else:
-            try:
-                items = list(params)
-            except TypeError:
-                raise TypeError(f"{function}(): params must be an nn.Module, a tensor, an "
-                                f"iterable of tensors or of parameter groups, but got "
-                                f"{type(params).__name__}") from None
-        tensors, values = [], {key: [] for key in coefficients}
-        if any(isinstance(item, dict) for item in items):
-            for g, group in enumerate(items):
-                if not isinstance(group, dict):
-                    raise TypeError(f"{function}(): params mixes parameter groups (dicts) "
-                                    f"and {type(group).__name__}")
-                if "params" not in group:
-                    raise ValueError(f"{function}(): parameter group {g} has no 'params' key")
-                group_tensors = _group_tensors(group["params"])
-                for key, value in coefficients.items():
-                    if key in group_keys and key in group:
-                        value = check_coefficient(group[key], f"group {g}'s {key!r}", function)
-                    values[key] += [value] * len(group_tensors)
-                labels += [f"params[{g}]['params'][{i}]" for i in range(len(group_tensors))]
-                tensors += group_tensors
-        else:
-            tensors = items
-            labels = [f"params[{i}]" for i in range(len(items))]
-            values = {key: [value] * len(tensors) for key, value in coefficients.items()}
-    for tensor, label in zip(tensors, labels):
+        try:
+            items = list(params)
+        except TypeError:
+            raise TypeError(f"{function}(): params must be an nn.Module, a tensor, an iterable "
+                            f"of tensors or of parameter groups, but got "
+                            f"{type(params).__name__}") from None
+    if not any(isinstance(item, dict) for item in items):
+        values = {key: [value] * len(items) for key, value in coefficients.items()}
+        check_tensors(function, items, lambda i: f"params[{i}]")
+        return items, values
+    tensors, values, where = [], {key: [] for key in coefficients}, []
+    for g, group in enumerate(items):
+        if not isinstance(group, dict):
+            raise TypeError(f"{function}(): params mixes parameter groups (dicts) and "
+                            f"{type(group).__name__}")
+        if "params" not in group:
+            raise ValueError(f"{function}(): parameter group {g} has no 'params' key")
+        group_tensors = _group_tensors(group["params"])
+        for key, value in coefficients.items():
+            if key in group_keys and key in group:
+                value = check_coefficient(group[key], f"group {g}'s {key!r}", function)
+            values[key] += [value] * len(group_tensors)
+        where += [(g, i) for i in range(len(group_tensors))]
+        tensors += group_tensors
+    check_tensors(function, tensors, lambda k: "params[{}]['params'][{}]".format(*where[k]))
+    return tensors, values
+
+
+def check_tensors(function, tensors, label):
+    """Floating, strided tensors on one device; label(i) names tensors[i] in errors (it is
+    only called on an error, to keep the common path cheap)."""
+    device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
+    for i, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{function}(): {label} must be a Tensor, but got "
+            raise TypeError(f"{function}(): {label(i)} must be a Tensor, but got "
                             f"{type(tensor).__name__}")
         if tensor.dtype not in PENALTY_DTYPES:
-            raise TypeError(f"{function}(): {label} must be float16, bfloat16, float32 or "
+            raise TypeError(f"{function}(): {label(i)} must be float16, bfloat16, float32 or "
                             f"float64, but got {tensor.dtype}")
         if tensor.layout != torch.strided:
-            raise TypeError(f"{function}(): {label} must be a strided (dense) tensor, but got "
-                            f"{tensor.layout}")
-        if tensor.device != tensors[0].device:
+            raise TypeError(f"{function}(): {label(i)} must be a strided (dense) tensor, but "
+                            f"got {tensor.layout}")
+        if tensor.device != device:
             raise RuntimeError(f"{function}(): all tensors must be on one device, but "
-                               f"{labels[0]} is on {tensors[0].device} and {label} on "
-                               f"{tensor.device}")
-    return tensors, values
+                               f"{label(0)} is on {device} and {label(i)} on {tensor.device}")
 
 
 def penalty_front(apply, function, params, exclude, l1, l2, group_keys=("l1", "l2")):

@@ -107,8 +107,6 @@ def _register_dropout():
 
 
 def _register_penalty():
-    ops = torch.ops.fastreg
-
     @torch.library.register_fake("fastreg::penalty")
     def _(params, l1, l2):
         dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
@@ -126,23 +124,10 @@ def _register_penalty():
     def _(params, threshold):
         return None
 
-    # Backward computes the gradients of the parameters that need one only.
-    def penalty_setup(ctx, inputs, output):
-        params, l1, l2 = inputs
-        ctx.save_for_backward(*params)
-        ctx.l1, ctx.l2 = l1, l2
-
-    def penalty_grad(ctx, grad_out):
-        params = ctx.saved_tensors
-        wanted = [i for i, need in enumerate(ctx.needs_input_grad[0]) if need]
-        grads = [None] * len(params)
-        if wanted:
-            computed = ops.penalty_backward(grad_out, [params[i] for i in wanted],
-                                            [ctx.l1[i] for i in wanted],
-                                            [ctx.l2[i] for i in wanted])
-            for i, grad in zip(wanted, computed):
-                grads[i] = grad
-        return grads, None, None
+    # fastreg::penalty's autograd is in C++ (csrc/penalty_autograd.cpp): the wrapper of
+    # register_autograd would flatten its Tensor[] through pytree on every call, some
+    # microseconds per tensor. It calls penalty_backward, whose autograd (the double
+    # backward) is here.
 
     # Double backward, for Hessian-vector products: out_i = g * slope_i(w_i) gives
     # d/dg = sum_i <v_i, slope_i(w_i)> and d/dw_i = v_i * g * 2 * l2_i (sign' = 0).
@@ -151,12 +136,13 @@ def _register_penalty():
         grad_out, params, l1, l2 = inputs
         ctx.save_for_backward(grad_out, *params)
         ctx.l1, ctx.l2 = l1, l2
+        ctx.needs = grad_out.requires_grad, [p.requires_grad for p in params]
 
     def backward_grad(ctx, grad_grads):
         from fastreg import reference
 
         grad_out, *params = ctx.saved_tensors
-        needs_grad_out, needs_params = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_grad_out, needs_params = ctx.needs
         grad_grad_out = None
         if needs_grad_out:
             grad_grad_out = torch.zeros((), dtype=torch.float64, device=grad_out.device)
@@ -173,7 +159,6 @@ def _register_penalty():
                 grad_params[i] = (v.to(opmath) * (grad_out.to(opmath) * (2.0 * l2))).to(p.dtype)
         return grad_grad_out, grad_params, None, None
 
-    torch.library.register_autograd("fastreg::penalty", penalty_grad, setup_context=penalty_setup)
     torch.library.register_autograd("fastreg::penalty_backward", backward_grad,
                                     setup_context=backward_setup)
 
