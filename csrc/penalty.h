@@ -27,7 +27,7 @@ namespace fastreg {
 // ---- Elementwise formulas, each operation rounded on its own ----
 // The gradients are promised bit-exact against the reference, which runs one torch op
 // per operation; nvcc would otherwise contract a * b + c into one fma. (The C++ side is
-// compiled in ISO mode, where g++ does not contract, and on x86 without fma anyway.)
+// compiled with -ffp-contract=off, see setup.py.)
 
 FASTREG_PENALTY_HD float mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__)

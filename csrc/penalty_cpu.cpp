@@ -15,11 +15,8 @@
 #include "cpu_features.h"
 #include "penalty.h"
 
-// Clang contracts a * b + c into fma by default where the target has one; the
-// gradients are promised bit-exact against one-rounding-per-op torch ops.
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
-#endif
+// setup.py compiles this with -ffp-contract=off: the gradients are promised bit-exact
+// against one-rounding-per-op torch ops, which an fma would break.
 
 namespace fastreg {
 namespace {

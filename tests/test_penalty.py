@@ -561,6 +561,23 @@ def test_torch_compile_fullgraph():
             torch.testing.assert_close(g, e)
 
 
+def test_torch_compile_in_place_steps():
+    model, twin = small_model(), small_model()
+    x = torch.randn(4, 8)
+
+    def after_backward(model):
+        fastreg.penalty_grad_(model, l1=1e-2, l2=1e-2, exclude="bias_and_norm")
+        fastreg.prox_l1_(model, 0.01, exclude="bias_and_norm")
+
+    compiled = torch.compile(after_backward, fullgraph=True, backend="aot_eager")
+    for m, step in ((model, compiled), (twin, after_backward)):
+        m(x).square().sum().backward()
+        step(m)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_bits_equal(a.detach(), b.detach())
+        assert_bits_equal(a.grad, b.grad)
+
+
 def test_torch_compile_inductor_module():
     model = small_model()
     reg = fastreg.Penalty(l2=1e-2, exclude="bias_and_norm")
@@ -611,16 +628,23 @@ def test_public_api_falls_back_to_reference(monkeypatch):
 # ---- Big tensors (opt-in: 4 GiB of memory) ----
 
 @pytest.mark.skipif(os.environ.get("FASTREG_TEST_BIG") != "1",
-                    reason="set FASTREG_TEST_BIG=1 (needs 4.3 GB of memory)")
+                    reason="set FASTREG_TEST_BIG=1 (needs 4.3 GB of memory, some seconds)")
 def test_tensor_larger_than_2_pow_31():
     n = 2 ** 31 + 5
     x = torch.ones(n, dtype=torch.bfloat16)
-    x[-1] = 3.0
-    # every partial is a sum of small integers: exact, so the value must be exactly n + 2
+    x[-1] = 2.0 ** 20  # beyond 2**31: missed or counted twice, it shows in float32
+
+    def as_float32(value):
+        return torch.tensor(value, dtype=torch.float64).float().item()
+
+    # The chunk partials are exact sums of integers, combined exactly in float64 and
+    # rounded once: the value must be the exact sum rounded to float32.
     value = fastreg.l1_penalty([x], 1.0)
-    assert value.dtype == torch.float32 and value.item() == float(n + 2)
-    value = fastreg.penalty([x[:8], x], l2=1.0)
-    assert value.item() == float(n + 8 + 8)
+    assert value.dtype == torch.float32
+    assert value.item() == as_float32((n - 1) + 2.0 ** 20)
+    assert fastreg.penalty([x[:8], x], l2=1.0).item() == as_float32(8 + (n - 1) + 2.0 ** 40)
+    fastreg.prox_l1_([x], 0.75)  # the elementwise kernels index with 64 bits too
+    assert x[0].item() == 0.25 and x[2 ** 31 + 3].item() == 0.25 and x[-1].item() == 2.0 ** 20
 
 
 # ---- CUDA ----
