@@ -27,9 +27,11 @@ or a callable ``exclude(name, param) -> bool`` (True leaves the parameter out).
 
 Tensors may mix float16, bfloat16, float32 and float64, be empty or non-contiguous, and
 must share one device. The value is accumulated in float32 (float64 for float64 tensors)
-in a fixed order, whatever the dtype: the same bits from run to run and for any number
-of threads. Coefficients are plain floats that may change from call to call; under
-``torch.compile`` a new value means a recompilation (see docs/penalty.md).
+whatever the dtype, in a fixed order: the compiled kernels give the same bits from run to
+run (on the CPU, for any number of threads). Gradients are formed in float32 (float64)
+and rounded once to each tensor's dtype. Coefficients are plain floats that may change
+from call to call; under ``torch.compile`` a new value means a recompilation (see
+docs/penalty.md).
 """
 
 import torch
