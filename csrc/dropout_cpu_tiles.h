@@ -112,18 +112,6 @@ template <> struct UnsignedOfSize<2> { using type = uint16_t; };
 template <> struct UnsignedOfSize<4> { using type = uint32_t; };
 template <> struct UnsignedOfSize<8> { using type = uint64_t; };
 
-// v if keep is 1, +0 if it is 0, without a branch (the trick of apply_keep below, for the
-// fused ops' epilogues, which mask an op-math value before adding a residual).
-template <typename T>
-inline T masked(T v, uint8_t keep) {
-  using bits_t = typename UnsignedOfSize<sizeof(T)>::type;
-  bits_t bits;
-  std::memcpy(&bits, &v, sizeof(bits));
-  bits &= static_cast<bits_t>(-static_cast<bits_t>(keep));
-  std::memcpy(&v, &bits, sizeof(bits));
-  return v;
-}
-
 // Branch-free so it vectorizes (gcc will not if-convert `keep ? x * scale : 0`): the
 // product is rounded for every element, then its bits are ANDed with all-ones or zero,
 // so dropped elements are +0 also where the input is NaN or infinite. `keep` is the
