@@ -4,6 +4,8 @@ import torch
 
 from fastreg import _ops, reference
 from fastreg.dropout import Dropout, dropout, dropout_mask, replace_dropout
+from fastreg.fused import (Dropout1d, Dropout2d, Dropout3d, bias_act_dropout, bias_dropout_add,
+                           dropout1d, dropout2d, dropout3d)
 
 __version__ = "0.1.0"
 
@@ -23,4 +25,6 @@ def info():
     }
 
 
-__all__ = ["Dropout", "dropout", "dropout_mask", "info", "reference", "replace_dropout"]
+__all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "bias_act_dropout", "bias_dropout_add",
+           "dropout", "dropout1d", "dropout2d", "dropout3d", "dropout_mask", "info", "reference",
+           "replace_dropout"]
