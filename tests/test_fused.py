@@ -509,6 +509,14 @@ def test_bytes_kept_for_backward(mode, activation):
     out.sum().backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channel_dropout_keeps_one_byte_per_channel(dtype):
+    x = torch.randn(8, 16, 32, 32, dtype=dtype, requires_grad=True)
+    kept, out = saved_bytes(lambda: fastreg.dropout2d(x, 0.5), exclude=(x,))
+    assert kept == 8 * 16
+    out.sum().backward()
+
+
 # ---- channel dropout ---------------------------------------------------------------
 
 def torch_channel(spatial):
