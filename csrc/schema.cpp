@@ -20,4 +20,16 @@ TORCH_LIBRARY(fastreg, m) {
   m.def("penalty_grad_(Tensor(a!)[] grads, Tensor[] params, float[] l1, float[] l2) -> ()");
   // w <- sign(w) * max(|w| - threshold[i], 0), in place.
   m.def("prox_l1_(Tensor(a!)[] params, float[] threshold) -> ()");
+  // The fused ops, with dropout's RNG contract and mask modes; each returns (out, mask).
+  // bias (optional) broadcasts over input's last dimension. bias_dropout_add_fwd gives
+  // residual + dropout(input + bias); bias_act_dropout_fwd gives dropout(act(input + bias))
+  // with activation 'none', 'relu', 'gelu', 'gelu_tanh' or 'silu'. bias_act_dropout_bwd is
+  // the backward of both (activation 'none' for bias_dropout_add, whose input and bias it
+  // then does not read): (grad_input, grad_bias), grad_bias empty unless bias_grad.
+  m.def("bias_dropout_add_fwd(Tensor input, Tensor? bias, Tensor residual, float p, "
+        "Tensor rng_state, str mode) -> (Tensor, Tensor)");
+  m.def("bias_act_dropout_fwd(Tensor input, Tensor? bias, float p, str activation, "
+        "Tensor rng_state, str mode) -> (Tensor, Tensor)");
+  m.def("bias_act_dropout_bwd(Tensor grad, Tensor? input, Tensor? bias, Tensor mask, float p, "
+        "str activation, Tensor rng_state, str mode, bool bias_grad) -> (Tensor, Tensor)");
 }

@@ -65,13 +65,7 @@ def _register_dropout():
     @torch.library.register_fake("fastreg::dropout_fwd")
     def _(input, p, rng_state, mode):
         out = torch.empty_like(input)
-        if mode == "bits":
-            mask = input.new_empty(((input.numel() + 31) // 32,), dtype=torch.int32)
-        elif mode == "bool":
-            mask = torch.empty_like(out, dtype=torch.bool)
-        else:
-            mask = input.new_empty((0,), dtype=torch.int32)
-        return out, mask
+        return out, fake_mask(out, mode)
 
     @torch.library.register_fake("fastreg::dropout_bwd")
     def _(grad, mask, p, rng_state, mode):
@@ -163,6 +157,90 @@ def _register_penalty():
                                     setup_context=backward_setup)
 
 
+def fake_mask(out, mode):
+    """What a forward with output `out` keeps in mode `mode` (as the kernels allocate it)."""
+    if mode == "bits":
+        return out.new_empty(((out.numel() + 31) // 32,), dtype=torch.int32)
+    if mode == "bool":
+        return torch.empty_like(out, dtype=torch.bool)
+    return out.new_empty((0,), dtype=torch.int32)
+
+
+def _register_fused():
+    from fastreg import reference
+
+    ops = torch.ops.fastreg
+
+    @torch.library.register_fake("fastreg::bias_dropout_add_fwd")
+    def _(input, bias, residual, p, rng_state, mode):
+        out = torch.empty_like(input)
+        return out, fake_mask(out, mode)
+
+    @torch.library.register_fake("fastreg::bias_act_dropout_fwd")
+    def _(input, bias, p, activation, rng_state, mode):
+        out = torch.empty_like(input)
+        return out, fake_mask(out, mode)
+
+    @torch.library.register_fake("fastreg::bias_act_dropout_bwd")
+    def _(grad, input, bias, mask, p, activation, rng_state, mode, bias_grad):
+        return torch.empty_like(grad), grad.new_empty((grad.shape[-1] if bias_grad else 0,))
+
+    # Both forwards keep the mask (nothing in recompute mode), the rng_state and the
+    # output's strides; bias_act_dropout also keeps its input and bias (op inputs, no new
+    # memory), which an activation's derivative needs. Backward gives the gradient (and the
+    # input) the output's strides, since mask bit i belongs to the output's i-th memory
+    # slot, and runs bias_act_dropout_bwd: the input gradient and, in the same pass, the
+    # bias gradient. With create_graph (double backward) the same formulas run as
+    # differentiable tensor ops (reference.bias_act_dropout_backward) instead.
+    def fused_backward(ctx, grad_out, need_input, need_bias):
+        mask, rng_state, input, bias = ctx.saved_tensors
+        grad = with_strides(grad_out, ctx.stride)
+        if input is not None:
+            input = with_strides(input, ctx.stride)
+        if torch.is_grad_enabled():
+            keep = reference.keep_from_mask(mask, ctx.mode, ctx.p, rng_state, grad)
+            return reference.bias_act_dropout_backward(grad, input, bias, keep, ctx.p,
+                                                       ctx.activation, need_bias)
+        return ops.bias_act_dropout_bwd(grad, input, bias, mask, ctx.p, ctx.activation,
+                                        rng_state, ctx.mode, need_bias)
+
+    def setup_fused_context(ctx, mask, rng_state, p, mode, out, input, bias, activation):
+        keeps_input = activation != "none"
+        ctx.save_for_backward(mask, rng_state, input if keeps_input else None,
+                              bias if keeps_input else None)
+        ctx.p, ctx.mode, ctx.stride, ctx.activation = p, mode, out.stride(), activation
+
+    def setup_bias_dropout_add(ctx, inputs, output):
+        input, bias, residual, p, rng_state, mode = inputs
+        setup_fused_context(ctx, output[1], rng_state, p, mode, output[0], input, bias, "none")
+
+    def bias_dropout_add_backward(ctx, grad_out, _grad_mask):
+        need_input, need_bias, need_residual = ctx.needs_input_grad[:3]
+        grad_input = grad_bias = None
+        if need_input or need_bias:
+            grad_input, grad_bias = fused_backward(ctx, grad_out, need_input, need_bias)
+        return (grad_input if need_input else None, grad_bias if need_bias else None,
+                grad_out if need_residual else None, None, None, None)
+
+    def setup_bias_act_dropout(ctx, inputs, output):
+        input, bias, p, activation, rng_state, mode = inputs
+        setup_fused_context(ctx, output[1], rng_state, p, mode, output[0], input, bias, activation)
+
+    def bias_act_dropout_backward(ctx, grad_out, _grad_mask):
+        need_input, need_bias = ctx.needs_input_grad[:2]
+        grad_input = grad_bias = None
+        if need_input or need_bias:
+            grad_input, grad_bias = fused_backward(ctx, grad_out, need_input, need_bias)
+        return (grad_input if need_input else None, grad_bias if need_bias else None,
+                None, None, None, None)
+
+    torch.library.register_autograd("fastreg::bias_dropout_add_fwd", bias_dropout_add_backward,
+                                    setup_context=setup_bias_dropout_add)
+    torch.library.register_autograd("fastreg::bias_act_dropout_fwd", bias_act_dropout_backward,
+                                    setup_context=setup_bias_act_dropout)
+
+
 if HAVE_EXTENSION:
     _register_dropout()
     _register_penalty()
+    _register_fused()

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from fastreg import _args, _ops, reference
+from fastreg import _args, _ops, fused, reference
 
 
 def _apply(input, p, rng_state, mask):
@@ -73,20 +73,23 @@ class Dropout(nn.Dropout):
 
 
 def replace_dropout(model, *, mask="bits"):
-    """Replaces every ``nn.Dropout`` in ``model`` (in place) by :class:`fastreg.Dropout`
-    with the same ``p``, ``inplace`` and training mode; returns ``model``, or the new
-    module if ``model`` itself is an ``nn.Dropout``."""
+    """Replaces every ``nn.Dropout``, ``nn.Dropout1d``, ``nn.Dropout2d`` and ``nn.Dropout3d``
+    in ``model`` (in place) by :class:`fastreg.Dropout`, :class:`fastreg.Dropout1d`, ... with
+    the same ``p``, ``inplace`` and training mode; returns ``model``, or the new module if
+    ``model`` itself is one of them."""
     _args.check_mask_mode(mask)
+    classes = {nn.Dropout: Dropout, nn.Dropout1d: fused.Dropout1d, nn.Dropout2d: fused.Dropout2d,
+               nn.Dropout3d: fused.Dropout3d}
 
     def swap(module):
-        new = Dropout(module.p, module.inplace, mask=mask)
+        new = classes[type(module)](module.p, module.inplace, mask=mask)
         new.train(module.training)
         return new
 
-    if type(model) is nn.Dropout:
+    if type(model) in classes:
         return swap(model)
     for name, child in list(model.named_children()):
-        if type(child) is nn.Dropout:
+        if type(child) in classes:
             setattr(model, name, swap(child))
         else:
             replace_dropout(child, mask=mask)

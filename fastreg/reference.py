@@ -212,3 +212,181 @@ def penalty_grad_(params, l1=0.0, l2=0.0, *, exclude=None):
 def prox_l1_(params, threshold, *, exclude=None):
     """Reference of fastreg.prox_l1_."""
     _args.prox_front(prox_l1_apply, params, threshold, exclude)
+# ---- the fused ops ----------------------------------------------------------------
+#
+# The element math of csrc/fused.h written with tensor ops in op-math (float32; float64
+# for float64), in the same order, rounded once at the end. Where only +, *, comparisons
+# and selections are involved (no activation, relu) the kernels match this bit for bit;
+# erf, tanh and exp come from torch here and from each platform's libm in the kernels.
+
+_SQRT1_2 = 0.70710678118654752440          # M_SQRT1_2
+_INV_SQRT_2PI = 0.39894228040143267794     # M_2_SQRTPI * M_SQRT1_2 / 2
+_SQRT_2_OVER_PI = 0.79788456080286535588   # M_SQRT2 * M_2_SQRTPI / 2
+_KAPPA = 0.044715
+
+
+def opmath_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dropout_scale(p):
+    """1 / (1 - p) as a Python float (rounded to the op-math type by the tensor op)."""
+    return 1.0 / (1.0 - p) if p < 1.0 else 0.0
+
+
+def activation_forward(z, activation):
+    """act(z) for an op-math tensor z, torch's formulas (GeluKernel, SiLU) step by step."""
+    if activation in (None, "none"):
+        return z
+    if activation == "relu":
+        return torch.where(z <= 0, 0.0, z)
+    if activation == "gelu":
+        return z * 0.5 * (1 + torch.erf(z * _SQRT1_2))
+    if activation == "gelu_tanh":
+        z_cube = z * z * z
+        inner = _SQRT_2_OVER_PI * (z + _KAPPA * z_cube)
+        return 0.5 * z * (1 + torch.tanh(inner))
+    if activation == "silu":
+        return z / (1 + torch.exp(-z))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def activation_backward(z, v, activation):
+    """act'(z) * v, torch's backward formulas step by step."""
+    if activation in (None, "none"):
+        return v
+    if activation == "relu":
+        return torch.where(z <= 0, 0.0, v)
+    if activation == "gelu":
+        cdf = 0.5 * (1 + torch.erf(z * _SQRT1_2))
+        pdf = _INV_SQRT_2PI * torch.exp(z * z * -0.5)
+        return v * (cdf + z * pdf)
+    if activation == "gelu_tanh":
+        z_sq = z * z
+        z_cube = z_sq * z
+        inner = _SQRT_2_OVER_PI * (z + _KAPPA * z_cube)
+        tanh_inner = torch.tanh(inner)
+        left = 0.5 * z
+        right = 1 + tanh_inner
+        left_derivative = 0.5 * right
+        tanh_derivative = 1 - tanh_inner * tanh_inner
+        inner_derivative = _SQRT_2_OVER_PI * (1 + (3 * _KAPPA) * z_sq)
+        right_derivative = left * tanh_derivative * inner_derivative
+        return v * (left_derivative + right_derivative)
+    if activation == "silu":
+        sigmoid = 1 / (1 + torch.exp(-z))
+        return v * (sigmoid * (1 + z * (1 - sigmoid)))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+def keep_like(input, p, rng_state):
+    """(keep, layout): the contract's keep flags of `input`'s output, whose layout is
+    empty_like(input)'s; element i of the contract is the output's i-th memory slot."""
+    layout = torch.empty_like(input)
+    return memory_order_view(keep_flat(input.numel(), p, rng_state), layout), layout
+
+
+def keep_from_mask(mask, mode, p, rng_state, like):
+    """The keep flags a forward saved (`mask` in mode `mode`), viewed like `like`, a
+    tensor with the forward output's shape and strides."""
+    numel = like.numel()
+    if mode == "bits":
+        shifts = torch.arange(32, dtype=torch.int32, device=mask.device)
+        flat = ((mask.view(-1, 1) >> shifts) & 1).view(-1)[:numel].bool()
+    elif mode == "bool":
+        return mask  # laid out like the output already
+    else:
+        flat = keep_flat(numel, p, rng_state)
+    return memory_order_view(flat, like)
+
+
+def _biased(input, bias):
+    """z = input + bias in op-math. The bias is expanded before its conversion, so that its
+    gradient is the input gradient's values (rounded to the dtype) summed in op-math, as in
+    the kernels and in the eager composition `input + bias`."""
+    opmath = opmath_dtype(input.dtype)
+    z = input.to(opmath)
+    return z if bias is None else z + bias.expand(input.shape).to(opmath)
+
+
+def _in_layout(out, layout):
+    return out if out.stride() == layout.stride() else layout.copy_(out)
+
+
+def bias_dropout_add_apply(input, bias, residual, p, rng_state, mask="bits"):
+    """residual + dropout(input + bias) under the contract, for a drawn rng_state."""
+    keep, layout = keep_like(input, p, rng_state)
+    z = _biased(input, bias)
+    out = residual.to(z.dtype) + torch.where(keep, z * dropout_scale(p), 0.0)
+    return _in_layout(out.to(input.dtype), layout)
+
+
+def bias_act_dropout_apply(input, bias, p, activation, rng_state, mask="bits"):
+    """dropout(act(input + bias)) under the contract, for a drawn rng_state."""
+    keep, layout = keep_like(input, p, rng_state)
+    a = activation_forward(_biased(input, bias), activation)
+    out = torch.where(keep, a * dropout_scale(p), 0.0)
+    return _in_layout(out.to(input.dtype), layout)
+
+
+def bias_act_dropout_backward(grad, input, bias, keep, p, activation, bias_grad=True):
+    """(grad_input, grad_bias) of bias_act_dropout (of bias_dropout_add with activation
+    None: input and bias are then not read) for the forward's keep flags: grad_input =
+    keep ? act'(z) * (grad * scale) : 0 rounded to the dtype, grad_bias its sum over all but
+    the last dimension in op-math, rounded once. Differentiable: the ops' double backward."""
+    opmath = opmath_dtype(grad.dtype)
+    v = grad.to(opmath) * dropout_scale(p)
+    if activation not in (None, "none"):
+        v = activation_backward(_biased(input, bias), v, activation)
+    grad_input = torch.where(keep, v, 0.0).to(grad.dtype)
+    grad_bias = None
+    if bias_grad:
+        dims = tuple(range(grad.dim() - 1))
+        grad_bias = (grad_input.to(opmath).sum(dims) if dims else grad_input.to(opmath))
+        grad_bias = grad_bias.to(grad.dtype)
+    return grad_input, grad_bias
+
+
+def bias_dropout_add(input, bias, residual, p, training=True, *, mask="bits", seed=None,
+                     generator=None):
+    """Reference of fastreg.bias_dropout_add."""
+    return _args.bias_dropout_add_front(bias_dropout_add_apply, input, bias, residual, p,
+                                        training, mask, seed, generator)
+
+
+def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="bits",
+                     seed=None, generator=None):
+    """Reference of fastreg.bias_act_dropout."""
+    return _args.bias_act_dropout_front(bias_act_dropout_apply, input, bias, p, activation,
+                                        training, mask, seed, generator)
+
+
+# ---- channel dropout ----------------------------------------------------------------
+
+def channel_dropout_apply(input, p, rng_state, keep=None):
+    """Channel dropout of an input (N, C, *) for a drawn rng_state: channel (n, c) is kept
+    iff element n * C + c of the contract is (the flags of dropout_mask((N, C), p, S, O)),
+    kept channels scaled by 1 / (1 - p) in op-math and rounded once, dropped ones exactly 0.
+    `keep`, when given, is that (N, C) bool mask (the kernels draw it)."""
+    n, c = input.shape[:2]
+    if keep is None:
+        keep = keep_flat(n * c, p, rng_state).view(n, c)
+    keep = keep.view(n, c, *([1] * (input.dim() - 2)))
+    opmath = opmath_dtype(input.dtype)
+    return torch.where(keep, input.to(opmath) * dropout_scale(p), 0.0).to(input.dtype)
+
+
+def _channel_dropout(spatial):
+    def function(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
+                 generator=None):
+        return _args.channel_dropout_front(
+            lambda x, p_, state: channel_dropout_apply(x, p_, state), input, p, training,
+            inplace, mask, seed, generator, spatial)
+    function.__name__ = function.__qualname__ = f"dropout{spatial}d"
+    function.__doc__ = f"Reference of fastreg.dropout{spatial}d."
+    return function
+
+
+dropout1d = _channel_dropout(1)
+dropout2d = _channel_dropout(2)
+dropout3d = _channel_dropout(3)

@@ -295,7 +295,7 @@ def test_replace_dropout_swaps_every_dropout_keeping_settings():
     assert returned is model
     assert type(model[1]) is fastreg.Dropout and model[1].p == 0.1 and model[1].mask == "bool"
     assert model[2][0].p == 0.7 and model[2][0].inplace and not model[2][0].training
-    assert type(model[3]) is nn.Dropout2d  # channel dropout is another class
+    assert type(model[3]) is fastreg.Dropout2d and model[3].p == 0.5 and model[3].mask == "bool"
     assert type(fastreg.replace_dropout(nn.Dropout(0.3))) is fastreg.Dropout
 
 

@@ -1,0 +1,212 @@
+// The CPU dropout machinery that every CPU kernel of the dropout family shares: where a
+// tile's keep flags come from (Philox, a bits mask, a bool mask), what the forward records
+// for backward (bits, bool, nothing), and the one loop that runs them tile by tile and
+// hands each tile's flags to an elementwise step (dropout's scale, or a fused epilogue).
+//
+// The work is cut into tiles of 256 elements (64 Philox blocks, 8 mask words) so that
+// threads never share a mask word and each tile's Philox calls form one loop the compiler
+// vectorizes across blocks. Everything here has internal linkage: each kernel file gets
+// its own copy (the target_clones functions need it).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "cpu_features.h"
+#include "dropout.h"
+
+namespace fastreg {
+namespace {
+
+constexpr int64_t kTile = 256;
+constexpr int64_t kTileBlocks = kTile / 4;
+constexpr int64_t kTileWords = kTile / 32;
+constexpr int64_t kGrainTiles = 16;
+
+// ---- Where the keep flags of a tile come from (one byte per element, 0 or 1) ----
+
+struct PhiloxKeep {
+  RngState rng;
+  KeepRule rule;
+
+  // The contract's Philox4x32-10, run round by round over the tile's 64 blocks held in
+  // planar arrays, so each round is one loop the compiler vectorizes (8 lanes on AVX2).
+  FASTREG_TARGET_CLONES void operator()(int64_t tile, int64_t /*count*/, uint8_t* keep) const {
+    uint32_t c0[kTileBlocks], c1[kTileBlocks], c2[kTileBlocks], c3[kTileBlocks];
+    const uint64_t q0 = static_cast<uint64_t>(tile) * kTileBlocks;
+    for (int64_t b = 0; b < kTileBlocks; ++b) {
+      c0[b] = static_cast<uint32_t>(q0 + b);
+      c1[b] = static_cast<uint32_t>((q0 + b) >> 32);
+      c2[b] = static_cast<uint32_t>(rng.offset);
+      c3[b] = static_cast<uint32_t>(rng.offset >> 32);
+    }
+    uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      for (int64_t b = 0; b < kTileBlocks; ++b) philox_round(c0[b], c1[b], c2[b], c3[b], k0, k1);
+      philox_bump_key(k0, k1);
+    }
+    const KeepRule r = rule;
+    for (int64_t b = 0; b < kTileBlocks; ++b) {
+      keep[4 * b + 0] = r.keep(c0[b]);
+      keep[4 * b + 1] = r.keep(c1[b]);
+      keep[4 * b + 2] = r.keep(c2[b]);
+      keep[4 * b + 3] = r.keep(c3[b]);
+    }
+  }
+};
+
+struct BitsKeep {
+  const uint32_t* words;
+
+  FASTREG_TARGET_CLONES void operator()(int64_t tile, int64_t count, uint8_t* __restrict keep) const {
+    const uint32_t* w = words + tile * kTileWords;
+    for (int64_t word = 0; word < (count + 31) / 32; ++word) {
+      const uint32_t bits = w[word];
+      for (int j = 0; j < 32; ++j) keep[32 * word + j] = (bits >> j) & 1u;
+    }
+  }
+};
+
+struct BoolKeep {
+  const bool* mask;
+
+  void operator()(int64_t tile, int64_t count, uint8_t* keep) const {
+    std::memcpy(keep, mask + tile * kTile, count);
+  }
+};
+
+// ---- What the forward keeps for backward ----
+
+struct BitsSink {
+  uint32_t* words;
+
+  FASTREG_TARGET_CLONES void operator()(int64_t tile, int64_t count,
+                                        const uint8_t* __restrict keep) const {
+    uint32_t* w = words + tile * kTileWords;
+    for (int64_t word = 0; word < (count + 31) / 32; ++word) {
+      uint32_t bits = 0;
+      for (int j = 0; j < 32; ++j) bits |= static_cast<uint32_t>(keep[32 * word + j]) << j;
+      w[word] = bits;
+    }
+  }
+};
+
+struct BoolSink {
+  bool* mask;
+
+  void operator()(int64_t tile, int64_t count, const uint8_t* keep) const {
+    std::memcpy(mask + tile * kTile, keep, count);
+  }
+};
+
+struct NoSink {
+  void operator()(int64_t, int64_t, const uint8_t*) const {}
+};
+
+template <int kBytes> struct UnsignedOfSize;
+template <> struct UnsignedOfSize<2> { using type = uint16_t; };
+template <> struct UnsignedOfSize<4> { using type = uint32_t; };
+template <> struct UnsignedOfSize<8> { using type = uint64_t; };
+
+// Branch-free so it vectorizes (gcc will not if-convert `keep ? x * scale : 0`): the
+// product is rounded for every element, then its bits are ANDed with all-ones or zero,
+// so dropped elements are +0 also where the input is NaN or infinite. `keep` is the
+// caller's stack buffer; __restrict says stores to `out` cannot change it.
+template <typename scalar_t>
+FASTREG_TARGET_CLONES void apply_keep(const scalar_t* in, scalar_t* out,
+                                      const uint8_t* __restrict keep, int64_t count,
+                                      at::opmath_type<scalar_t> scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using bits_t = typename UnsignedOfSize<sizeof(scalar_t)>::type;
+  for (int64_t e = 0; e < count; ++e) {
+    const scalar_t kept = static_cast<scalar_t>(static_cast<opmath_t>(in[e]) * scale);
+    bits_t bits;
+    std::memcpy(&bits, &kept, sizeof(bits));
+    bits &= static_cast<bits_t>(-static_cast<bits_t>(keep[e]));
+    std::memcpy(out + e, &bits, sizeof(bits));
+  }
+}
+
+// The one CPU loop. Tiles are grouped into chunks of `chunk_tiles` tiles; a chunk is
+// run by one thread, tile after tile, so whatever an elementwise step accumulates per
+// chunk (the fused ops' bias-gradient partial sums) depends on the shape only, never on
+// the number of threads. For each tile: keep flags from `keep_fn`, recorded by `sink`,
+// then `apply(chunk, first, count, keep)` for elements first .. first+count-1. Flags
+// past the end are zero so that the last mask word has no stray bits.
+//
+// Threads claim chunks from a shared counter rather than each taking a fixed share: on
+// a machine shared with other work a thread that is descheduled no longer leaves the
+// others idle at the end of the loop (with fixed shares 2 threads ran slower than 1).
+template <typename KeepFn, typename Sink, typename Apply>
+void for_each_tile(int64_t n, int64_t chunk_tiles, const KeepFn& keep_fn, const Sink& sink,
+                   const Apply& apply) {
+  const int64_t tiles = (n + kTile - 1) / kTile;
+  const int64_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) uint8_t keep[kTile];
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t chunk = next_chunk.fetch_add(1, std::memory_order_relaxed); chunk < chunks;
+           chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t last = std::min(tiles, (chunk + 1) * chunk_tiles);
+        for (int64_t tile = chunk * chunk_tiles; tile < last; ++tile) {
+          const int64_t first = tile * kTile;
+          const int64_t count = std::min(kTile, n - first);
+          keep_fn(tile, count, keep);
+          std::fill(keep + count, keep + kTile, uint8_t{0});
+          sink(tile, count, keep);
+          apply(chunk, first, count, static_cast<const uint8_t*>(keep));
+        }
+      }
+    }
+  });
+}
+
+// Dropout: the flags applied to `in` (when given) with the scale of p.
+template <typename scalar_t, typename KeepFn, typename Sink>
+void dropout_tiles(const scalar_t* in, scalar_t* out, int64_t n, double p, const KeepFn& keep_fn,
+                   const Sink& sink) {
+  const auto scale = dropout_scale<at::opmath_type<scalar_t>>(p);
+  for_each_tile(n, kGrainTiles, keep_fn, sink,
+                [&](int64_t, int64_t first, int64_t count, const uint8_t* keep) {
+                  if (in != nullptr) apply_keep(in + first, out + first, keep, count, scale);
+                });
+}
+
+inline RngState read_rng_state(const at::Tensor& rng_state) {
+  const int64_t* s = rng_state.data_ptr<int64_t>();
+  return RngState{static_cast<uint64_t>(s[0]), static_cast<uint64_t>(s[1])};
+}
+
+template <typename F>
+void visit_sink(MaskMode mode, const at::Tensor& mask, F&& f) {
+  switch (mode) {
+    case MaskMode::Bits:
+      return f(BitsSink{reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>())});
+    case MaskMode::Bool:
+      return f(BoolSink{mask.data_ptr<bool>()});
+    case MaskMode::Recompute:
+      return f(NoSink{});
+  }
+}
+
+// `philox` is PhiloxKeep or a wrapper of it (the fused ops skip Philox when p = 0).
+template <typename Philox, typename F>
+void visit_keep(MaskMode mode, const at::Tensor& mask, const Philox& philox, F&& f) {
+  switch (mode) {
+    case MaskMode::Bits:
+      return f(BitsKeep{reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>())});
+    case MaskMode::Bool:
+      return f(BoolKeep{mask.data_ptr<bool>()});
+    case MaskMode::Recompute:
+      return f(philox);
+  }
+}
+
+}  // namespace
+}  // namespace fastreg
