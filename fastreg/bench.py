@@ -543,6 +543,8 @@ def _time_case(case, device, settings, timer):
         return row
     row.update(median_ms=seconds * 1e3, runs=runs, gbps=prepared.bytes / seconds / 1e9,
                saved_bytes_per_elem=prepared.saved_per_elem, rel_err=prepared.rel_err)
+    if row["rel_err"] is not None and not math.isfinite(row["rel_err"]):
+        row["note"] = f"the value is not finite: it overflows {case.dtype}"
     return row
 
 
@@ -739,12 +741,23 @@ def report(env, settings, copy_rows, rows, memory=None):
     return doc
 
 
+def _finite(value):
+    """`value` with every inf or nan float replaced by None (strict JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path, doc):
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
     with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+        json.dump(_finite(doc), f, indent=1, allow_nan=False)
         f.write("\n")
     return path
 
