@@ -614,7 +614,31 @@ def environment(device):
         "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "load_before": _load(),
     }
+
+
+def _load():
+    """The 1-minute load average, or None where the OS has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def load_line(env):
+    """How busy the machine was: on a shared CPU, other processes stretch the timings
+    (with OpenMP, a thread that waits for a descheduled one waits a whole time slice)."""
+    before, after = env.get("load_before"), _load()
+    env["load_after"] = after
+    if before is None:
+        return None
+    line = (f"load average (1 min) before the run {before:.2f}, after {after:.2f}, "
+            f"on {env['cpus']} CPUs")
+    if env["device_type"] == "cpu" and before >= 1.0:
+        line += ": other processes were running, CPU timings may be inflated; rerun when idle"
+    return line
 
 
 # ---------------------------------------------------------------- reports
@@ -652,6 +676,9 @@ def header_lines(env, settings=None, timer=None):
         clock = "CUDA events" if timer.cuda else "time.perf_counter"
         lines.append(f"timing: median of >= {timer.repeats} timed blocks after warm-up "
                      f"({clock})")
+    load = load_line(env)
+    if load:
+        lines.append(load)
     return lines
 
 
@@ -735,7 +762,8 @@ def report(env, settings, copy_rows, rows, memory=None):
     doc = {"device": env["device"], "torch": env["torch"], "fastreg": env["fastreg"],
            "commit": env["commit"], "copy_gbps": copy_rows, "results": rows,
            "backend": env["backend"], "threads": env["threads"], "date": env["date"],
-           "python": env["python"], "settings": dataclasses.asdict(settings)}
+           "python": env["python"], "settings": dataclasses.asdict(settings),
+           "load_before": env.get("load_before"), "load_after": env.get("load_after")}
     if memory is not None:
         doc["memory"] = memory
     return doc
@@ -779,15 +807,18 @@ def require_matplotlib():
 
 def plot(rows, copy_rows, env, path):
     """Bandwidth against size per impl, one panel per (dtype, dropout op), with the copy
-    bandwidth dashed. The penalty has one size per parameter set and is not drawn."""
+    bandwidth dashed; log-log axes. The penalty has one size per parameter set and is not
+    drawn."""
     plt = require_matplotlib()
+    from matplotlib import ticker
+
     rows = [r for r in rows if r["op"] in DROPOUT_OPS and r["gbps"]]
     if not rows:
         raise ValueError("nothing to plot: --plot draws the dropout rows, and none ran")
     ops = [op for op in DROPOUT_OPS if any(r["op"] == op for r in rows)]
     dtypes = [dt for dt in DTYPES if any(r["dtype"] == dt for r in rows)]
     impls = [i for i in DROPOUT_IMPLS + (COMPILE_IMPL,) if any(r["impl"] == i for r in rows)]
-    fig, axes = plt.subplots(len(dtypes), len(ops), figsize=(4.2 * len(ops), 3.2 * len(dtypes)),
+    fig, axes = plt.subplots(len(dtypes), len(ops), figsize=(max(8.0, 4.2 * len(ops)), 1.0 + 3.2 * len(dtypes)),
                              squeeze=False, sharex=True)
     colors = dict(zip(impls, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for i, dt in enumerate(dtypes):
@@ -802,18 +833,24 @@ def plot(rows, copy_rows, env, path):
             cp = sorted((c["numel"], c["gbps"]) for c in copy_rows
                         if c["dtype"] == dt and c["numel"] in sizes)
             if cp:
-                ax.plot(*zip(*cp), ls="--", color="black", lw=1, label="copy_")
+                ax.plot(*zip(*cp), ls="--", marker=".", color="black", lw=1, label="copy_")
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")  # the impls differ by factors, and copy_ sits far above
+            ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(ticker.NullFormatter())
             ax.set_title(f"{OP_LABELS[op]}, {dt}", fontsize=10)
             ax.grid(True, which="both", alpha=0.3)
             if j == 0:
                 ax.set_ylabel("GB/s")
             if i == len(dtypes) - 1:
                 ax.set_xlabel("elements")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"fastreg dropout: {env['device']}, torch {env['torch']}, commit "
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.suptitle(f"fastreg dropout: {env['device']}\ntorch {env['torch']}, commit "
                  f"{env['commit']}, {env['date']}", fontsize=10)
-    fig.tight_layout()
+    top = 1 - 1.0 / fig.get_figheight()  # room for the title and the legend
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8,
+               bbox_to_anchor=(0.5, top + 0.35 / fig.get_figheight()), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top))
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
