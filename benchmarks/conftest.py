@@ -45,7 +45,7 @@ def pytest_generate_tests(metafunc):
                             ("--fastreg-dtype", "--fastreg-sizes", "--fastreg-params"))
     grid = bench.cases(
         _device(config),
-        ops=bench.DROPOUT_OPS if family == "dropout" else bench.PENALTY_OPS,
+        ops=bench.OP_GROUPS[family],
         dtypes=bench.parse_list(dtype, list(bench.DTYPES), bench.DTYPE_ALIASES) if dtype else None,
         sizes=[bench.parse_size(s) for s in sizes.split(",")] if sizes else None,
         params=bench.parse_list(params, list(bench.PARAM_SETS)) if params else None,

@@ -6,11 +6,15 @@ times them all against the native baselines in the same process, and :func:`form
 :func:`write_json` and :func:`plot` report. The pytest-benchmark suite in ``benchmarks/``
 times the very same callables.
 
-Ops (the names ``--ops`` takes; ``dropout`` and ``penalty`` select a family):
+Ops (the names ``--ops`` takes; ``dropout``, ``fused`` and ``penalty`` select a family):
 
 * ``dropout_fwd``: ``out = f(x)`` with ``x.requires_grad`` (training: the mask is kept).
 * ``dropout_bwd``: ``torch.autograd.grad(out, x, g)`` through a graph built once.
 * ``dropout_fwdbwd``: ``out = f(x); torch.autograd.grad(out, x, g)``.
+* ``bias_dropout_add``: ``residual + dropout(x + bias)`` forward and backward (gradients
+  of x, bias and residual), x of shape (numel / 1024, 1024); ``fastreg.bias_dropout_add``
+  against the composition of native ops, once the fused ops are merged.
+* ``bias_gelu_dropout``: ``dropout(gelu(x + bias))`` likewise (``fastreg.bias_act_dropout``).
 * ``penalty_value``: ``l1 * sum|w| + l2 * sum w**2`` over a parameter list, no autograd.
 * ``penalty_fwdbwd``: the same value, then ``torch.autograd.grad(value, params)``.
 * ``penalty_grad``: ``l1 * sign(w) + 2 * l2 * w`` added into each ``w.grad`` in place.
@@ -20,7 +24,9 @@ and the mask it keeps; backward reads the gradient and the mask and writes the i
 gradient; the mask's size is what the impl is measured to keep for backward (bits:
 numel/8, bool: numel, recompute: 16 bytes of seed and offset, native on the CPU: a
 full-width tensor). The penalty value reads every parameter once; its gradient reads
-the parameters and writes (penalty_grad: reads and writes) the gradients.
+the parameters and writes (penalty_grad: reads and writes) the gradients. The fused ops
+are charged the same bytes whatever the impl (their inputs, output and gradients and a
+1-bit mask, forward and backward): their GB/s is an effective bandwidth.
 """
 
 import contextlib
@@ -46,16 +52,22 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
                  "fp16": "float16", "half": "float16"}
 
 DROPOUT_OPS = ("dropout_fwd", "dropout_bwd", "dropout_fwdbwd")
+FUSED_OPS = ("bias_dropout_add", "bias_gelu_dropout")
 PENALTY_OPS = ("penalty_value", "penalty_fwdbwd", "penalty_grad")
-OPS = DROPOUT_OPS + PENALTY_OPS
+OPS = DROPOUT_OPS + FUSED_OPS + PENALTY_OPS
+FAMILY = {**{op: "dropout" for op in DROPOUT_OPS}, **{op: "fused" for op in FUSED_OPS},
+          **{op: "penalty" for op in PENALTY_OPS}}
 OP_LABELS = {"dropout_fwd": "forward", "dropout_bwd": "backward", "dropout_fwdbwd": "fwd+bwd",
+             "bias_dropout_add": "bias+dropout+add", "bias_gelu_dropout": "bias+gelu+dropout",
              "penalty_value": "value", "penalty_fwdbwd": "fwd+bwd", "penalty_grad": "grad_"}
 
 # The impls of each family, the baseline (the speedup's reference) first.
 DROPOUT_IMPLS = ("native", "fastreg:bits", "fastreg:bool", "fastreg:recompute")
+FUSED_IMPLS = ("native", "fastreg:bits")
 PENALTY_IMPLS = ("loop", "foreach", "fastreg")
 COMPILE_IMPL = "compile"
-BASELINE = {"dropout": "native", "penalty": "loop"}
+BASELINE = {"dropout": "native", "fused": "native", "penalty": "loop"}
+FUSED_WIDTH = 1024  # the last dimension of the fused ops' input (the bias' length)
 
 GPU_SIZES = tuple(2 ** k for k in range(16, 29, 2))
 CPU_SIZES = tuple(2 ** k for k in range(16, 25, 2))
@@ -63,6 +75,7 @@ QUICK_SIZES = {"cpu": (2 ** 16, 2 ** 20), "cuda": (2 ** 16, 2 ** 20, 2 ** 24)}
 QUICK_DTYPES = ("float32",)
 
 PENALTY_UNAVAILABLE = "penalty: not available in this build"
+FUSED_UNAVAILABLE = "fused: not available in this build"
 
 
 def _mlp_shapes(layers=50, width=256):
@@ -101,7 +114,7 @@ class Case:
 
     @property
     def family(self):
-        return self.op.split("_")[0]
+        return FAMILY[self.op]
 
     @property
     def size_label(self):
@@ -169,7 +182,7 @@ def parse_list(text, choices, aliases=None, groups=None, what="value"):
     return out
 
 
-OP_GROUPS = {"dropout": DROPOUT_OPS, "penalty": PENALTY_OPS, "all": OPS}
+OP_GROUPS = {"dropout": DROPOUT_OPS, "fused": FUSED_OPS, "penalty": PENALTY_OPS, "all": OPS}
 
 
 def cases(device, *, ops=OPS, dtypes=None, sizes=None, params=None, quick=False,
@@ -188,6 +201,9 @@ def cases(device, *, ops=OPS, dtypes=None, sizes=None, params=None, quick=False,
         if op in DROPOUT_OPS:
             out += [Case(op, impl, dt, n) for dt in dtypes for n in sizes
                     for impl in DROPOUT_IMPLS + extra]
+        elif op in FUSED_OPS:
+            out += [Case(op, impl, dt, n) for dt in dtypes for n in sizes
+                    if n % FUSED_WIDTH == 0 for impl in FUSED_IMPLS + extra]
         else:
             out += [Case(op, impl, dt, param_set_numel(ps), ps) for dt in dtypes
                     for ps in params for impl in PENALTY_IMPLS + extra]
@@ -259,6 +275,30 @@ def dropout_impl(impl, p):
     if impl == COMPILE_IMPL:
         return _compiled(lambda x: F.dropout(x, p, training=True))
     raise ValueError(f"unknown dropout impl {impl!r}")
+
+
+def fused_impl(impl, op, p):
+    """The function (x, bias, residual) -> output of `impl` for a fused op, or a note (str)
+    when this build has no such op."""
+    if op == "bias_dropout_add":
+        def native(x, b, r):
+            return r + F.dropout(x + b, p, training=True)
+        name = "bias_dropout_add"
+    else:
+        def native(x, b, r):
+            return F.dropout(F.gelu(x + b), p, training=True)
+        name = "bias_act_dropout"
+    if impl == "native":
+        return native
+    if impl == COMPILE_IMPL:
+        return _compiled(native)
+    fused = getattr(fastreg, name, None)
+    if not callable(fused):
+        return FUSED_UNAVAILABLE
+    mode = impl.split(":", 1)[1]
+    if op == "bias_dropout_add":
+        return lambda x, b, r: fused(x, b, r, p, mask=mode)
+    return lambda x, b, r: fused(x, b, p, "gelu", mask=mode)
 
 
 def penalty_impl(impl, op, settings):
@@ -348,6 +388,27 @@ def cached_params(name, dtype, device, settings):
     return _PARAMS_CACHE[key]
 
 
+def _prepare_fused(case, device, settings):
+    f = fused_impl(case.impl, case.op, settings.p)
+    if isinstance(f, str):
+        return Prepared(note=f)
+    dtype = DTYPES[case.dtype]
+    gen = _generator(device)
+    shape = (case.numel // FUSED_WIDTH, FUSED_WIDTH)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+    b = torch.randn(FUSED_WIDTH, device=device, dtype=dtype, generator=gen).requires_grad_()
+    g = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+    if case.op == "bias_dropout_add":
+        r = torch.randn(shape, device=device, dtype=dtype, generator=gen).requires_grad_()
+        inputs, tensors = (x, b, r), 5  # x, residual, out; grad, grad of x
+    else:
+        r, inputs, tensors = None, (x, b), 5  # x, out; grad, x again, grad of x
+    _, kept = saved_bytes(lambda: f(x, b, r), exclude=inputs)
+    n_bytes = tensors * case.numel * x.element_size() + 2 * (case.numel // 8)
+    return Prepared(fn=lambda: torch.autograd.grad(f(x, b, r), inputs, g), bytes=n_bytes,
+                    saved_per_elem=kept / case.numel)
+
+
 def make_params(name, dtype, device, requires_grad=True, seed=0):
     """The parameter list `name` of PARAM_SETS: N(0, 0.02) tensors."""
     gen = _generator(device, seed)
@@ -406,6 +467,8 @@ def prepare(case, device, settings=Settings()):
     """Inputs for `case` on `device` and the callable to time (or a note why not)."""
     if case.family == "dropout":
         return _prepare_dropout(case, device, settings)
+    if case.family == "fused":
+        return _prepare_fused(case, device, settings)
     return _prepare_penalty(case, device, settings)
 
 
@@ -551,7 +614,7 @@ def _time_case(case, device, settings, timer):
 def _fill_ratios(rows, copy):
     base = {}
     for r in rows:
-        if r["impl"] == BASELINE[r["op"].split("_")[0]] and r["median_ms"]:
+        if r["impl"] == BASELINE[FAMILY[r["op"]]] and r["median_ms"]:
             base[(r["op"], r["dtype"], r["numel"])] = r["median_ms"]
     for r in rows:
         if r["median_ms"] is None:
@@ -688,12 +751,20 @@ def format_table(rows, env, settings=Settings(), timer=None):
     out.append("GB/s: bytes the op must move / median time; copy: that as a share of "
                "dst.copy_(src) at the same size and dtype")
     dropout = [r for r in rows if r["op"] in DROPOUT_OPS]
+    fused = [r for r in rows if r["op"] in FUSED_OPS]
     penalty = [r for r in rows if r["op"] in PENALTY_OPS]
     if dropout:
         out += ["", f"dropout, p={settings.p}: speedup against F.dropout; kept: bytes autograd "
                     "keeps for backward per element"]
         out += _table(dropout, ["op", "dtype", "size", "impl", "median ms", "GB/s", "copy",
                                 "speedup", "kept B/el"],
+                      lambda r: _fmt(r["saved_bytes_per_elem"], ".3f"))
+    if fused:
+        out += ["", f"fused, p={settings.p}, forward and backward, bias over a last dimension of "
+                    f"{FUSED_WIDTH}: speedup against the native composition; GB/s: the fused "
+                    "op's bytes (same for every impl)"]
+        out += _table(fused, ["op", "dtype", "size", "impl", "median ms", "GB/s", "copy",
+                              "speedup", "kept B/el"],
                       lambda r: _fmt(r["saved_bytes_per_elem"], ".3f"))
     if penalty:
         sets = sorted({r["params"] for r in penalty}, key=list(PARAM_SETS).index)
@@ -806,16 +877,16 @@ def require_matplotlib():
 
 
 def plot(rows, copy_rows, env, path):
-    """Bandwidth against size per impl, one panel per (dtype, dropout op), with the copy
-    bandwidth dashed; log-log axes. The penalty has one size per parameter set and is not
-    drawn."""
+    """Bandwidth against size per impl, one panel per (dtype, dropout or fused op), with the
+    copy bandwidth dashed; log-log axes. The penalty has one size per parameter set and is
+    not drawn."""
     plt = require_matplotlib()
     from matplotlib import ticker
 
-    rows = [r for r in rows if r["op"] in DROPOUT_OPS and r["gbps"]]
+    rows = [r for r in rows if r["op"] in DROPOUT_OPS + FUSED_OPS and r["gbps"]]
     if not rows:
-        raise ValueError("nothing to plot: --plot draws the dropout rows, and none ran")
-    ops = [op for op in DROPOUT_OPS if any(r["op"] == op for r in rows)]
+        raise ValueError("nothing to plot: --plot draws the dropout and fused rows, and none ran")
+    ops = [op for op in DROPOUT_OPS + FUSED_OPS if any(r["op"] == op for r in rows)]
     dtypes = [dt for dt in DTYPES if any(r["dtype"] == dt for r in rows)]
     impls = [i for i in DROPOUT_IMPLS + (COMPILE_IMPL,) if any(r["impl"] == i for r in rows)]
     fig, axes = plt.subplots(len(dtypes), len(ops), figsize=(max(8.0, 4.2 * len(ops)), 1.0 + 3.2 * len(dtypes)),

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import fastreg
 from fastreg import bench, demo, memory
 from fastreg.__main__ import build_parser, main
 
@@ -58,10 +59,18 @@ def test_bench_json_has_the_documented_keys(quick_json):
 
 def test_bench_json_rows_cover_the_grid(quick_json):
     rows = quick_json["results"]
-    dropout = [r for r in rows if r["op"].startswith("dropout")]
+    dropout = [r for r in rows if r["op"] in bench.DROPOUT_OPS]
     assert {(r["op"], r["impl"]) for r in dropout} == {
         (op, impl) for op in bench.DROPOUT_OPS for impl in bench.DROPOUT_IMPLS}
     assert all(r["numel"] == 65536 and r["median_ms"] > 0 and r["gbps"] > 0 for r in dropout)
+    fused = [r for r in rows if r["op"] in bench.FUSED_OPS]
+    assert {(r["op"], r["impl"]) for r in fused} == {
+        (op, impl) for op in bench.FUSED_OPS for impl in bench.FUSED_IMPLS}
+    for r in fused:
+        if r["impl"] != "native" and not hasattr(fastreg, "bias_dropout_add"):
+            assert r["note"] == bench.FUSED_UNAVAILABLE and r["median_ms"] is None
+        else:
+            assert r["median_ms"] > 0 and r["saved_bytes_per_elem"] is not None, r
     penalty = [r for r in rows if r["op"].startswith("penalty")]
     assert {(r["op"], r["impl"]) for r in penalty} == {
         (op, impl) for op in bench.PENALTY_OPS for impl in bench.PENALTY_IMPLS}
@@ -140,6 +149,7 @@ def test_arguments_parse():
     assert args.dtype == ["bfloat16", "float32"]
     assert args.sizes == [65536, 65536, 2 ** 20]
     assert args.ops == list(bench.DROPOUT_OPS)
+    assert build_parser().parse_args(["bench", "--ops", "fused"]).ops == list(bench.FUSED_OPS)
     assert args.params == ["gpt2"] and args.compile and args.threads == 1
     args = build_parser().parse_args(["demo", "--plot", "d.png", "--seed", "3", "--no-digits"])
     assert (args.plot, args.seed, args.no_digits) == ("d.png", 3, True)
