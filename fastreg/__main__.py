@@ -9,15 +9,17 @@ from fastreg import bench
 
 BENCH_HELP = """\
 Times fastreg against what you would run instead, in the same process: native
-F.dropout (forward, backward, forward+backward, for each fastreg mask mode) and the
+F.dropout (forward, backward, forward+backward, for each fastreg mask mode), the fused
+bias+dropout+add and bias+GELU+dropout against their native composition, and the
 penalty against a Python loop and torch._foreach_norm, with the copy bandwidth of the
 device measured at the same sizes. Each row: median time, GB/s (bytes the op must move
 / time), that as a share of copy bandwidth, speedup against the native baseline, bytes
-autograd keeps for backward per element (dropout) or the relative error against float64
-(penalty).
+autograd keeps for backward per element (dropout, fused) or the relative error against
+float64 (penalty). Rows of ops this build lacks say so.
 
-ops: dropout_fwd, dropout_bwd, dropout_fwdbwd, penalty_value, penalty_fwdbwd,
-penalty_grad (or the groups: dropout, penalty, all).
+ops: dropout_fwd, dropout_bwd, dropout_fwdbwd, bias_dropout_add, bias_gelu_dropout,
+penalty_value, penalty_fwdbwd, penalty_grad (or the groups: dropout, fused, penalty,
+all).
 sizes: 2^16 .. 2^28 on the GPU, 2^16 .. 2^24 on the CPU, every other power of two.
 penalty parameter sets: mlp (a 50-layer 256x256 MLP: 100 tensors, 3.3M elements),
 gpt2 (GPT-2 small: 148 tensors, 124M elements); mlp on the CPU, both on the GPU.
@@ -79,7 +81,7 @@ def build_parser():
                         "GPU; the mlp parameter set) with shorter timing")
     b.add_argument("--dtype", type=_checked(_dtypes), metavar="LIST",
                    help="comma-separated: float32, bfloat16, float16 (default: all three; "
-                        "float32 with --quick)")
+                        "float32 with --quick; with --memory, one: the model's dtype)")
     b.add_argument("--sizes", type=_checked(_sizes), metavar="LIST",
                    help="dropout sizes in elements, comma-separated: 65536, 2^20, 16M")
     b.add_argument("--params", type=_checked(_params), metavar="LIST",
@@ -108,12 +110,12 @@ def build_parser():
         "defaults: CPU 2 layers, width 128, 4 heads, batch 8, sequence 256, vocab 512; "
         "GPU GPT-2 small: 12 layers, width 768, 12 heads, batch 8, sequence 1024, vocab 50304")
     m.add_argument("--memory", action="store_true", help="run the memory report")
-    m.add_argument("--layers", type=_checked(_positive), metavar="N")
-    m.add_argument("--width", type=_checked(_positive), metavar="N")
-    m.add_argument("--heads", type=_checked(_positive), metavar="N")
-    m.add_argument("--batch", type=_checked(_positive), metavar="N")
+    m.add_argument("--layers", type=_checked(_positive), metavar="N", help="transformer blocks")
+    m.add_argument("--width", type=_checked(_positive), metavar="N", help="model width")
+    m.add_argument("--heads", type=_checked(_positive), metavar="N", help="attention heads")
+    m.add_argument("--batch", type=_checked(_positive), metavar="N", help="batch size")
     m.add_argument("--seq", type=_checked(_positive), metavar="N", help="sequence length")
-    m.add_argument("--vocab", type=_checked(_positive), metavar="N")
+    m.add_argument("--vocab", type=_checked(_positive), metavar="N", help="vocabulary size")
     m.add_argument("--steps", type=_checked(_positive), default=5, metavar="N",
                    help="timed training steps after one warm-up (default: 5)")
     m.add_argument("--dropout", type=_checked(_probability), metavar="P",
