@@ -1,0 +1,222 @@
+"""The fastreg command line: ``python -m fastreg bench`` and ``python -m fastreg demo``."""
+
+import argparse
+import sys
+
+import torch
+
+from fastreg import bench
+
+BENCH_HELP = """\
+Times fastreg against what you would run instead, in the same process: native
+F.dropout (forward, backward, forward+backward, for each fastreg mask mode), the fused
+bias+dropout+add and bias+GELU+dropout against their native composition, and the
+penalty against a Python loop and torch._foreach_norm, with the copy bandwidth of the
+device measured at the same sizes. Each row: median time, GB/s (bytes the op must move
+/ time), that as a share of copy bandwidth, speedup against the native baseline, bytes
+autograd keeps for backward per element (dropout, fused) or the relative error against
+float64 (penalty). Rows of ops this build lacks say so.
+
+ops: dropout_fwd, dropout_bwd, dropout_fwdbwd, bias_dropout_add, bias_gelu_dropout,
+penalty_value, penalty_fwdbwd, penalty_grad (or the groups: dropout, fused, penalty,
+all).
+sizes: 2^16 .. 2^28 on the GPU, 2^16 .. 2^24 on the CPU, every other power of two.
+penalty parameter sets: mlp (a 50-layer 256x256 MLP: 100 tensors, 3.3M elements),
+gpt2 (GPT-2 small: 148 tensors, 124M elements); mlp on the CPU, both on the GPU.
+"""
+
+
+def _checked(parse):
+    """An argparse type from a parser that raises ValueError (argparse then says why)."""
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    return convert
+
+
+def _dtypes(text):
+    return bench.parse_list(text, list(bench.DTYPES), bench.DTYPE_ALIASES, what="dtype")
+
+
+def _ops(text):
+    return bench.parse_list(text, list(bench.OPS), groups=bench.OP_GROUPS, what="op")
+
+
+def _params(text):
+    return bench.parse_list(text, list(bench.PARAM_SETS), what="parameter set")
+
+
+def _sizes(text):
+    return [bench.parse_size(s) for s in text.split(",") if s.strip()]
+
+
+def _probability(text):
+    p = float(text)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"the dropout probability must be in [0, 1), but got {p}")
+    return p
+
+
+def _positive(text):
+    n = int(text)
+    if n < 1:
+        raise ValueError(f"must be at least 1, but got {n}")
+    return n
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m fastreg", description="fastreg: fused dropout and L1/L2 penalties.")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,demo}")
+    sub.required = True
+
+    b = sub.add_parser("bench", help="benchmark fastreg against native PyTorch",
+                       description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--device", choices=("cpu", "cuda"),
+                   help="where to run (default: cuda when a GPU is visible, else cpu)")
+    b.add_argument("--quick", action="store_true",
+                   help="a small grid (float32; 2^16 and 2^20 on the CPU, up to 2^24 on the "
+                        "GPU; the mlp parameter set) with shorter timing")
+    b.add_argument("--dtype", type=_checked(_dtypes), metavar="LIST",
+                   help="comma-separated: float32, bfloat16, float16 (default: all three; "
+                        "float32 with --quick; with --memory, one: the model's dtype)")
+    b.add_argument("--sizes", type=_checked(_sizes), metavar="LIST",
+                   help="dropout sizes in elements, comma-separated: 65536, 2^20, 16M")
+    b.add_argument("--params", type=_checked(_params), metavar="LIST",
+                   help="penalty parameter sets, comma-separated: mlp, gpt2")
+    b.add_argument("--ops", type=_checked(_ops), metavar="LIST",
+                   help="comma-separated ops or groups (default: all)")
+    b.add_argument("--compile", action="store_true",
+                   help="add torch.compile of the native composition as a further baseline "
+                        "(compiles once per case: slow to start)")
+    b.add_argument("--p", type=_checked(_probability), default=0.5,
+                   help="dropout probability (default: 0.5)")
+    b.add_argument("--repeats", type=_checked(_positive), metavar="N",
+                   help="least number of timed blocks per case (default: 5; 3 with --quick)")
+    b.add_argument("--threads", type=_checked(_positive), metavar="N",
+                   help="CPU threads (torch.set_num_threads; default: torch's choice)")
+    b.add_argument("--json", metavar="PATH",
+                   help="also write the results as JSON; a folder (or a path ending in /) "
+                        "gets <device>.json, as in benchmarks/results/")
+    b.add_argument("--plot", metavar="PATH",
+                   help="also draw bandwidth against size per impl as a PNG (needs matplotlib)")
+    b.add_argument("--no-progress", action="store_true",
+                   help="no progress display on stderr")
+    m = b.add_argument_group(
+        "--memory", "train a small GPT-style model with nn.Dropout and fastreg.Dropout in "
+        "each mask mode and report memory and step time (instead of the op benchmark); "
+        "defaults: CPU 2 layers, width 128, 4 heads, batch 8, sequence 256, vocab 512; "
+        "GPU GPT-2 small: 12 layers, width 768, 12 heads, batch 8, sequence 1024, vocab 50304")
+    m.add_argument("--memory", action="store_true", help="run the memory report")
+    m.add_argument("--layers", type=_checked(_positive), metavar="N", help="transformer blocks")
+    m.add_argument("--width", type=_checked(_positive), metavar="N", help="model width")
+    m.add_argument("--heads", type=_checked(_positive), metavar="N", help="attention heads")
+    m.add_argument("--batch", type=_checked(_positive), metavar="N", help="batch size")
+    m.add_argument("--seq", type=_checked(_positive), metavar="N", help="sequence length")
+    m.add_argument("--vocab", type=_checked(_positive), metavar="N", help="vocabulary size")
+    m.add_argument("--steps", type=_checked(_positive), default=5, metavar="N",
+                   help="timed training steps after one warm-up (default: 5)")
+    m.add_argument("--dropout", type=_checked(_probability), metavar="P",
+                   help="the model's dropout probability (default: 0.1)")
+    b.set_defaults(func=run_bench)
+
+    d = sub.add_parser("demo", help="dropout and L1/L2 penalties against overfitting",
+                       description="Part 1: 20 noisy samples of y = x + 0.3 noise, a "
+                       "1-300-300-1 MLP without regularization, with fastreg.Dropout(0.5), "
+                       "with an L2 and with an L1 penalty: train and test loss. Part 2: an "
+                       "MLP on scikit-learn's digits with and without dropout (0.2 and 0.5): "
+                       "test accuracy. CPU, fixed seeds, under a minute.")
+    d.add_argument("--plot", metavar="PATH",
+                   help="draw the fitted curves of part 1 over the data as a PNG "
+                        "(needs matplotlib)")
+    d.add_argument("--seed", type=int, default=0, help="seed of part 1 (default: 0)")
+    d.add_argument("--no-digits", action="store_true", help="skip part 2")
+    d.set_defaults(func=run_demo)
+    return parser
+
+
+def _device(args):
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("fastreg bench: --device cuda, but torch sees no GPU "
+                         f"(torch {torch.__version__}, CUDA {torch.version.cuda})")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run_bench(args):
+    from fastreg import memory
+
+    device = _device(args)
+    if args.memory and args.plot:
+        raise SystemExit("fastreg bench: --plot draws the op benchmark; --memory has no plot")
+    if args.plot:
+        try:
+            bench.require_matplotlib()  # fail now, not after the run
+        except ImportError as error:
+            raise SystemExit(f"fastreg bench: {error}") from None
+    with bench.num_threads(args.threads):
+        env = bench.environment(device)
+        settings = bench.Settings(p=args.p)
+        if args.memory:
+            return _run_memory(args, device, env, settings, memory)
+        timer = bench.Timer(device, repeats=args.repeats or (3 if args.quick else 5),
+                            min_time_s=0.1 if args.quick else 0.3)
+        grid = bench.cases(device, ops=args.ops or bench.OPS, dtypes=args.dtype,
+                           sizes=args.sizes, params=args.params, quick=args.quick,
+                           compile=args.compile)
+        rows, copy_rows = bench.run(grid, device, settings, timer, not args.no_progress)
+        print(bench.format_table(rows, env, settings, timer), flush=True)
+        if args.json:
+            path = bench.write_json(bench.json_path(args.json, env),
+                                    bench.report(env, settings, copy_rows, rows))
+            print(f"\njson: {path}")
+        if args.plot:
+            print(f"plot: {bench.plot(rows, copy_rows, env, args.plot)}")
+    return 0
+
+
+def _run_memory(args, device, env, settings, memory):
+    import dataclasses
+
+    cfg = memory.DEFAULTS[device]
+    given = {k: getattr(args, k) for k in ("layers", "width", "heads", "batch", "seq", "vocab")
+             if getattr(args, k) is not None}
+    if args.dropout is not None:
+        given["p"] = args.dropout
+    cfg = dataclasses.replace(cfg, **given)
+    dtypes = args.dtype or ["float32"]
+    if len(dtypes) != 1:
+        raise SystemExit("fastreg bench --memory: give one --dtype")
+    dtype = bench.DTYPES[dtypes[0]]
+    bar = bench.Progress(len(memory.VARIANTS), enabled=not args.no_progress)
+    rows = memory.run(cfg, device, dtype, args.steps, bar)
+    bar.done()
+    print(memory.format_table(rows, cfg, dtypes[0], args.steps, bench.header_lines(env)),
+          flush=True)
+    if args.json:
+        doc = bench.report(env, settings, [], [], memory={
+            "config": dataclasses.asdict(cfg), "dtype": dtypes[0], "steps": args.steps,
+            "rows": rows})
+        print(f"\njson: {bench.write_json(bench.json_path(args.json, env), doc)}")
+    return 0
+
+
+def run_demo(args):
+    from fastreg import demo
+
+    try:
+        demo.main(seed=args.seed, plot_path=args.plot, skip_digits=args.no_digits)
+    except ImportError as error:
+        raise SystemExit(f"fastreg demo: {error}") from None
+    return 0
+
+
+def main(argv=None):
+    """Entry point of ``python -m fastreg`` and of the ``fastreg`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
