@@ -59,7 +59,7 @@ def wheel_cuda_includes():
 
     folders = []
     for base in site.getsitepackages() + [site.getusersitepackages()]:
-        folders += glob.glob(os.path.join(base, "nvidia", "cu*", "include"))
+        folders += glob.glob(os.path.join(base, "nvidia", "cu[0-9]*", "include"))
     return folders
 
 
@@ -73,6 +73,9 @@ def extension():
     # OpenMP runtime is the libgomp.so.1 that libtorch_cpu has already loaded.
     cxx_flags = ["-O3", "-fopenmp"] + defines
     link_flags = ["-fopenmp"]
+    # No a * b + c contracted into fma (g++ does it in C++ on targets with fma, such as
+    # aarch64 or -march=native): the penalty's gradients are promised bit-exact.
+    cxx_flags.append("-ffp-contract=off")
     if not with_cuda:
         return cpp_extension.CppExtension(
             "fastreg._C", sources, extra_compile_args={"cxx": cxx_flags},

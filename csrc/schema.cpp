@@ -9,6 +9,17 @@ TORCH_LIBRARY(fastreg, m) {
   m.def("dropout_fwd(Tensor input, float p, Tensor rng_state, str mode) -> (Tensor, Tensor)");
   m.def("dropout_bwd(Tensor grad, Tensor mask, float p, Tensor rng_state, str mode) -> Tensor");
   m.def("dropout_mask(Tensor rng_state, int[] size, float p) -> Tensor");
+
+  // L1/L2 penalty over a list of tensors on one device, with per-tensor coefficients
+  // (parameter groups cost nothing extra): sum_i l1[i] * sum|w_i| + l2[i] * sum w_i**2,
+  // a 0-dim float32 tensor (float64 if any tensor is float64). A zero coefficient's
+  // term is left out. grad_out is read from device memory by the kernels.
+  m.def("penalty(Tensor[] params, float[] l1, float[] l2) -> Tensor");
+  m.def("penalty_backward(Tensor grad_out, Tensor[] params, float[] l1, float[] l2) -> Tensor[]");
+  // grads[i] += l1[i] * sign(w_i) + 2 * l2[i] * w_i, in place, no graph.
+  m.def("penalty_grad_(Tensor(a!)[] grads, Tensor[] params, float[] l1, float[] l2) -> ()");
+  // w <- sign(w) * max(|w| - threshold[i], 0), in place.
+  m.def("prox_l1_(Tensor(a!)[] params, float[] threshold) -> ()");
   // The fused ops, with dropout's RNG contract and mask modes; each returns (out, mask).
   // bias (optional) broadcasts over input's last dimension. bias_dropout_add_fwd gives
   // residual + dropout(input + bias); bias_act_dropout_fwd gives dropout(act(input + bias))

@@ -81,6 +81,197 @@ def dropout_front(apply, input, p, training, inplace, mask, seed, generator):
     return input.copy_(out) if inplace else out
 
 
+# ---- Penalty: coefficients and the parameters of a Module, an iterable or groups ----
+
+PENALTY_DTYPES = DROPOUT_DTYPES
+EXCLUDE_RULES = ("bias_and_norm",)
+
+
+def check_coefficient(value, name, function):
+    """A penalty coefficient or threshold as a float >= 0 (finite)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{function}(): {name} must be a float, but got {type(value).__name__}")
+    value = float(value)
+    if not value >= 0.0 or value == float("inf"):  # also rejects nan
+        raise ValueError(f"{function}(): {name} must be a non-negative finite float, "
+                         f"but got {value}")
+    return value
+
+
+def check_exclude(exclude, params, function):
+    if exclude is None:
+        return
+    if isinstance(exclude, str):
+        if exclude not in EXCLUDE_RULES:
+            raise ValueError(f"{function}(): exclude must be None, a callable or one of "
+                             f"{', '.join(map(repr, EXCLUDE_RULES))}, but got {exclude!r}")
+    elif not callable(exclude):
+        raise TypeError(f"{function}(): exclude must be None, a str or a callable "
+                        f"(name, param) -> bool, but got {type(exclude).__name__}")
+    if not isinstance(params, torch.nn.Module):
+        raise ValueError(f"{function}(): exclude selects parameters by name, so params must "
+                         f"be an nn.Module, but got {type(params).__name__}")
+
+
+def _norm_types():
+    types = [torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm,
+             torch.nn.LocalResponseNorm]
+    if hasattr(torch.nn, "RMSNorm"):  # torch >= 2.4
+        types.append(torch.nn.RMSNorm)
+    return tuple(types)
+
+
+NORM_TYPES = _norm_types()
+
+
+def is_norm_module(module):
+    """A normalization layer: torch's (BatchNorm*, InstanceNorm*, SyncBatchNorm, LayerNorm,
+    GroupNorm, LocalResponseNorm, RMSNorm) or any module whose class name ends in "Norm"
+    (LlamaRMSNorm, T5LayerNorm, apex's FusedLayerNorm, ...)."""
+    return isinstance(module, NORM_TYPES) or type(module).__name__.endswith("Norm")
+
+
+def module_params(module, exclude):
+    """(name, parameter) pairs of `module` that require grad, tied parameters once, less
+    those that `exclude` rules out."""
+    norm_params = set()
+    if exclude == "bias_and_norm":
+        for prefix, child in module.named_modules():
+            if is_norm_module(child):
+                norm_params.update(f"{prefix}.{name}" if prefix else name
+                                   for name, _ in child.named_parameters(recurse=False))
+    selected = []
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        if exclude == "bias_and_norm":
+            if name in norm_params or (param.dim() <= 1 and
+                                       name.rsplit(".", 1)[-1].endswith("bias")):
+                continue
+        elif exclude is not None and exclude(name, param):
+            continue
+        selected.append((name, param))
+    return selected
+
+
+def _group_tensors(group_params):
+    if isinstance(group_params, torch.Tensor):
+        return [group_params]
+    return list(group_params)
+
+
+def collect_params(function, params, coefficients, exclude=None, group_keys=None):
+    """The tensors of `params` and their coefficients: (tensors, {key: [value per tensor]}).
+
+    `coefficients` maps each coefficient's name to its (checked) value; a parameter group
+    may override those named in `group_keys` (default: all) with a key of that name.
+    Tied parameters of a Module count once; a tensor listed twice counts twice, as a
+    Python loop over the list would. `params` is an nn.Module
+    (its parameters that require grad, after `exclude`), a tensor, an iterable of
+    tensors, or an iterable of groups (dicts with a "params" key; other keys, such as an
+    optimizer's "lr" or "weight_decay", are ignored). Checks dtypes, layouts and devices.
+    """
+    check_exclude(exclude, params, function)
+    group_keys = coefficients.keys() if group_keys is None else group_keys
+    if isinstance(params, torch.nn.Module):
+        named = module_params(params, exclude)
+        tensors = [p for _, p in named]
+        values = {key: [value] * len(tensors) for key, value in coefficients.items()}
+        check_tensors(function, tensors, lambda i: f"parameter {named[i][0]!r}")
+        return tensors, values
+    if isinstance(params, (torch.Tensor, dict)):
+        items = [params]
+    else:
+        try:
+            items = list(params)
+        except TypeError:
+            raise TypeError(f"{function}(): params must be an nn.Module, a tensor, an iterable "
+                            f"of tensors or of parameter groups, but got "
+                            f"{type(params).__name__}") from None
+    if not any(isinstance(item, dict) for item in items):
+        values = {key: [value] * len(items) for key, value in coefficients.items()}
+        check_tensors(function, items, lambda i: f"params[{i}]")
+        return items, values
+    tensors, values, where = [], {key: [] for key in coefficients}, []
+    for g, group in enumerate(items):
+        if not isinstance(group, dict):
+            raise TypeError(f"{function}(): params mixes parameter groups (dicts) and "
+                            f"{type(group).__name__}")
+        if "params" not in group:
+            raise ValueError(f"{function}(): parameter group {g} has no 'params' key")
+        group_tensors = _group_tensors(group["params"])
+        for key, value in coefficients.items():
+            if key in group_keys and key in group:
+                value = check_coefficient(group[key], f"group {g}'s {key!r}", function)
+            values[key] += [value] * len(group_tensors)
+        where += [(g, i) for i in range(len(group_tensors))]
+        tensors += group_tensors
+    check_tensors(function, tensors, lambda k: "params[{}]['params'][{}]".format(*where[k]))
+    return tensors, values
+
+
+def check_tensors(function, tensors, label):
+    """Floating, strided tensors on one device; label(i) names tensors[i] in errors (it is
+    only called on an error, to keep the common path cheap)."""
+    device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
+    for i, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{function}(): {label(i)} must be a Tensor, but got "
+                            f"{type(tensor).__name__}")
+        if tensor.dtype not in PENALTY_DTYPES:
+            raise TypeError(f"{function}(): {label(i)} must be float16, bfloat16, float32 or "
+                            f"float64, but got {tensor.dtype}")
+        if tensor.layout != torch.strided:
+            raise TypeError(f"{function}(): {label(i)} must be a strided (dense) tensor, but "
+                            f"got {tensor.layout}")
+        if tensor.device != device:
+            raise RuntimeError(f"{function}(): all tensors must be on one device, but "
+                               f"{label(0)} is on {device} and {label(i)} on {tensor.device}")
+
+
+def penalty_front(apply, function, params, exclude, l1, l2, group_keys=("l1", "l2")):
+    """The value of a penalty through `apply(tensors, l1s, l2s)`; an empty selection
+    gives a float32 zero (on the CPU: it has no device to take)."""
+    coefficients = {"l1": check_coefficient(l1, "l1", function),
+                    "l2": check_coefficient(l2, "l2", function)}
+    tensors, values = collect_params(function, params, coefficients, exclude, group_keys)
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    return apply(tensors, values["l1"], values["l2"])
+
+
+def penalty_grad_front(apply, params, l1, l2, exclude):
+    """fastreg.penalty_grad_ through `apply(grads, tensors, l1s, l2s)`: a tensor without
+    a gradient gets a zero one first; tensors whose coefficients are both zero are left
+    alone."""
+    function = "penalty_grad_"
+    coefficients = {"l1": check_coefficient(l1, "l1", function),
+                    "l2": check_coefficient(l2, "l2", function)}
+    tensors, values = collect_params(function, params, coefficients, exclude)
+    keep = [i for i in range(len(tensors)) if values["l1"][i] or values["l2"][i]]
+    tensors = [tensors[i] for i in keep]
+    if not tensors:
+        return
+    with torch.no_grad():
+        grads = []
+        for tensor in tensors:
+            if tensor.grad is None:
+                tensor.grad = torch.zeros_like(tensor)
+            elif tensor.grad.layout != torch.strided:
+                raise TypeError(f"{function}(): gradients must be strided (dense), but a "
+                                f"gradient is {tensor.grad.layout}")
+            grads.append(tensor.grad)
+        apply(grads, tensors, [values["l1"][i] for i in keep], [values["l2"][i] for i in keep])
+
+
+def prox_front(apply, params, threshold, exclude):
+    """fastreg.prox_l1_ through `apply(tensors, thresholds)`."""
+    function = "prox_l1_"
+    coefficients = {"threshold": check_coefficient(threshold, "threshold", function)}
+    tensors, values = collect_params(function, params, coefficients, exclude)
+    if tensors:
+        with torch.no_grad():
+            apply(tensors, values["threshold"])
 # ---- the fused ops ----------------------------------------------------------------
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")

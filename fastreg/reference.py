@@ -85,6 +85,133 @@ def dropout_mask(shape, p, seed, offset=0, *, device=None):
     return keep_flat(shape.numel(), p, state).view(shape)
 
 
+# ---- Penalty ----
+# The value is accumulated in float64 and rounded once: the oracle the kernels are
+# held to. The gradients and the in-place steps run one torch op per operation of the
+# kernels' formula in the op-math type (float32, float64 for float64), rounded once
+# to the tensor's dtype, so the kernels match them bit for bit (csrc/penalty.h).
+
+
+def _opmath(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def penalty_result_dtype(tensors):
+    """float32, or float64 when any tensor is float64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def penalty_value(tensors, l1s, l2s):
+    """sum_i l1s[i] * sum|w_i| + l2s[i] * sum w_i**2 in float64, rounded once to the
+    result dtype; a zero coefficient's term is left out. Not differentiable."""
+    total = torch.zeros((), dtype=torch.float64, device=tensors[0].device)
+    for tensor, l1, l2 in zip(tensors, l1s, l2s):
+        x = tensor.detach().to(torch.float64)
+        if l1:
+            total = total + l1 * x.abs().sum()
+        if l2:
+            total = total + l2 * x.square().sum()
+    return total.to(penalty_result_dtype(tensors))
+
+
+def penalty_slope(w, l1, l2):
+    """l1 * sign(w) + 2 * l2 * w in w's dtype (the op-math type), one rounding per op;
+    a zero coefficient's term is left out."""
+    if l1 and l2:
+        return torch.sign(w) * l1 + w * (2.0 * l2)
+    if l1:
+        return torch.sign(w) * l1
+    if l2:
+        return w * (2.0 * l2)
+    return torch.zeros_like(w)
+
+
+def penalty_backward(grad_out, tensors, l1s, l2s):
+    """The penalty's gradients: grad_out * slope(w) in the op-math type, rounded once to
+    each tensor's dtype; zeros for a tensor whose coefficients are both zero."""
+    grads = []
+    for tensor, l1, l2 in zip(tensors, l1s, l2s):
+        if not l1 and not l2:
+            grads.append(torch.zeros_like(tensor))
+            continue
+        opmath = _opmath(tensor.dtype)
+        slope = penalty_slope(tensor.to(opmath), l1, l2)
+        grads.append((grad_out.to(opmath) * slope).to(tensor.dtype))
+    return grads
+
+
+class _PenaltyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, l1s, l2s, *tensors):
+        ctx.l1s, ctx.l2s = l1s, l2s
+        ctx.save_for_backward(*tensors)
+        return penalty_value(tensors, l1s, l2s)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        tensors = ctx.saved_tensors
+        wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
+        grads = [None] * len(tensors)
+        computed = penalty_backward(grad_out, [tensors[i] for i in wanted],
+                                    [ctx.l1s[i] for i in wanted], [ctx.l2s[i] for i in wanted])
+        for i, grad in zip(wanted, computed):
+            grads[i] = grad
+        return (None, None, *grads)
+
+
+def penalty_apply(tensors, l1s, l2s):
+    """The differentiable penalty of checked tensors with per-tensor coefficients."""
+    return _PenaltyFunction.apply(list(l1s), list(l2s), *tensors)
+
+
+def penalty_grad_apply(grads, tensors, l1s, l2s):
+    """grads[i] += slope(tensors[i]) in place, in the op-math type, rounded once."""
+    with torch.no_grad():
+        for grad, tensor, l1, l2 in zip(grads, tensors, l1s, l2s):
+            if tensor.numel() == 0 or (not l1 and not l2):
+                continue
+            opmath = _opmath(tensor.dtype)
+            grad.copy_((grad.to(opmath) + penalty_slope(tensor.to(opmath), l1, l2))
+                       .to(grad.dtype))
+
+
+def prox_l1_apply(tensors, thresholds):
+    """w <- w - clamp(w, -t, t) in place (soft thresholding), in the op-math type."""
+    with torch.no_grad():
+        for tensor, threshold in zip(tensors, thresholds):
+            if tensor.numel() == 0 or not threshold:
+                continue
+            w = tensor.to(_opmath(tensor.dtype))
+            tensor.copy_((w - w.clamp(-threshold, threshold)).to(tensor.dtype))
+
+
+def penalty(params, l1=0.0, l2=0.0, *, exclude=None):
+    """Reference of fastreg.penalty."""
+    return _args.penalty_front(penalty_apply, "penalty", params, exclude, l1, l2)
+
+
+def l1_penalty(params, weight=1.0, *, exclude=None):
+    """Reference of fastreg.l1_penalty."""
+    weight = _args.check_coefficient(weight, "weight", "l1_penalty")
+    return _args.penalty_front(penalty_apply, "l1_penalty", params, exclude, weight, 0.0,
+                               group_keys=("l1",))
+
+
+def l2_penalty(params, weight=1.0, *, exclude=None):
+    """Reference of fastreg.l2_penalty."""
+    weight = _args.check_coefficient(weight, "weight", "l2_penalty")
+    return _args.penalty_front(penalty_apply, "l2_penalty", params, exclude, 0.0, weight,
+                               group_keys=("l2",))
+
+
+def penalty_grad_(params, l1=0.0, l2=0.0, *, exclude=None):
+    """Reference of fastreg.penalty_grad_."""
+    _args.penalty_grad_front(penalty_grad_apply, params, l1, l2, exclude)
+
+
+def prox_l1_(params, threshold, *, exclude=None):
+    """Reference of fastreg.prox_l1_."""
+    _args.prox_front(prox_l1_apply, params, threshold, exclude)
 # ---- the fused ops ----------------------------------------------------------------
 #
 # The element math of csrc/fused.h written with tensor ops in op-math (float32; float64

@@ -16,16 +16,17 @@ def philox4x32_10(ctr, key):
     return c0, c1, c2, c3
 
 
-def keep_list(numel, p, seed, offset=0):
-    """The contract's keep flags of elements 0 .. numel-1."""
+def keep_list(numel, p, seed, offset=0, start=0):
+    """The contract's keep flags of elements start .. start+numel-1."""
     seed %= 1 << 64
     offset %= 1 << 64
     if p >= 1:
         return [False] * numel
     t = int(p * 2.0 ** 32)
     flags = []
-    for q in range((numel + 3) // 4):
+    for q in range(start // 4, (start + numel + 3) // 4):
         words = philox4x32_10((q & M32, q >> 32, offset & M32, offset >> 32),
                               (seed & M32, seed >> 32))
         flags += [w >= t for w in words]
-    return flags[:numel]
+    first = start % 4
+    return flags[first:first + numel]

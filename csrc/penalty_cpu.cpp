@@ -1,0 +1,252 @@
+// CPU penalty kernels. The tensors are laid end to end in one concatenated element
+// space, cut into chunks of kChunk elements; threads take whole chunks. A chunk's
+// partial sum depends only on its elements (each tensor piece in it is summed with
+// kLanes lane accumulators, lanes combined by a fixed tree, pieces added in order),
+// and the partials are added in chunk order: the value has the same bits for any
+// number of threads, and from run to run.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu_features.h"
+#include "penalty.h"
+
+// setup.py compiles this with -ffp-contract=off: the gradients are promised bit-exact
+// against one-rounding-per-op torch ops, which an fma would break.
+
+namespace fastreg {
+namespace {
+
+constexpr int64_t kChunk = 4096;     // elements: fixed chunk boundaries, whatever the threads
+constexpr int64_t kGrainChunks = 16;  // chunks a thread takes at least (64K elements)
+
+// A tensor's place in the concatenated element space.
+struct Segment {
+  const void* in;
+  void* out;  // elementwise ops only
+  int64_t begin, numel;
+  double a, b;
+  at::ScalarType dtype;
+};
+
+// Calls f(segment, first, count) for the pieces of [lo, hi), first local to the segment.
+template <typename F>
+void for_each_piece(const std::vector<Segment>& segments, int64_t lo, int64_t hi, F&& f) {
+  auto it = std::upper_bound(segments.begin(), segments.end(), lo,
+                             [](int64_t x, const Segment& s) { return x < s.begin + s.numel; });
+  for (; it != segments.end() && it->begin < hi; ++it) {
+    const int64_t first = std::max(lo, it->begin) - it->begin;
+    const int64_t last = std::min(hi, it->begin + it->numel) - it->begin;
+    f(*it, first, last - first);
+  }
+}
+
+// Runs body(chunk, segment, first, count) over the pieces of every chunk; threads take
+// whole chunks.
+template <typename Body>
+void parallel_chunks(const std::vector<Segment>& segments, int64_t total, const Body& body) {
+  const int64_t chunks = (total + kChunk - 1) / kChunk;
+  at::parallel_for(0, chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for_each_piece(segments, c * kChunk, std::min(total, (c + 1) * kChunk),
+                     [&](const Segment& s, int64_t first, int64_t count) {
+                       body(c, s, first, count);
+                     });
+    }
+  });
+}
+
+// ---- Reduction ----
+
+// Lane accumulators: 32 float lanes are 4 AVX2 vectors for each of the two sums (8
+// independent add chains hide the add latency); 16 double lanes likewise.
+template <typename acc_t>
+constexpr int kLanes = sizeof(acc_t) == 4 ? 32 : 16;
+
+// sum|x| and sum x**2 of n elements in acc_t. Element i goes to lane i % kLanes; the
+// lanes are combined by a fixed pairwise tree.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+FASTREG_TARGET_CLONES void abs_sq_sums(const scalar_t* x, int64_t n, acc_t* s1, acc_t* s2) {
+  constexpr int L = kLanes<acc_t>;
+  acc_t a[L] = {}, q[L] = {};
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    for (int l = 0; l < L; ++l) {
+      const acc_t v = static_cast<acc_t>(x[i + l]);
+      a[l] += std::abs(v);
+      q[l] += v * v;
+    }
+  }
+  for (int l = 0; i + l < n; ++l) {
+    const acc_t v = static_cast<acc_t>(x[i + l]);
+    a[l] += std::abs(v);
+    q[l] += v * v;
+  }
+  for (int width = L / 2; width > 0; width /= 2) {
+    for (int l = 0; l < width; ++l) {
+      a[l] += a[l + width];
+      q[l] += q[l + width];
+    }
+  }
+  *s1 = a[0];
+  *s2 = q[0];
+}
+
+// A piece's share of the value, in double.
+double piece_value(const Segment& s, int64_t first, int64_t count) {
+  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.dtype, "fastreg::penalty", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t s1, s2;
+    abs_sq_sums(static_cast<const scalar_t*>(s.in) + first, count, &s1, &s2);
+    double value = 0.0;
+    if (s.a != 0.0) value += s.a * static_cast<double>(s1);
+    if (s.b != 0.0) value += s.b * static_cast<double>(s2);
+    return value;
+  });
+}
+
+at::Tensor penalty_cpu(at::TensorList params, c10::ArrayRef<double> l1,
+                       c10::ArrayRef<double> l2) {
+  check_penalty_args(params, l1, l2);
+  TORCH_CHECK_VALUE(!params.empty(), "params must not be empty (its device gives the result's)");
+  const std::vector<ReductionInput> inputs = reduction_inputs(params, l1, l2);
+  std::vector<Segment> segments;
+  int64_t total = 0;
+  for (const ReductionInput& input : inputs) {
+    segments.push_back({input.src.const_data_ptr(), nullptr, total, input.src.numel(), input.l1,
+                        input.l2, input.src.scalar_type()});
+    total += input.src.numel();
+  }
+  std::vector<double> partials((total + kChunk - 1) / kChunk, 0.0);
+  double* partial = partials.data();
+  parallel_chunks(
+      segments, total,
+      [&](int64_t c, const Segment& s, int64_t first, int64_t count) {
+        partial[c] += piece_value(s, first, count);  // only chunk c's thread writes it
+      });
+  double value = 0.0;
+  for (const double p : partials) value += p;
+  at::Tensor out = at::empty({}, params[0].options().dtype(penalty_result_type(params)));
+  if (out.scalar_type() == at::kDouble) {
+    *out.mutable_data_ptr<double>() = value;
+  } else {
+    *out.mutable_data_ptr<float>() = static_cast<float>(value);
+  }
+  return out;
+}
+
+// ---- Elementwise ops ----
+
+template <typename scalar_t, bool kL1, bool kL2, typename acc_t = at::opmath_type<scalar_t>>
+FASTREG_TARGET_CLONES void grad_loop(const scalar_t* w, scalar_t* out, int64_t n, acc_t g,
+                                     acc_t l1, acc_t two_l2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t slope = penalty_slope(static_cast<acc_t>(w[i]), l1, two_l2, kL1, kL2);
+    out[i] = static_cast<scalar_t>(mul_rn(g, slope));
+  }
+}
+
+template <typename scalar_t, bool kL1, bool kL2, typename acc_t = at::opmath_type<scalar_t>>
+FASTREG_TARGET_CLONES void add_grad_loop(const scalar_t* w, scalar_t* out, int64_t n,
+                                         acc_t l1, acc_t two_l2) {
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t slope = penalty_slope(static_cast<acc_t>(w[i]), l1, two_l2, kL1, kL2);
+    out[i] = static_cast<scalar_t>(add_rn(static_cast<acc_t>(out[i]), slope));
+  }
+}
+
+// In place through one pointer, so that the compiler sees no aliasing to guard against.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+FASTREG_TARGET_CLONES void prox_loop(scalar_t* w, int64_t n, acc_t t) {
+  for (int64_t i = 0; i < n; ++i) {
+    w[i] = static_cast<scalar_t>(soft_threshold(static_cast<acc_t>(w[i]), t));
+  }
+}
+
+template <typename F>
+void visit_terms(bool use_l1, bool use_l2, F&& f) {
+  if (use_l1 && use_l2) return f(std::true_type{}, std::true_type{});
+  if (use_l1) return f(std::true_type{}, std::false_type{});
+  return f(std::false_type{}, std::true_type{});  // the both-zero case never gets here
+}
+
+void elementwise_piece(ElementwiseMode mode, double g, const Segment& s, int64_t first,
+                       int64_t count) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.dtype, "fastreg::penalty_elementwise", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* in = static_cast<const scalar_t*>(s.in) + first;
+    scalar_t* out = static_cast<scalar_t*>(s.out) + first;
+    const acc_t a = static_cast<acc_t>(s.a), b = static_cast<acc_t>(s.b);
+    if (mode == ElementwiseMode::Prox) return prox_loop<scalar_t>(out, count, a);
+    if (s.a == 0.0 && s.b == 0.0) {  // only Grad gets tensors without a term: gradient 0
+      std::fill(out, out + count, static_cast<scalar_t>(0));
+      return;
+    }
+    visit_terms(s.a != 0.0, s.b != 0.0, [&](auto use_l1, auto use_l2) {
+      if (mode == ElementwiseMode::Grad) {
+        grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(in, out, count, static_cast<acc_t>(g), a, b);
+      } else {
+        add_grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(in, out, count, a, b);
+      }
+    });
+  });
+}
+
+void run_elementwise(const std::vector<ElementwiseJob>& jobs, ElementwiseMode mode, double g) {
+  std::vector<Segment> segments;
+  int64_t total = 0;
+  for (const ElementwiseJob& job : jobs) {
+    segments.push_back({job.in.const_data_ptr(), job.out.mutable_data_ptr(), total,
+                        job.in.numel(), job.a, job.b, job.in.scalar_type()});
+    total += job.in.numel();
+  }
+  parallel_chunks(
+      segments, total,
+      [&](int64_t, const Segment& s, int64_t first, int64_t count) {
+        elementwise_piece(mode, g, s, first, count);
+      });
+}
+
+std::vector<at::Tensor> penalty_backward_cpu(const at::Tensor& grad_out, at::TensorList params,
+                                             c10::ArrayRef<double> l1,
+                                             c10::ArrayRef<double> l2) {
+  check_penalty_args(params, l1, l2);
+  const at::Tensor g = penalty_grad_out(grad_out, params.empty() ? grad_out : params[0]);
+  const double g_value = g.scalar_type() == at::kDouble ? *g.const_data_ptr<double>()
+                                                        : *g.const_data_ptr<float>();
+  std::vector<at::Tensor> grads;
+  const std::vector<ElementwiseJob> jobs = backward_jobs(params, l1, l2, grads);
+  run_elementwise(jobs, ElementwiseMode::Grad, g_value);
+  return grads;
+}
+
+void penalty_grad_cpu(at::TensorList grads, at::TensorList params, c10::ArrayRef<double> l1,
+                      c10::ArrayRef<double> l2) {
+  check_penalty_args(params, l1, l2);
+  const std::vector<ElementwiseJob> jobs = add_grad_jobs(grads, params, l1, l2);
+  run_elementwise(jobs, ElementwiseMode::AddGrad, 1.0);
+  finish_jobs(jobs);
+}
+
+void prox_l1_cpu(at::TensorList params, c10::ArrayRef<double> threshold) {
+  check_penalty_tensors(params, "params");
+  check_coefficients(threshold, params.size(), "threshold");
+  const std::vector<ElementwiseJob> jobs = prox_jobs(params, threshold);
+  run_elementwise(jobs, ElementwiseMode::Prox, 1.0);
+  finish_jobs(jobs);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
+  m.impl("penalty", &penalty_cpu);
+  m.impl("penalty_backward", &penalty_backward_cpu);
+  m.impl("penalty_grad_", &penalty_grad_cpu);
+  m.impl("prox_l1_", &prox_l1_cpu);
+}
+
+}  // namespace fastreg

@@ -1,0 +1,173 @@
+"""Public penalty API: L1/L2 weight penalties over a whole model in one fused pass, the
+in-place gradient and proximal steps, and the nn.Module forms.
+
+Definitions (Keras' L1L2, no 1/2 factor), for coefficients l1, l2 >= 0:
+
+    penalty = sum over tensors w of  l1 * sum|w| + l2 * sum w**2
+    grad    = (l1 * sign(w) + 2 * l2 * w) * incoming gradient,   sign(0) = 0
+
+so l2 = weight_decay / 2 reproduces SGD's ``weight_decay``; AdamW's decoupled decay is
+another thing (it does not go through the gradient).
+
+``params``, wherever it appears, is one of
+
+* an ``nn.Module``: its parameters that require grad, a tied (shared) parameter once,
+  less those ruled out by ``exclude``;
+* a tensor, or an iterable of tensors (``model.parameters()``), taken as given;
+* optimizer-style groups ``[{"params": [...], "l1": ..., "l2": ...}, ...]``: a group's
+  key named like a coefficient argument overrides it for that group (other keys, such
+  as "lr" or "weight_decay", are ignored, so ``optimizer.param_groups`` can be passed).
+
+``exclude`` (Module only): ``None``; ``"bias_and_norm"``, which leaves out what Hugging
+Face's Trainer and timm keep out of weight decay: every parameter of a normalization
+layer (BatchNorm*, InstanceNorm*, SyncBatchNorm, LayerNorm, GroupNorm, RMSNorm,
+LocalResponseNorm, and any module whose class name ends in "Norm", such as
+LlamaRMSNorm), and every parameter of at most one dimension whose name ends in "bias";
+or a callable ``exclude(name, param) -> bool`` (True leaves the parameter out).
+
+Tensors may mix float16, bfloat16, float32 and float64, be empty or non-contiguous, and
+must share one device. The value is accumulated in float32 (float64 for float64 tensors)
+whatever the dtype, in a fixed order: the compiled kernels give the same bits from run to
+run (on the CPU, for any number of threads). Gradients are formed in float32 (float64)
+and rounded once to each tensor's dtype. Coefficients are plain floats that may change
+from call to call; under ``torch.compile`` a new value means a recompilation (see
+docs/penalty.md).
+"""
+
+import torch
+from torch import nn
+
+from fastreg import _args, _ops, reference
+
+
+def _penalty_apply(tensors, l1s, l2s):
+    if _ops.has_kernels(tensors[0].device):
+        return torch.ops.fastreg.penalty(tensors, l1s, l2s)
+    return reference.penalty_apply(tensors, l1s, l2s)
+
+
+def _penalty_grad_apply(grads, tensors, l1s, l2s):
+    if _ops.has_kernels(tensors[0].device):
+        torch.ops.fastreg.penalty_grad_(grads, tensors, l1s, l2s)
+    else:
+        reference.penalty_grad_apply(grads, tensors, l1s, l2s)
+
+
+def _prox_l1_apply(tensors, thresholds):
+    if _ops.has_kernels(tensors[0].device):
+        torch.ops.fastreg.prox_l1_(tensors, thresholds)
+    else:
+        reference.prox_l1_apply(tensors, thresholds)
+
+
+def penalty(params, l1=0.0, l2=0.0, *, exclude=None):
+    """``l1 * sum|w| + l2 * sum w**2`` over all tensors of ``params``, in one pass.
+
+    Args:
+        params: an nn.Module, a tensor, an iterable of tensors or parameter groups with
+            their own "l1" and "l2" (see the module docstring).
+        l1: the L1 coefficient, >= 0.
+        l2: the L2 coefficient, >= 0 (no 1/2 factor: ``weight_decay / 2`` for SGD's).
+        exclude: ``None``, ``"bias_and_norm"`` or a callable ``(name, param) -> bool``;
+            only when ``params`` is a Module.
+
+    Returns:
+        A 0-dim tensor on the parameters' device, differentiable with respect to them:
+        float32, or float64 if any tensor is float64. An empty selection gives a float32
+        zero on the CPU. A term whose coefficient is zero is left out (not multiplied by
+        zero), so ``l1_penalty`` of an infinite weight is inf, not nan.
+
+    Raises:
+        TypeError: a non-tensor, or a tensor that is not float16, bfloat16, float32 or
+            float64 (or not strided); a coefficient that is not a real number.
+        ValueError: a negative, infinite or nan coefficient; an unknown ``exclude``, or
+            ``exclude`` with params that is not a Module; a group without "params".
+        RuntimeError: tensors on different devices.
+    """
+    return _args.penalty_front(_penalty_apply, "penalty", params, exclude, l1, l2)
+
+
+def l1_penalty(params, weight=1.0, *, exclude=None):
+    """``weight * sum|w|`` over all tensors: ``penalty(params, l1=weight)``. A group's
+    "l1" key overrides ``weight``."""
+    weight = _args.check_coefficient(weight, "weight", "l1_penalty")
+    return _args.penalty_front(_penalty_apply, "l1_penalty", params, exclude, weight, 0.0,
+                               group_keys=("l1",))
+
+
+def l2_penalty(params, weight=1.0, *, exclude=None):
+    """``weight * sum w**2`` over all tensors: ``penalty(params, l2=weight)``. A group's
+    "l2" key overrides ``weight``."""
+    weight = _args.check_coefficient(weight, "weight", "l2_penalty")
+    return _args.penalty_front(_penalty_apply, "l2_penalty", params, exclude, 0.0, weight,
+                               group_keys=("l2",))
+
+
+def penalty_grad_(params, l1=0.0, l2=0.0, *, exclude=None):
+    """Adds the penalty's gradient ``l1 * sign(w) + 2 * l2 * w`` into each ``p.grad`` in
+    place, outside autograd, in one multi-tensor pass.
+
+    For training loops that keep the penalty out of the graph: call it between
+    ``loss.backward()`` and ``optimizer.step()``. The sum is formed in the op-math type
+    (float32, float64 for float64) and rounded once to the gradient's dtype. A tensor
+    whose ``grad`` is None gets a zero gradient first; tensors whose coefficients are
+    both zero are not touched. Same arguments and errors as :func:`penalty`.
+    """
+    _args.penalty_grad_front(_penalty_grad_apply, params, l1, l2, exclude)
+
+
+def prox_l1_(params, threshold, *, exclude=None):
+    """Soft thresholding in place, ``w <- sign(w) * max(|w| - threshold, 0)``: the
+    proximal step of ``threshold * sum|w|``, in one multi-tensor pass.
+
+    After ``optimizer.step()`` with learning rate ``lr``, ``prox_l1_(params, lr * l1)``
+    is proximal gradient descent for the L1 penalty: weights within the threshold of
+    zero become exactly +0 (the subgradient ``l1 * sign(w)`` makes them oscillate around
+    zero instead). Computed in the op-math type, rounded once; nan stays nan. A group's
+    "threshold" key overrides ``threshold``. Same errors as :func:`penalty`.
+    """
+    _args.prox_front(_prox_l1_apply, params, threshold, exclude)
+
+
+class Penalty(nn.Module):
+    """The penalty as a module: ``Penalty(l1, l2, exclude=...)(model)`` is
+    ``penalty(model, l1, l2, exclude=...)``.
+
+    ``l1``, ``l2`` and ``exclude`` are plain attributes: change them between steps
+    (a schedule) without rebuilding anything. Calling it with parameter groups or a list
+    of tensors works too (``exclude`` must then be None).
+    """
+
+    def __init__(self, l1=0.0, l2=0.0, *, exclude=None):
+        super().__init__()
+        self.l1 = _args.check_coefficient(l1, "l1", type(self).__name__)
+        self.l2 = _args.check_coefficient(l2, "l2", type(self).__name__)
+        if exclude is not None:
+            _args.check_exclude(exclude, nn.Module(), type(self).__name__)
+        self.exclude = exclude
+
+    def forward(self, params):
+        return penalty(params, self.l1, self.l2, exclude=self.exclude)
+
+    def extra_repr(self):
+        return f"l1={self.l1}, l2={self.l2}, exclude={self.exclude!r}"
+
+
+class L1Penalty(Penalty):
+    """``L1Penalty(weight)(model)`` is ``l1_penalty(model, weight)``."""
+
+    def __init__(self, weight, *, exclude=None):
+        super().__init__(l1=weight, exclude=exclude)
+
+    def forward(self, params):
+        return l1_penalty(params, self.l1, exclude=self.exclude)
+
+
+class L2Penalty(Penalty):
+    """``L2Penalty(weight)(model)`` is ``l2_penalty(model, weight)``."""
+
+    def __init__(self, weight, *, exclude=None):
+        super().__init__(l2=weight, exclude=exclude)
+
+    def forward(self, params):
+        return l2_penalty(params, self.l2, exclude=self.exclude)
