@@ -11,22 +11,22 @@
 namespace fastreg {
 namespace {
 
-template <typename scalar_t, bool kAligned>
-__device__ __forceinline__ void apply_nibble(const scalar_t* in, scalar_t* out, int64_t e0,
-                                             int64_t n, uint32_t nib,
-                                             at::opmath_type<scalar_t> scale) {
+template <typename scalar_t, int E, bool kAligned>
+__device__ __forceinline__ void apply_bits(const scalar_t* in, scalar_t* out, int64_t e0,
+                                           int64_t n, uint32_t bits,
+                                           at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
-  if (kAligned && e0 + 4 <= n) {
-    Vec4<scalar_t> v = *reinterpret_cast<const Vec4<scalar_t>*>(in + e0);
+  if (kAligned && e0 + E <= n) {
+    Vec<scalar_t, E> v = *reinterpret_cast<const Vec<scalar_t, E>*>(in + e0);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      v.v[r] = ((nib >> r) & 1u) ? static_cast<scalar_t>(static_cast<opmath_t>(v.v[r]) * scale)
-                                 : static_cast<scalar_t>(0);
+    for (int r = 0; r < E; ++r) {
+      v.v[r] = ((bits >> r) & 1u) ? static_cast<scalar_t>(static_cast<opmath_t>(v.v[r]) * scale)
+                                  : static_cast<scalar_t>(0);
     }
-    *reinterpret_cast<Vec4<scalar_t>*>(out + e0) = v;
+    *reinterpret_cast<Vec<scalar_t, E>*>(out + e0) = v;
   } else {
-    for (int r = 0; r < 4 && e0 + r < n; ++r) {
-      out[e0 + r] = ((nib >> r) & 1u)
+    for (int r = 0; r < E && e0 + r < n; ++r) {
+      out[e0 + r] = ((bits >> r) & 1u)
                         ? static_cast<scalar_t>(static_cast<opmath_t>(in[e0 + r]) * scale)
                         : static_cast<scalar_t>(0);
     }
@@ -40,8 +40,9 @@ struct ScaleEpilogue {
   scalar_t* out;
   at::opmath_type<scalar_t> scale;
 
-  __device__ void operator()(int64_t e0, int64_t n, uint32_t nib) const {
-    apply_nibble<scalar_t, kAligned>(in, out, e0, n, nib, scale);
+  template <int E>
+  __device__ void apply(int64_t e0, int64_t n, uint32_t bits) const {
+    apply_bits<scalar_t, E, kAligned>(in, out, e0, n, bits, scale);
   }
 };
 
@@ -49,12 +50,12 @@ struct ScaleEpilogue {
 template <typename scalar_t, typename Source, typename Sink>
 void launch_dropout(const scalar_t* in, scalar_t* out, int64_t n, double p, const Source& source,
                     const Sink& sink) {
-  if (in == nullptr) return launch_dropout_kernel(n, source, sink, NoEpilogue{});
+  if (in == nullptr) return launch_dropout_kernel<scalar_t>(n, source, sink, NoEpilogue{});
   const auto scale = dropout_scale<at::opmath_type<scalar_t>>(p);
-  if (vec4_aligned<scalar_t>({in, out})) {
-    launch_dropout_kernel(n, source, sink, ScaleEpilogue<scalar_t, true>{in, out, scale});
+  if (lane_aligned<scalar_t>({in, out})) {
+    launch_dropout_kernel<scalar_t>(n, source, sink, ScaleEpilogue<scalar_t, true>{in, out, scale});
   } else {
-    launch_dropout_kernel(n, source, sink, ScaleEpilogue<scalar_t, false>{in, out, scale});
+    launch_dropout_kernel<scalar_t>(n, source, sink, ScaleEpilogue<scalar_t, false>{in, out, scale});
   }
 }
 
@@ -66,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_fwd_cuda(const at::Tensor& input, dou
   const MaskMode mode = parse_mask_mode(mode_name);
   const c10::cuda::CUDAGuard guard(input.device());
   ForwardBuffers b = make_forward_buffers(input, mode);
-  const PhiloxNibble philox = make_philox(rng_state, p);
+  const PhiloxBits philox = make_philox(rng_state, p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd", [&] {
     visit_sink(mode, b.mask, [&](const auto& sink) {
       launch_dropout(b.src.const_data_ptr<scalar_t>(), b.out.mutable_data_ptr<scalar_t>(),
@@ -84,7 +85,7 @@ at::Tensor dropout_bwd_cuda(const at::Tensor& grad, const at::Tensor& mask, doub
   check_backward_args(grad, mask, mode);
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor grad_input = at::empty_like(grad);
-  const PhiloxNibble philox = make_philox(rng_state, p);
+  const PhiloxBits philox = make_philox(rng_state, p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::dropout_bwd", [&] {
     visit_source(mode, mask, philox, [&](const auto& source) {
       launch_dropout(grad.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),

@@ -17,32 +17,33 @@ namespace {
 
 // Philox, or every bit set when p's threshold is 0 (eval mode and p = 0 run the fused
 // ops with p = 0): the contract keeps every element then, so Philox can be skipped.
-struct FusedPhiloxNibble {
-  PhiloxNibble philox;
+struct FusedPhiloxBits {
+  PhiloxBits philox;
   bool keep_all;
 
   __device__ void prepare() {
     if (!keep_all) philox.prepare();
   }
-  __device__ uint32_t operator()(int64_t q, int64_t n) const {
-    return keep_all ? 0xFu : philox(q, n);
+  template <int E>
+  __device__ uint32_t get(int64_t e0, int64_t n) const {
+    return keep_all ? (1u << E) - 1u : philox.template get<E>(e0, n);
   }
 };
 
-FusedPhiloxNibble make_fused_philox(const at::Tensor& rng_state, double p) {
+FusedPhiloxBits make_fused_philox(const at::Tensor& rng_state, double p) {
   const KeepRule rule = KeepRule::from_p(p);
-  return FusedPhiloxNibble{make_philox(rng_state, p), !rule.drop_all && rule.threshold == 0};
+  return FusedPhiloxBits{make_philox(rng_state, p), !rule.drop_all && rule.threshold == 0};
 }
 
-// The bias values of elements e0 .. e0+3: one division per Philox block, then steps.
-template <typename T>
-__device__ __forceinline__ void bias_of_block(const T* bias, BiasLayout layout, int64_t e0,
-                                              T b[4]) {
+// The bias values of a lane's elements e0 .. e0+E-1: one division per lane, then steps.
+template <int E, typename T>
+__device__ __forceinline__ void bias_of_lane(const T* bias, BiasLayout layout, int64_t e0,
+                                             T b[E]) {
   const int64_t outer = e0 / layout.stride;
   int64_t k = e0 - outer * layout.stride;
   int64_t j = outer % layout.size;
 #pragma unroll
-  for (int r = 0; r < 4; ++r) {
+  for (int r = 0; r < E; ++r) {
     b[r] = bias[j];
     if (++k == layout.stride) {
       k = 0;
@@ -62,7 +63,7 @@ struct ForwardEpilogue {
   scalar_t* out;
   opmath_t scale;
   BiasLayout layout;
-  bool aligned;  // x, residual and out allow Vec4 accesses
+  bool aligned;  // x, residual and out allow a lane's vector accesses
 
   __device__ __forceinline__ scalar_t element(scalar_t xv, opmath_t b, scalar_t rv, bool keep) const {
     opmath_t z = static_cast<opmath_t>(xv);
@@ -72,23 +73,25 @@ struct ForwardEpilogue {
     return static_cast<scalar_t>(t);
   }
 
-  __device__ void operator()(int64_t e0, int64_t n, uint32_t nib) const {
-    opmath_t b[4] = {0, 0, 0, 0};
-    if (bias != nullptr) bias_of_block(bias, layout, e0, b);
-    if (aligned && e0 + 4 <= n) {
-      const Vec4<scalar_t> xv = *reinterpret_cast<const Vec4<scalar_t>*>(x + e0);
-      Vec4<scalar_t> rv = xv;
-      if constexpr (kResidual) rv = *reinterpret_cast<const Vec4<scalar_t>*>(residual + e0);
-      Vec4<scalar_t> o;
+  template <int E>
+  __device__ void apply(int64_t e0, int64_t n, uint32_t bits) const {
+    using V = Vec<scalar_t, E>;
+    opmath_t b[E] = {};
+    if (bias != nullptr) bias_of_lane<E>(bias, layout, e0, b);
+    if (aligned && e0 + E <= n) {
+      const V xv = *reinterpret_cast<const V*>(x + e0);
+      V rv = xv;
+      if constexpr (kResidual) rv = *reinterpret_cast<const V*>(residual + e0);
+      V o;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) o.v[r] = element(xv.v[r], b[r], rv.v[r], (nib >> r) & 1u);
-      *reinterpret_cast<Vec4<scalar_t>*>(out + e0) = o;
+      for (int r = 0; r < E; ++r) o.v[r] = element(xv.v[r], b[r], rv.v[r], (bits >> r) & 1u);
+      *reinterpret_cast<V*>(out + e0) = o;
     } else {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {  // unrolled, so that b stays in registers
+      for (int r = 0; r < E; ++r) {  // unrolled, so that b stays in registers
         if (e0 + r < n) {
           const scalar_t rv = kResidual ? residual[e0 + r] : scalar_t(0);
-          out[e0 + r] = element(x[e0 + r], b[r], rv, (nib >> r) & 1u);
+          out[e0 + r] = element(x[e0 + r], b[r], rv, (bits >> r) & 1u);
         }
       }
     }
@@ -104,10 +107,10 @@ void launch_forward(const ForwardBuffers& b, const at::Tensor& bias, const at::T
   scalar_t* out = b.out.mutable_data_ptr<scalar_t>();
   const ForwardEpilogue<scalar_t, A, kResidual> epilogue{
       x, bias.defined() ? bias.const_data_ptr<opmath_t>() : nullptr, r, out,
-      dropout_scale<opmath_t>(p), bias_layout(b.out), vec4_aligned<scalar_t>({x, r, out})};
-  const FusedPhiloxNibble philox = make_fused_philox(rng_state, p);
+      dropout_scale<opmath_t>(p), bias_layout(b.out), lane_aligned<scalar_t>({x, r, out})};
+  const FusedPhiloxBits philox = make_fused_philox(rng_state, p);
   visit_sink(mode, b.mask, [&](const auto& sink) {
-    launch_dropout_kernel(b.out.numel(), philox, sink, epilogue);
+    launch_dropout_kernel<scalar_t>(b.out.numel(), philox, sink, epilogue);
   });
 }
 
@@ -159,7 +162,7 @@ struct BackwardEpilogue {
   scalar_t* grad_input;
   opmath_t scale;
   BiasLayout layout;
-  bool aligned;  // grad, x and grad_input allow Vec4 accesses
+  bool aligned;  // grad, x and grad_input allow a lane's vector accesses
 
   __device__ __forceinline__ scalar_t element(scalar_t g, scalar_t xv, opmath_t b, bool keep) const {
     if (!keep) return scalar_t(0);
@@ -172,23 +175,25 @@ struct BackwardEpilogue {
     return static_cast<scalar_t>(v);
   }
 
-  __device__ void operator()(int64_t e0, int64_t n, uint32_t nib) const {
-    opmath_t b[4] = {0, 0, 0, 0};
-    if (A != Activation::None && bias != nullptr) bias_of_block(bias, layout, e0, b);
-    if (aligned && e0 + 4 <= n) {
-      const Vec4<scalar_t> gv = *reinterpret_cast<const Vec4<scalar_t>*>(grad + e0);
-      Vec4<scalar_t> xv = gv;
-      if constexpr (A != Activation::None) xv = *reinterpret_cast<const Vec4<scalar_t>*>(x + e0);
-      Vec4<scalar_t> o;
+  template <int E>
+  __device__ void apply(int64_t e0, int64_t n, uint32_t bits) const {
+    using V = Vec<scalar_t, E>;
+    opmath_t b[E] = {};
+    if (A != Activation::None && bias != nullptr) bias_of_lane<E>(bias, layout, e0, b);
+    if (aligned && e0 + E <= n) {
+      const V gv = *reinterpret_cast<const V*>(grad + e0);
+      V xv = gv;
+      if constexpr (A != Activation::None) xv = *reinterpret_cast<const V*>(x + e0);
+      V o;
 #pragma unroll
-      for (int r = 0; r < 4; ++r) o.v[r] = element(gv.v[r], xv.v[r], b[r], (nib >> r) & 1u);
-      *reinterpret_cast<Vec4<scalar_t>*>(grad_input + e0) = o;
+      for (int r = 0; r < E; ++r) o.v[r] = element(gv.v[r], xv.v[r], b[r], (bits >> r) & 1u);
+      *reinterpret_cast<V*>(grad_input + e0) = o;
     } else {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {  // unrolled, so that b stays in registers
+      for (int r = 0; r < E; ++r) {  // unrolled, so that b stays in registers
         if (e0 + r < n) {
           const scalar_t xv = A != Activation::None ? x[e0 + r] : scalar_t(0);
-          grad_input[e0 + r] = element(grad[e0 + r], xv, b[r], (nib >> r) & 1u);
+          grad_input[e0 + r] = element(grad[e0 + r], xv, b[r], (bits >> r) & 1u);
         }
       }
     }
@@ -219,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_bwd_cuda(
   const c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor grad_input = at::empty_like(grad);
   const at::Tensor bias_op = act == Activation::None ? at::Tensor() : opmath_bias(bias);
-  const FusedPhiloxNibble philox = make_fused_philox(rng_state, p);
+  const FusedPhiloxBits philox = make_fused_philox(rng_state, p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::bias_act_dropout_bwd", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     visit_activation(act, [&](auto tag) {
@@ -229,9 +234,9 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_bwd_cuda(
       scalar_t* gi = grad_input.mutable_data_ptr<scalar_t>();
       const BackwardEpilogue<scalar_t, A> epilogue{
           g, x, bias_op.defined() ? bias_op.const_data_ptr<opmath_t>() : nullptr, gi,
-          dropout_scale<opmath_t>(p), bias_layout(grad), vec4_aligned<scalar_t>({g, x, gi})};
+          dropout_scale<opmath_t>(p), bias_layout(grad), lane_aligned<scalar_t>({g, x, gi})};
       visit_source(mode, mask, philox, [&](const auto& source) {
-        launch_dropout_kernel(grad.numel(), source, NoSink{}, epilogue);
+        launch_dropout_kernel<scalar_t>(grad.numel(), source, NoSink{}, epilogue);
       });
     });
   });
