@@ -25,6 +25,7 @@
 #include <type_traits>
 
 #include "philox.h"
+#include "rounding.h"
 
 namespace fastreg {
 
@@ -51,37 +52,6 @@ void visit_activation(Activation a, F&& f) {
       return f(std::integral_constant<Activation, Activation::GeluTanh>{});
     case Activation::Silu: return f(std::integral_constant<Activation, Activation::Silu>{});
   }
-}
-
-// ---- Arithmetic rounded as written (no FMA contraction on the device) ----
-
-FASTREG_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FASTREG_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FASTREG_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FASTREG_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
 }
 
 // v where keep is 1, +0 where it is 0 (also for a NaN or infinite v). On the host without

@@ -16,11 +16,7 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__CUDACC__)
-#define FASTREG_PENALTY_HD __host__ __device__ __forceinline__
-#else
-#define FASTREG_PENALTY_HD inline __attribute__((always_inline))
-#endif
+#include "rounding.h"
 
 namespace fastreg {
 
@@ -29,42 +25,10 @@ namespace fastreg {
 // per operation; nvcc would otherwise contract a * b + c into one fma. (The C++ side is
 // compiled with -ffp-contract=off, see setup.py.)
 
-FASTREG_PENALTY_HD float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-FASTREG_PENALTY_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-FASTREG_PENALTY_HD float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-FASTREG_PENALTY_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
 // d(penalty)/dw in the op-math type: l1 * sign(w) + two_l2 * w, with the terms whose
 // coefficient is zero left out (use_l1, use_l2; both false gives 0).
 template <typename acc_t>
-FASTREG_PENALTY_HD acc_t penalty_slope(acc_t w, acc_t l1, acc_t two_l2, bool use_l1,
+FASTREG_HD acc_t penalty_slope(acc_t w, acc_t l1, acc_t two_l2, bool use_l1,
                                        bool use_l2) {
   // branch-free, so that the CPU loops vectorize
   const acc_t sign = static_cast<acc_t>(w > acc_t(0)) - static_cast<acc_t>(w < acc_t(0));
@@ -78,7 +42,7 @@ FASTREG_PENALTY_HD acc_t penalty_slope(acc_t w, acc_t l1, acc_t two_l2, bool use
 // reference writes it. |w| <= t gives +0, nan stays nan (the clamp keeps it). Written
 // with selects of values that need no guard, so that the CPU loop vectorizes.
 template <typename acc_t>
-FASTREG_PENALTY_HD acc_t soft_threshold(acc_t w, acc_t t) {
+FASTREG_HD acc_t soft_threshold(acc_t w, acc_t t) {
   acc_t clamped = w < -t ? -t : w;
   clamped = w > t ? t : clamped;
   return w - clamped;
