@@ -561,6 +561,28 @@ def test_torch_compile_fullgraph():
             torch.testing.assert_close(g, e)
 
 
+def test_torch_compile_tensor_coefficient_does_not_recompile():
+    """The documented way to vary a coefficient under torch.compile: scale a fixed
+    penalty by a tensor (a float coefficient is baked into the graph)."""
+    model = small_model()
+    l2 = torch.tensor(5e-4)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def loss_fn(x):
+        return model(x).sum() + l2 * fastreg.l2_penalty(model)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=counting_backend)
+    x = torch.randn(2, 8)
+    for value in (1e-4, 2e-4, 3e-4):
+        l2.fill_(value)
+        torch.testing.assert_close(compiled(x), loss_fn(x))
+    assert len(graphs) == 1
+
+
 def test_torch_compile_in_place_steps():
     model, twin = small_model(), small_model()
     x = torch.randn(4, 8)
