@@ -292,16 +292,15 @@ def _check_like(value, name, input, function, shape, what):
     if value.shape != shape:
         raise RuntimeError(f"{function}(): {name} must have shape {tuple(shape)} ({what}), "
                            f"but got {tuple(value.shape)}")
-    if value.dtype != input.dtype:
-        raise RuntimeError(f"{function}(): {name} must have input's dtype {input.dtype}, but got "
-                           f"{value.dtype}")
+    if value.is_complex():
+        raise TypeError(f"{function}(): {name} must be a real tensor, but got {value.dtype}")
     if value.device != input.device:
         raise RuntimeError(f"{function}(): {name} must be on input's device {input.device}, but is "
                            f"on {value.device}")
 
 
 def check_bias(bias, input, function):
-    """bias: None, or a vector of input's last dimension, dtype and device (RuntimeError)."""
+    """bias: None, or a real vector of input's last dimension and device (RuntimeError)."""
     if bias is None:
         return
     if input.dim() == 0:
@@ -313,8 +312,20 @@ def check_bias(bias, input, function):
 
 
 def check_residual(residual, input, function):
-    """residual: input's shape, dtype and device (RuntimeError); any layout."""
+    """residual: a real tensor of input's shape and device (RuntimeError); any layout."""
     _check_like(residual, "residual", input, function, input.shape, "input's shape")
+
+
+def promote_fused(*tensors):
+    """The tensors (None passes) cast to their promoted dtype, the dtype of the eager
+    composition `residual + dropout(input + bias)`: under autocast a bfloat16 activation
+    with a float32 bias and residual gives float32, as it does eagerly. The upcasts are
+    exact, so the fused op still rounds once."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    for t in present[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
 def no_rng_state(device):
@@ -332,6 +343,7 @@ def bias_dropout_add_front(apply, input, bias, residual, p, training, mask, seed
     check_bias(bias, input, function)
     check_residual(residual, input, function)
     check_mask_mode(mask)
+    input, bias, residual = promote_fused(input, bias, residual)
     if not training or p == 0.0:
         return apply(input, bias, residual, 0.0, no_rng_state(input.device), "recompute")
     return apply(input, bias, residual, p, rng_state(input.device, seed, generator), mask)
@@ -346,6 +358,7 @@ def bias_act_dropout_front(apply, input, bias, p, activation, training, mask, se
     check_bias(bias, input, function)
     activation = check_activation(activation)
     check_mask_mode(mask)
+    input, bias = promote_fused(input, bias)
     if not training or p == 0.0:
         return apply(input, bias, 0.0, activation, no_rng_state(input.device), "recompute")
     return apply(input, bias, p, activation, rng_state(input.device, seed, generator), mask)

@@ -39,10 +39,12 @@ def bias_dropout_add(input, bias, residual, p, training=True, *, mask="bits", se
 
     Args:
         input: float16, bfloat16, float32 or float64 tensor, any layout (else ``TypeError``).
-        bias: ``None`` or a vector of ``input.shape[-1]`` elements with ``input``'s dtype and
-            device, broadcast over the last dimension (else ``RuntimeError``).
-        residual: a tensor with ``input``'s shape, dtype and device (else ``RuntimeError``),
-            any layout.
+        bias: ``None`` or a vector of ``input.shape[-1]`` elements on ``input``'s device,
+            broadcast over the last dimension (else ``RuntimeError``).
+        residual: a tensor with ``input``'s shape and device (else ``RuntimeError``), any
+            layout. Dtypes follow torch's type promotion, as the eager composition does: the
+            tensors are cast to their promoted dtype (a float16/bfloat16 ``input`` from an
+            autocast matmul with float32 ``bias`` and ``residual`` gives float32).
         p: probability of an element of ``input + bias`` to be zeroed, in [0, 1] (else
             ``ValueError``).
         training: apply dropout if True; else return ``residual + input + bias`` (still one

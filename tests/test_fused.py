@@ -362,14 +362,14 @@ def test_errors_name_the_argument():
         fastreg.bias_dropout_add(x, torch.ones(2), r, 0.5)
     with pytest.raises(RuntimeError, match=r"bias must have shape \(3,\)"):
         fastreg.bias_act_dropout(x, torch.ones(1, 3), 0.5)
-    with pytest.raises(RuntimeError, match="bias must have input's dtype"):
-        fastreg.bias_act_dropout(x, b.double(), 0.5)
+    with pytest.raises(TypeError, match="bias must be a real tensor"):
+        fastreg.bias_act_dropout(x, b.to(torch.complex64), 0.5)
     with pytest.raises(RuntimeError, match="at least 1 dimension"):
         fastreg.bias_act_dropout(torch.tensor(1.0), torch.ones(1), 0.5)
     with pytest.raises(RuntimeError, match=r"residual must have shape \(2, 3\)"):
         fastreg.bias_dropout_add(x, b, torch.ones(3), 0.5)
-    with pytest.raises(RuntimeError, match="residual must have input's dtype"):
-        fastreg.bias_dropout_add(x, b, r.half(), 0.5)
+    with pytest.raises(TypeError, match="residual must be a real tensor"):
+        fastreg.bias_dropout_add(x, b, r.to(torch.complex64), 0.5)
     with pytest.raises(TypeError, match="argument 'residual' must be Tensor"):
         fastreg.bias_dropout_add(x, b, None, 0.5)
     with pytest.raises(ValueError, match="activation must be one of"):
@@ -379,8 +379,32 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="either seed or generator"):
         fastreg.bias_act_dropout(x, b, 0.5, seed=1, generator=torch.Generator())
     # The reference accepts and rejects the same calls.
-    with pytest.raises(RuntimeError, match="bias must have input's dtype"):
-        reference.bias_act_dropout(x, b.double(), 0.5)
+    with pytest.raises(TypeError, match="bias must be a real tensor"):
+        reference.bias_act_dropout(x, b.to(torch.complex64), 0.5)
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32, torch.float32),
+                                    (torch.float16, torch.bfloat16, None),
+                                    (torch.float32, None, torch.float64),
+                                    (torch.float32, torch.float32, torch.int64)])
+def test_mixed_dtypes_promote_like_the_eager_composition(device, dtypes):
+    """bias_dropout_add(x, b, r) == the op on the tensors cast to their promoted dtype, bit for
+    bit, and the gradients come back in each tensor's own dtype."""
+    x_dtype, b_dtype, r_dtype = dtypes
+    x = torch.randn(5, 8, device=device).to(x_dtype).requires_grad_()
+    b = None if b_dtype is None else torch.randn(8, device=device).to(b_dtype).requires_grad_()
+    r = torch.randn(5, 8, device=device).mul(4).to(r_dtype or x_dtype)
+    eager = r + F.dropout(x + b if b is not None else x, 0.0)
+    out = fastreg.bias_dropout_add(x, b, r, 0.3, seed=5)
+    assert out.dtype == eager.dtype
+    cast = [t if t is None else t.detach().to(out.dtype) for t in (x, b, r)]
+    assert torch.equal(out, fastreg.bias_dropout_add(*cast, 0.3, seed=5))
+    out.sum().backward()
+    assert x.grad.dtype == x_dtype and (b is None or b.grad.dtype == b_dtype)
+    act = fastreg.bias_act_dropout(x, b, 0.3, "gelu", seed=5)
+    assert act.dtype == (x + b if b is not None else x).dtype
+    cast = [t if t is None else t.detach().to(act.dtype) for t in (x, b)]
+    assert torch.equal(act, fastreg.bias_act_dropout(*cast, 0.3, "gelu", seed=5))
 
 
 @requires_cuda
