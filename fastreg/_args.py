@@ -321,10 +321,13 @@ def promote_fused(*tensors):
     composition `residual + dropout(input + bias)`: under autocast a bfloat16 activation
     with a float32 bias and residual gives float32, as it does eagerly. The upcasts are
     exact, so the fused op still rounds once."""
-    present = [t for t in tensors if t is not None]
-    dtype = present[0].dtype
-    for t in present[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) == 1:  # the common case calls nothing (nothing lands in traced graphs)
+        return tensors
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
     return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
 
 
