@@ -39,3 +39,8 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 
 clean:
 	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built
+
+# On a machine with a CUDA GPU and torch installed (no .venv): build, CUDA tests,
+# compute-sanitizer, benchmark; logs in ./gpu-out (or $OUT). See .ci/gpu-check.
+gpu-check:
+	.ci/gpu-check
