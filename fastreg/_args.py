@@ -51,6 +51,12 @@ def as_int64(value, name):
     return value - _UINT64 if value >= (1 << 63) else value
 
 
+def check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, but got {type(generator).__name__}")
+    return generator
+
+
 def rng_state(device, seed=None, generator=None):
     """The (seed, offset) pair of the RNG contract as an int64 tensor on `device`.
 
@@ -62,8 +68,7 @@ def rng_state(device, seed=None, generator=None):
         if generator is not None:
             raise ValueError("give either seed or generator, not both")
         return torch.tensor([as_int64(seed, "seed"), 0], dtype=torch.int64, device=device)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, but got {type(generator).__name__}")
+    check_generator(generator)
     # Out of place (torch.compile traces randint, not random_); nearly the full int64 range.
     return torch.randint(-(1 << 63), (1 << 63) - 1, (2,), dtype=torch.int64, device=device,
                          generator=generator)
