@@ -53,7 +53,8 @@ def run_workers(*scenarios):
         for rank in range(WORLD_SIZE):
             logs.append(tempfile.TemporaryFile("w+"))
             workers.append(subprocess.Popen(
-                [sys.executable, str(WORKER), scenario, str(rank), str(WORLD_SIZE), str(store.port)],
+                [sys.executable, str(WORKER), scenario, str(rank), str(WORLD_SIZE),
+                 str(store.port)],
                 cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
                 start_new_session=True))  # its own process group, to kill it with its children
         deadline = time.monotonic() + TIMEOUT

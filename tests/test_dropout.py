@@ -297,7 +297,8 @@ def test_module_generator(device):
     a, b, c = layer(7), layer(7), layer(8)
     ya = a(x)
     assert torch.equal(ya, b(x)) and not torch.equal(ya, c(x))
-    assert torch.equal(ya, fastreg.dropout(x, 0.5, generator=torch.Generator(device).manual_seed(7)))
+    g = torch.Generator(device).manual_seed(7)
+    assert torch.equal(ya, fastreg.dropout(x, 0.5, generator=g))
     assert not torch.equal(a(x), ya)  # the generator moves on, as the default one does
     assert a.state_dict() == nn.Dropout(0.5).state_dict() == {}
     assert repr(a) == "Dropout(p=0.5, inplace=False, mask='bits')"
