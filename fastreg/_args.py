@@ -6,6 +6,8 @@ import warnings
 
 import torch
 
+from fastreg import _distributed
+
 DROPOUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_MODES = ("bits", "bool", "recompute")
 
@@ -51,6 +53,12 @@ def as_int64(value, name):
     return value - _UINT64 if value >= (1 << 63) else value
 
 
+def check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, but got {type(generator).__name__}")
+    return generator
+
+
 def rng_state(device, seed=None, generator=None):
     """The (seed, offset) pair of the RNG contract as an int64 tensor on `device`.
 
@@ -62,8 +70,7 @@ def rng_state(device, seed=None, generator=None):
         if generator is not None:
             raise ValueError("give either seed or generator, not both")
         return torch.tensor([as_int64(seed, "seed"), 0], dtype=torch.int64, device=device)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, but got {type(generator).__name__}")
+    check_generator(generator)
     # Out of place (torch.compile traces randint, not random_); nearly the full int64 range.
     return torch.randint(-(1 << 63), (1 << 63) - 1, (2,), dtype=torch.int64, device=device,
                          generator=generator)
@@ -160,7 +167,7 @@ def _group_tensors(group_params):
     return list(group_params)
 
 
-def collect_params(function, params, coefficients, exclude=None, group_keys=None):
+def collect_params(function, params, coefficients, exclude=None, group_keys=None, one_mesh=False):
     """The tensors of `params` and their coefficients: (tensors, {key: [value per tensor]}).
 
     `coefficients` maps each coefficient's name to its (checked) value; a parameter group
@@ -169,7 +176,8 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
     Python loop over the list would. `params` is an nn.Module
     (its parameters that require grad, after `exclude`), a tensor, an iterable of
     tensors, or an iterable of groups (dicts with a "params" key; other keys, such as an
-    optimizer's "lr" or "weight_decay", are ignored). Checks dtypes, layouts and devices.
+    optimizer's "lr" or "weight_decay", are ignored). Checks dtypes, layouts and devices,
+    and DTensors' placements (and that they share one mesh, with `one_mesh`).
     """
     check_exclude(exclude, params, function)
     group_keys = coefficients.keys() if group_keys is None else group_keys
@@ -177,7 +185,7 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
         named = module_params(params, exclude)
         tensors = [p for _, p in named]
         values = {key: [value] * len(tensors) for key, value in coefficients.items()}
-        check_tensors(function, tensors, lambda i: f"parameter {named[i][0]!r}")
+        check_tensors(function, tensors, lambda i: f"parameter {named[i][0]!r}", one_mesh)
         return tensors, values
     if isinstance(params, (torch.Tensor, dict)):
         items = [params]
@@ -190,7 +198,7 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
                             f"{type(params).__name__}") from None
     if not any(isinstance(item, dict) for item in items):
         values = {key: [value] * len(items) for key, value in coefficients.items()}
-        check_tensors(function, items, lambda i: f"params[{i}]")
+        check_tensors(function, items, lambda i: f"params[{i}]", one_mesh)
         return items, values
     tensors, values, where = [], {key: [] for key in coefficients}, []
     for g, group in enumerate(items):
@@ -206,13 +214,15 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
             values[key] += [value] * len(group_tensors)
         where += [(g, i) for i in range(len(group_tensors))]
         tensors += group_tensors
-    check_tensors(function, tensors, lambda k: "params[{}]['params'][{}]".format(*where[k]))
+    check_tensors(function, tensors, lambda k: "params[{}]['params'][{}]".format(*where[k]),
+                  one_mesh)
     return tensors, values
 
 
-def check_tensors(function, tensors, label):
-    """Floating, strided tensors on one device; label(i) names tensors[i] in errors (it is
-    only called on an error, to keep the common path cheap)."""
+def check_tensors(function, tensors, label, one_mesh=False):
+    """Floating, strided tensors on one device, DTensors placed by Shard or Replicate (on
+    one mesh with `one_mesh`); label(i) names tensors[i] in errors (it is only called on
+    an error, to keep the common path cheap)."""
     device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
     for i, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
@@ -227,6 +237,7 @@ def check_tensors(function, tensors, label):
         if tensor.device != device:
             raise RuntimeError(f"{function}(): all tensors must be on one device, but "
                                f"{label(0)} is on {device} and {label(i)} on {tensor.device}")
+    _distributed.check(function, tensors, label, one_mesh)
 
 
 def penalty_front(apply, function, params, exclude, l1, l2, group_keys=("l1", "l2")):
@@ -234,9 +245,12 @@ def penalty_front(apply, function, params, exclude, l1, l2, group_keys=("l1", "l
     gives a float32 zero (on the CPU: it has no device to take)."""
     coefficients = {"l1": check_coefficient(l1, "l1", function),
                     "l2": check_coefficient(l2, "l2", function)}
-    tensors, values = collect_params(function, params, coefficients, exclude, group_keys)
+    tensors, values = collect_params(function, params, coefficients, exclude, group_keys,
+                                     one_mesh=True)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
+    if _distributed.has_dtensors(tensors):
+        return _distributed.penalty(apply, tensors, values["l1"], values["l2"])
     return apply(tensors, values["l1"], values["l2"])
 
 
@@ -261,6 +275,9 @@ def penalty_grad_front(apply, params, l1, l2, exclude):
                 raise TypeError(f"{function}(): gradients must be strided (dense), but a "
                                 f"gradient is {tensor.grad.layout}")
             grads.append(tensor.grad)
+        if _distributed.dtensor_type() is not None:  # elementwise: on the local shards
+            grads = _distributed.local_grads(function, tensors, grads)
+            tensors = [_distributed.local(tensor) for tensor in tensors]
         apply(grads, tensors, [values["l1"][i] for i in keep], [values["l2"][i] for i in keep])
 
 
@@ -271,7 +288,7 @@ def prox_front(apply, params, threshold, exclude):
     tensors, values = collect_params(function, params, coefficients, exclude)
     if tensors:
         with torch.no_grad():
-            apply(tensors, values["threshold"])
+            apply([_distributed.local(tensor) for tensor in tensors], values["threshold"])
 # ---- the fused ops ----------------------------------------------------------------
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")

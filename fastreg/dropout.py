@@ -58,15 +58,22 @@ class Dropout(nn.Dropout):
         inplace: do the operation in place. Default: False
         mask: what is kept for backward: ``"bits"`` (default), ``"bool"`` or
             ``"recompute"``; see :func:`fastreg.dropout`.
+        generator: the ``torch.Generator`` (on the input's device) the masks are drawn
+            from; None (default) draws from the device's default generator. A plain
+            attribute, not in the state dict (which stays ``nn.Dropout``'s); ranks of a
+            tensor-parallel group that must drop the same elements give their modules
+            generators seeded alike (README, "Distributed training").
     """
 
-    def __init__(self, p=0.5, inplace=False, *, mask="bits"):
+    def __init__(self, p=0.5, inplace=False, *, mask="bits", generator=None):
         super().__init__(_args.check_probability(p), inplace)  # also rejects NaN
         _args.check_mask_mode(mask)
         self.mask = mask
+        self.generator = _args.check_generator(generator)
 
     def forward(self, input):
-        return dropout(input, self.p, self.training, self.inplace, mask=self.mask)
+        return dropout(input, self.p, self.training, self.inplace, mask=self.mask,
+                       generator=self.generator)
 
     def extra_repr(self):
         return f"{super().extra_repr()}, mask={self.mask!r}"

@@ -26,7 +26,16 @@ LlamaRMSNorm), and every parameter of at most one dimension whose name ends in "
 or a callable ``exclude(name, param) -> bool`` (True leaves the parameter out).
 
 Tensors may mix float16, bfloat16, float32 and float64, be empty or non-contiguous, and
-must share one device. The value is accumulated in float32 (float64 for float64 tensors)
+must share one device. They may be DTensors (FSDP2's ``fully_shard``, tensor parallelism)
+placed by Shard or Replicate: the kernels run on the local shards. For the value, each
+rank reduces its shards and the partial sums are all-reduced over the mesh dimensions
+where they are sharded (a collective: every rank calls it with the same parameters); the
+result is a plain tensor, the same on every rank, and each shard's gradient is exactly
+the derivative with respect to that shard. The DTensors of one call share one mesh;
+plain tensors among them count as replicated (each rank's own, counted once, as FSDP2's
+unsharded parameters between forward and backward are). The in-place steps are
+elementwise and work on any mix; a DTensor's gradient must be placed as the DTensor.
+See README, "Distributed training". The value is accumulated in float32 (float64 for float64 tensors)
 whatever the dtype, in a fixed order: the compiled kernels give the same bits from run to
 run (on the CPU, for any number of threads). Gradients are formed in float32 (float64)
 and rounded once to each tensor's dtype. Coefficients are plain floats that may change
@@ -72,17 +81,19 @@ def penalty(params, l1=0.0, l2=0.0, *, exclude=None):
             only when ``params`` is a Module.
 
     Returns:
-        A 0-dim tensor on the parameters' device, differentiable with respect to them:
+        A 0-dim (plain) tensor on the parameters' device, differentiable with respect
+        to them (for DTensors: the same value on every rank; see the module docstring):
         float32, or float64 if any tensor is float64. An empty selection gives a float32
         zero on the CPU. A term whose coefficient is zero is left out (not multiplied by
         zero), so ``l1_penalty`` of an infinite weight is inf, not nan.
 
     Raises:
         TypeError: a non-tensor, or a tensor that is not float16, bfloat16, float32 or
-            float64 (or not strided); a coefficient that is not a real number.
+            float64 (or not strided); a DTensor placed other than by Shard or Replicate
+            (Partial); a coefficient that is not a real number.
         ValueError: a negative, infinite or nan coefficient; an unknown ``exclude``, or
             ``exclude`` with params that is not a Module; a group without "params".
-        RuntimeError: tensors on different devices.
+        RuntimeError: tensors on different devices; DTensors on different meshes.
     """
     return _args.penalty_front(_penalty_apply, "penalty", params, exclude, l1, l2)
 

@@ -287,6 +287,47 @@ def test_module_is_a_drop_in(device):
     assert torch.equal(layer.eval()(x), x)
 
 
+def test_module_generator(device):
+    """Modules whose generators are seeded alike drop the same elements, differently
+    seeded ones not; each draws what fastreg.dropout draws from its generator."""
+    def layer(seed):
+        return fastreg.Dropout(0.5, generator=torch.Generator(device).manual_seed(seed))
+
+    x = torch.randn(4096, device=device)
+    a, b, c = layer(7), layer(7), layer(8)
+    ya = a(x)
+    assert torch.equal(ya, b(x)) and not torch.equal(ya, c(x))
+    g = torch.Generator(device).manual_seed(7)
+    assert torch.equal(ya, fastreg.dropout(x, 0.5, generator=g))
+    assert not torch.equal(a(x), ya)  # the generator moves on, as the default one does
+    assert a.state_dict() == nn.Dropout(0.5).state_dict() == {}
+    assert repr(a) == "Dropout(p=0.5, inplace=False, mask='bits')"
+    assert fastreg.Dropout(0.5).generator is None
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, but got int"):
+        fastreg.Dropout(0.5, generator=7)
+
+
+def test_module_generator_under_torch_compile():
+    """dynamo does not trace a Generator argument: fullgraph=True may refuse it, but must
+    never bake one draw into the graph; without fullgraph the draw runs eagerly."""
+    torch._dynamo.reset()
+    x = torch.randn(4096)
+    eager = fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3)),
+                             backend="eager")
+    for _ in range(2):
+        assert torch.equal(compiled(x), eager(x))
+    torch._dynamo.reset()
+    eager = fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3))
+    full = torch.compile(fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3)),
+                         fullgraph=True, backend="eager")
+    try:
+        outputs = [full(x) for _ in range(2)]
+    except torch._dynamo.exc.Unsupported:
+        return
+    assert all(torch.equal(y, eager(x)) for y in outputs)
+
+
 def test_replace_dropout_swaps_every_dropout_keeping_settings():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Sequential(nn.Dropout(0.7, inplace=True)),
                           nn.Dropout2d(0.5))

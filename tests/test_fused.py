@@ -643,6 +643,25 @@ def test_channel_modules_are_drop_ins(cls, torch_cls):
     assert model[0].mask == "bool" and type(model[1][0]) is cls and not model[1][0].training
 
 
+@pytest.mark.parametrize("cls,shape", [(fastreg.Dropout1d, (8, 64, 3)),
+                                       (fastreg.Dropout2d, (8, 64, 3, 2)),
+                                       (fastreg.Dropout3d, (8, 64, 2, 2, 2))])
+def test_channel_module_generator(device, cls, shape):
+    """As fastreg.Dropout's: equally seeded generators, equal masks; else different."""
+    def layer(seed):
+        return cls(0.5, generator=torch.Generator(device).manual_seed(seed))
+
+    x = torch.randn(shape, device=device)
+    functional = {fastreg.Dropout1d: fastreg.dropout1d, fastreg.Dropout2d: fastreg.dropout2d,
+                  fastreg.Dropout3d: fastreg.dropout3d}[cls]
+    y = layer(5)(x)
+    assert torch.equal(y, layer(5)(x)) and not torch.equal(y, layer(6)(x))
+    assert torch.equal(y, functional(x, 0.5, generator=torch.Generator(device).manual_seed(5)))
+    assert layer(5).state_dict() == {}
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, but got str"):
+        cls(0.5, generator="cpu")
+
+
 # ---- CUDA ------------------------------------------------------------------------
 
 @requires_cuda
