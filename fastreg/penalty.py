@@ -40,7 +40,7 @@ whatever the dtype, in a fixed order: the compiled kernels give the same bits fr
 run (on the CPU, for any number of threads). Gradients are formed in float32 (float64)
 and rounded once to each tensor's dtype. Coefficients are plain floats that may change
 from call to call; under ``torch.compile`` a new value means a recompilation (see
-docs/penalty.md).
+README, "torch.compile and CUDA graphs" under the penalties).
 """
 
 import torch
