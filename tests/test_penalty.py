@@ -474,7 +474,7 @@ def test_errors(api):
             api.penalty([{"params": [x], "l2": bad}])
     y = torch.randn(3, requires_grad=True)
     y.grad = torch.zeros(3).to_sparse()
-    with pytest.raises(TypeError, match="gradients must be strided"):
+    with pytest.raises(TypeError, match=r"the gradient of params\[0\] must be strided"):
         api.penalty_grad_([y], l2=1.0)
 
 
