@@ -52,7 +52,8 @@ def check_shape(shape, function):
         sizes = None
     if sizes is None or isinstance(shape, (str, bytes)) or any(
             isinstance(size, bool) or not isinstance(size, numbers.Integral) for size in sizes):
-        raise TypeError(f"{function}(): shape must be an int or a sequence of ints, but got {shape!r}")
+        raise TypeError(f"{function}(): shape must be an int or a sequence of ints, "
+                        f"but got {shape!r}")
     sizes = [int(size) for size in sizes]
     if any(not 0 <= size < (1 << 63) for size in sizes):
         raise RuntimeError(f"{function}(): shape must have sizes in [0, 2**63), but got {sizes}")
@@ -61,7 +62,8 @@ def check_shape(shape, function):
 
 def check_module(value, name, function):
     if not isinstance(value, torch.nn.Module):
-        raise TypeError(f"{function}(): {name} must be an nn.Module, but got {type(value).__name__}")
+        raise TypeError(f"{function}(): {name} must be an nn.Module, "
+                        f"but got {type(value).__name__}")
 
 
 def check_inplace(input, function):

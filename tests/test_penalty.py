@@ -481,7 +481,7 @@ def test_errors(api):
 def test_module_constructor_errors():
     with pytest.raises(ValueError, match="l2 must be a non-negative"):
         fastreg.Penalty(l2=-1.0)
-    with pytest.raises(ValueError, match="l1 must be a non-negative"):
+    with pytest.raises(ValueError, match=r"L1Penalty\(\): weight must be a non-negative"):
         fastreg.L1Penalty(-1.0)
     with pytest.raises(ValueError, match="exclude must be None, a callable or one of"):
         fastreg.Penalty(l2=1.0, exclude="norm")
