@@ -76,7 +76,11 @@ def replace_dropout(model, *, mask="bits"):
     """Replaces every ``nn.Dropout``, ``nn.Dropout1d``, ``nn.Dropout2d`` and ``nn.Dropout3d``
     in ``model`` (in place) by :class:`fastreg.Dropout`, :class:`fastreg.Dropout1d`, ... with
     the same ``p``, ``inplace`` and training mode; returns ``model``, or the new module if
-    ``model`` itself is one of them."""
+    ``model`` itself is one of them.
+
+    Only dropout that runs as a module call is reached: attention dropout given as a float
+    (``nn.MultiheadAttention``; Hugging Face's attention functions, which read the module's
+    ``p``) stays torch's. See README, "replace_dropout on real models"."""
     _args.check_module(model, "model", "replace_dropout")
     _args.check_mask_mode(mask)
     classes = {nn.Dropout: Dropout, nn.Dropout1d: fused.Dropout1d, nn.Dropout2d: fused.Dropout2d,
