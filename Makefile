@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel
+# transformers: tests/test_models.py runs Hugging Face models (about 45 s and 200 MB to install).
+TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel transformers
 
 # torch's guess of the CUDA toolkit misses /usr/local/cuda when nvcc is not on PATH.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)

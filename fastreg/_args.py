@@ -37,8 +37,48 @@ def check_dropout_input(input, function="dropout"):
 
 
 def check_mask_mode(mask):
+    if not isinstance(mask, str):
+        raise TypeError(f"mask must be a str, one of {', '.join(map(repr, MASK_MODES))}, but got "
+                        f"{type(mask).__name__}")
     if mask not in MASK_MODES:
         raise ValueError(f"mask must be one of {', '.join(map(repr, MASK_MODES))}, but got {mask!r}")
+
+
+def check_shape(shape, function):
+    """A shape given as an int or a sequence of ints, as a list: TypeError for anything else,
+    RuntimeError for a negative size (as torch.empty)."""
+    sizes = [shape] if isinstance(shape, numbers.Integral) else shape
+    try:
+        sizes = list(sizes)
+    except TypeError:
+        sizes = None
+    if sizes is None or isinstance(shape, (str, bytes)) or any(
+            isinstance(size, bool) or not isinstance(size, numbers.Integral) for size in sizes):
+        raise TypeError(f"{function}(): shape must be an int or a sequence of ints, "
+                        f"but got {shape!r}")
+    sizes = [int(size) for size in sizes]
+    if any(not 0 <= size < (1 << 63) for size in sizes):
+        raise RuntimeError(f"{function}(): shape must have sizes in [0, 2**63), but got {sizes}")
+    return sizes
+
+
+def check_module(value, name, function):
+    if not isinstance(value, torch.nn.Module):
+        raise TypeError(f"{function}(): {name} must be an nn.Module, "
+                        f"but got {type(value).__name__}")
+
+
+def check_inplace(input, function):
+    """torch's rule for an in-place op under autograd, checked before the kernel runs so that
+    the message names the argument (torch's own comes from the final copy_)."""
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return
+    if input.is_leaf:
+        raise RuntimeError(f"{function}(): a leaf Variable that requires grad is being used in an "
+                           "in-place operation (inplace=True on input)")
+    if input._base is not None and input._base.is_leaf:  # dynamo traces _base, not _is_view()
+        raise RuntimeError(f"{function}(): a view of a leaf Variable that requires grad is being "
+                           "used in an in-place operation (inplace=True on input)")
 
 
 def as_int64(value, name):
@@ -84,6 +124,8 @@ def dropout_front(apply, input, p, training, inplace, mask, seed, generator):
     check_mask_mode(mask)
     if not training or p == 0.0:
         return input
+    if inplace:
+        check_inplace(input, "dropout")
     out = apply(input, p, rng_state(input.device, seed, generator), mask)
     return input.copy_(out) if inplace else out
 
@@ -168,7 +210,8 @@ def _group_tensors(group_params):
 
 
 def collect_params(function, params, coefficients, exclude=None, group_keys=None, one_mesh=False):
-    """The tensors of `params` and their coefficients: (tensors, {key: [value per tensor]}).
+    """The tensors of `params` and their coefficients: (tensors, {key: [value per tensor]},
+    label), label(i) naming tensors[i] in errors.
 
     `coefficients` maps each coefficient's name to its (checked) value; a parameter group
     may override those named in `group_keys` (default: all) with a key of that name.
@@ -185,8 +228,9 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
         named = module_params(params, exclude)
         tensors = [p for _, p in named]
         values = {key: [value] * len(tensors) for key, value in coefficients.items()}
-        check_tensors(function, tensors, lambda i: f"parameter {named[i][0]!r}", one_mesh)
-        return tensors, values
+        label = lambda i: f"parameter {named[i][0]!r} of params"  # noqa: E731
+        check_tensors(function, tensors, label, one_mesh)
+        return tensors, values, label
     if isinstance(params, (torch.Tensor, dict)):
         items = [params]
     else:
@@ -198,8 +242,9 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
                             f"{type(params).__name__}") from None
     if not any(isinstance(item, dict) for item in items):
         values = {key: [value] * len(items) for key, value in coefficients.items()}
-        check_tensors(function, items, lambda i: f"params[{i}]", one_mesh)
-        return items, values
+        label = lambda i: f"params[{i}]"  # noqa: E731
+        check_tensors(function, items, label, one_mesh)
+        return items, values, label
     tensors, values, where = [], {key: [] for key in coefficients}, []
     for g, group in enumerate(items):
         if not isinstance(group, dict):
@@ -214,9 +259,9 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
             values[key] += [value] * len(group_tensors)
         where += [(g, i) for i in range(len(group_tensors))]
         tensors += group_tensors
-    check_tensors(function, tensors, lambda k: "params[{}]['params'][{}]".format(*where[k]),
-                  one_mesh)
-    return tensors, values
+    label = lambda k: "params[{}]['params'][{}]".format(*where[k])  # noqa: E731
+    check_tensors(function, tensors, label, one_mesh)
+    return tensors, values, label
 
 
 def check_tensors(function, tensors, label, one_mesh=False):
@@ -245,8 +290,8 @@ def penalty_front(apply, function, params, exclude, l1, l2, group_keys=("l1", "l
     gives a float32 zero (on the CPU: it has no device to take)."""
     coefficients = {"l1": check_coefficient(l1, "l1", function),
                     "l2": check_coefficient(l2, "l2", function)}
-    tensors, values = collect_params(function, params, coefficients, exclude, group_keys,
-                                     one_mesh=True)
+    tensors, values, _ = collect_params(function, params, coefficients, exclude, group_keys,
+                                        one_mesh=True)
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     if _distributed.has_dtensors(tensors):
@@ -261,20 +306,22 @@ def penalty_grad_front(apply, params, l1, l2, exclude):
     function = "penalty_grad_"
     coefficients = {"l1": check_coefficient(l1, "l1", function),
                     "l2": check_coefficient(l2, "l2", function)}
-    tensors, values = collect_params(function, params, coefficients, exclude)
+    tensors, values, label = collect_params(function, params, coefficients, exclude)
     keep = [i for i in range(len(tensors)) if values["l1"][i] or values["l2"][i]]
-    tensors = [tensors[i] for i in keep]
-    if not tensors:
+    for i in keep:
+        grad = tensors[i].grad
+        if grad is not None and grad.layout != torch.strided:
+            raise TypeError(f"{function}(): the gradient of {label(i)} must be strided (dense), "
+                            f"but got {grad.layout}")
+    if not keep:
         return
     with torch.no_grad():
         grads = []
-        for tensor in tensors:
-            if tensor.grad is None:
-                tensor.grad = torch.zeros_like(tensor)
-            elif tensor.grad.layout != torch.strided:
-                raise TypeError(f"{function}(): gradients must be strided (dense), but a "
-                                f"gradient is {tensor.grad.layout}")
-            grads.append(tensor.grad)
+        for i in keep:
+            if tensors[i].grad is None:
+                tensors[i].grad = torch.zeros_like(tensors[i])
+            grads.append(tensors[i].grad)
+        tensors = [tensors[i] for i in keep]
         if _distributed.dtensor_type() is not None:  # elementwise: on the local shards
             grads = _distributed.local_grads(function, tensors, grads)
             tensors = [_distributed.local(tensor) for tensor in tensors]
@@ -285,7 +332,7 @@ def prox_front(apply, params, threshold, exclude):
     """fastreg.prox_l1_ through `apply(tensors, thresholds)`."""
     function = "prox_l1_"
     coefficients = {"threshold": check_coefficient(threshold, "threshold", function)}
-    tensors, values = collect_params(function, params, coefficients, exclude)
+    tensors, values, _ = collect_params(function, params, coefficients, exclude)
     if tensors:
         with torch.no_grad():
             apply([_distributed.local(tensor) for tensor in tensors], values["threshold"])
@@ -298,7 +345,9 @@ def check_activation(activation):
     """The activation's name for the operators: one of ACTIVATIONS, or 'none' for None."""
     if activation is None:
         return "none"
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str or None, but got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))} or None, "
                          f"but got {activation!r}")
     return activation
@@ -436,6 +485,8 @@ def channel_dropout_front(apply, input, p, training, inplace, mask, seed, genera
     # rank check), then at least 2 dimensions are needed.
     if not training or p == 0.0 or input.numel() == 0:
         return input
+    if inplace:
+        check_inplace(input, function)
     x = input if batched else input.unsqueeze(0)
     if p == 1.0:
         out = torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x, 0.0)

@@ -44,7 +44,7 @@ def dropout_mask(shape, p, seed, offset=0, *, device=None):
     if not _ops.has_kernels(device or "cpu"):
         return reference.dropout_mask(shape, p, seed, offset, device=device)
     p = _args.check_probability(p)
-    shape = [shape] if isinstance(shape, int) else list(shape)
+    shape = _args.check_shape(shape, "dropout_mask")
     state = torch.tensor([_args.as_int64(seed, "seed"), _args.as_int64(offset, "offset")],
                          dtype=torch.int64, device=device)
     return torch.ops.fastreg.dropout_mask(state, shape, p)
@@ -83,7 +83,12 @@ def replace_dropout(model, *, mask="bits"):
     """Replaces every ``nn.Dropout``, ``nn.Dropout1d``, ``nn.Dropout2d`` and ``nn.Dropout3d``
     in ``model`` (in place) by :class:`fastreg.Dropout`, :class:`fastreg.Dropout1d`, ... with
     the same ``p``, ``inplace`` and training mode; returns ``model``, or the new module if
-    ``model`` itself is one of them."""
+    ``model`` itself is one of them.
+
+    Only dropout that runs as a module call is reached: attention dropout given as a float
+    (``nn.MultiheadAttention``; Hugging Face's attention functions, which read the module's
+    ``p``) stays torch's. See README, "replace_dropout on real models"."""
+    _args.check_module(model, "model", "replace_dropout")
     _args.check_mask_mode(mask)
     classes = {nn.Dropout: Dropout, nn.Dropout1d: fused.Dropout1d, nn.Dropout2d: fused.Dropout2d,
                nn.Dropout3d: fused.Dropout3d}

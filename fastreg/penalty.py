@@ -168,7 +168,7 @@ class L1Penalty(Penalty):
     """``L1Penalty(weight)(model)`` is ``l1_penalty(model, weight)``."""
 
     def __init__(self, weight, *, exclude=None):
-        super().__init__(l1=weight, exclude=exclude)
+        super().__init__(l1=_args.check_coefficient(weight, "weight", "L1Penalty"), exclude=exclude)
 
     def forward(self, params):
         return l1_penalty(params, self.l1, exclude=self.exclude)
@@ -178,7 +178,7 @@ class L2Penalty(Penalty):
     """``L2Penalty(weight)(model)`` is ``l2_penalty(model, weight)``."""
 
     def __init__(self, weight, *, exclude=None):
-        super().__init__(l2=weight, exclude=exclude)
+        super().__init__(l2=_args.check_coefficient(weight, "weight", "L2Penalty"), exclude=exclude)
 
     def forward(self, params):
         return l2_penalty(params, self.l2, exclude=self.exclude)

@@ -79,7 +79,7 @@ def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=Non
 def dropout_mask(shape, p, seed, offset=0, *, device=None):
     """Reference of fastreg.dropout_mask: the bool keep-mask (contiguous) of `shape`."""
     p = _args.check_probability(p)
-    shape = torch.Size([shape] if isinstance(shape, int) else shape)
+    shape = torch.Size(_args.check_shape(shape, "dropout_mask"))
     state = torch.tensor([_args.as_int64(seed, "seed"), _args.as_int64(offset, "offset")],
                          dtype=torch.int64, device=device)
     return keep_flat(shape.numel(), p, state).view(shape)
