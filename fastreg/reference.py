@@ -41,6 +41,15 @@ def keep_threshold(p):
 def keep_flat(numel, p, rng_state):
     """The bool keep flags of elements 0 .. numel-1 (memory order) for the int64
     rng_state tensor (seed, offset)."""
+    return torch.ops.fastreg_reference.keep_flat(numel, p, rng_state)
+
+
+# Inductor would inline the ten Philox rounds into one pointwise expression whose
+# lowering re-expands shared subexpressions: compiling a model on the reference backend
+# then takes many minutes. As a custom operator the rounds stay opaque to the compiler
+# (torch.compile(fullgraph=True) still traces through) and run as the eager ops below.
+@torch.library.custom_op("fastreg_reference::keep_flat", mutates_args=())
+def _keep_flat(numel: int, p: float, rng_state: torch.Tensor) -> torch.Tensor:
     device = rng_state.device
     if p >= 1.0:
         return torch.zeros(numel, dtype=torch.bool, device=device)
@@ -49,6 +58,11 @@ def keep_flat(numel, p, rng_state):
     words = philox4x32_10(q & _MASK32, q >> 32, offset & _MASK32, (offset >> 32) & _MASK32,
                           seed & _MASK32, (seed >> 32) & _MASK32)
     return (torch.stack(words, dim=1).reshape(-1)[:numel] >= keep_threshold(p))
+
+
+@_keep_flat.register_fake
+def _(numel, p, rng_state):
+    return rng_state.new_empty((numel,), dtype=torch.bool)
 
 
 def memory_order_view(flat, like):

@@ -11,3 +11,14 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+try:  # hypothesis: bounded runs; HYPOTHESIS_PROFILE=ci draws the same examples every run
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile("default", max_examples=150, deadline=None,
+                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+    settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:
+    pass
