@@ -16,13 +16,21 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
 
-.PHONY: bench test build setup clean gpu-check
+.PHONY: bench test test-reference build setup clean gpu-check
+
+# The same property-test examples on every run (tests/conftest.py).
+export HYPOTHESIS_PROFILE ?= ci
 
 bench: build
 	$(PY) -m fastreg bench
 
 test: build
 	$(PY) -m pytest -q tests
+
+# The whole suite again on the pure-PyTorch fallback: every public function runs
+# fastreg.reference; tests that compare kernels with it skip.
+test-reference: setup
+	FASTREG_BACKEND=reference $(PY) -m pytest -q tests
 
 build: $(VENV)/.built
 
