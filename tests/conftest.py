@@ -1,11 +1,17 @@
 import pytest
 import torch
 
+from fastreg import _ops
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 MASK_MODES = ["bits", "bool", "recompute"]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# Tests of the kernels themselves (their operators, buffers, memory, agreement with the
+# reference): they skip on the reference backend (FASTREG_BACKEND=reference).
+requires_extension = pytest.mark.skipif(not _ops.HAVE_EXTENSION,
+                                        reason="needs the compiled extension")
 
 
 @pytest.fixture(params=DEVICES)

@@ -11,6 +11,7 @@ import torch
 import fastreg
 from fastreg import bench, demo, memory
 from fastreg.__main__ import build_parser, main
+from conftest import requires_extension
 
 QUICK = ["bench", "--quick", "--sizes", "65536", "--dtype", "float32", "--repeats", "1",
          "--no-progress", "--device", "cpu", "--threads", "1"]
@@ -83,6 +84,7 @@ def test_bench_json_rows_cover_the_grid(quick_json):
     assert all(r["speedup"] == pytest.approx(1.0) for r in rows if r["impl"] in ("native", "loop"))
 
 
+@requires_extension  # measures what the kernels keep
 def test_bench_measures_what_each_mask_mode_keeps(quick_json):
     kept = {r["impl"]: r["saved_bytes_per_elem"] for r in quick_json["results"]
             if r["op"] == "dropout_fwd"}
@@ -180,6 +182,7 @@ def test_sizes_read_and_print():
     assert bench.human_size(2 ** 24) == "2^24" and bench.human_size(3_289_600) == "3.29M"
 
 
+@requires_extension  # measures what the kernels keep
 def test_memory_report_runs_and_bits_keep_less(tmp_path, capsys):
     path = tmp_path / "m.json"
     main(["bench", "--memory", "--device", "cpu", "--layers", "1", "--width", "32",

@@ -9,7 +9,7 @@ import torch
 
 from fastreg import _ops
 from all_ops_model import AllOps, batch, loss_fn, train
-from conftest import MASK_MODES
+from conftest import MASK_MODES, requires_extension
 
 
 @pytest.fixture(autouse=True)
@@ -55,11 +55,7 @@ def test_compiled_training_equals_eager_for_the_same_seed(mode, backend):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-extension = pytest.mark.skipif(not _ops.HAVE_EXTENSION, reason="the graphs hold the extension's "
-                               "operators only when it is loaded")
-
-
-@extension
+@requires_extension
 def test_compiled_graph_calls_the_fastreg_operators():
     graphs = []
 

@@ -2,6 +2,7 @@
 of nn.Dropout / F.dropout, gradients, errors and operator registration."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,9 +11,9 @@ from torch import nn
 
 import fastreg
 from fastreg import _ops, reference
-from conftest import FLOAT_DTYPES, MASK_MODES
+from conftest import FLOAT_DTYPES, MASK_MODES, requires_extension
 
-needs_extension = pytest.mark.skipif(not _ops.HAVE_EXTENSION, reason="extension not loaded")
+
 
 
 def make_input(shape, dtype, device, layout="contiguous", seed=0):
@@ -342,7 +343,7 @@ def test_replace_dropout_swaps_every_dropout_keeping_settings():
 
 # ---- operator registration --------------------------------------------------------
 
-@needs_extension
+@requires_extension
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_opcheck(device, mode):
     ops = torch.ops.fastreg
@@ -413,7 +414,9 @@ def test_missing_extension_warns_once_and_falls_back():
             "assert len(msgs) == 1 and 'reference' in msgs[0], msgs\n"
             "assert fastreg.info()['backend'] == 'reference'\n"
             "print('ok')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "FASTREG_BACKEND"}  # the auto choice
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 

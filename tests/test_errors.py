@@ -3,7 +3,6 @@ the reference, and edge inputs that are not errors, which must work (and not cra
 both backends alike."""
 
 import inspect
-import math
 import pathlib
 import re
 import warnings

@@ -21,9 +21,9 @@ from torch import nn
 
 import fastreg
 from fastreg import _ops, reference
-from conftest import FLOAT_DTYPES, MASK_MODES, requires_cuda
+from conftest import FLOAT_DTYPES, MASK_MODES, requires_cuda, requires_extension
 
-needs_extension = pytest.mark.skipif(not _ops.HAVE_EXTENSION, reason="extension not loaded")
+
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
 EXACT_ACTIVATIONS = (None, "relu")
 TORCH_ACT = {None: lambda z: z, "relu": torch.relu, "gelu": F.gelu,
@@ -142,7 +142,7 @@ def test_bias_dropout_add_matches_reference_contract_and_torch(device, family, d
         assert_within(grads[1], grads_ref[1], bias_grad_bound(gx, expected_gb), "bias grad vs ref")
 
 
-@needs_extension
+@requires_extension
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_fused_masks_are_dropouts_masks(device, mode):
     """The mask a fused op keeps is the one dropout keeps for the same (seed, offset)."""
@@ -418,7 +418,7 @@ def test_device_mismatch_raises():
 
 # ---- operator registration, compile, memory -------------------------------------
 
-@needs_extension
+@requires_extension
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_opcheck(device, mode):
     ops = torch.ops.fastreg
@@ -438,7 +438,7 @@ def test_opcheck(device, mode):
                               (torch.randn_like(out), xs, b, mask, 0.25, act, state, mode, with_bias))
 
 
-@needs_extension
+@requires_extension
 def test_fake_kernels_match_real_layouts():
     from torch._subclasses.fake_tensor import FakeTensorMode
     x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
@@ -512,7 +512,7 @@ def saved_bytes(fn, exclude):
     return sum(storages.values()), out
 
 
-@needs_extension
+@requires_extension
 @pytest.mark.parametrize("mode", MASK_MODES)
 @pytest.mark.parametrize("activation", ["add", None, "gelu"])
 def test_bytes_kept_for_backward(mode, activation):

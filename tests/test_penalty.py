@@ -12,6 +12,7 @@ from torch import nn
 
 import fastreg
 from fastreg import _args, _ops, reference
+from conftest import requires_extension
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 U32 = 2.0 ** -24  # float32 unit roundoff
@@ -24,7 +25,7 @@ U32 = 2.0 ** -24  # float32 unit roundoff
 VALUE_RTOL = {"cpu": (128 + 5 + 2) * U32, "cuda": (256 + 8 + 2) * U32}
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-extension = pytest.mark.skipif(not _ops.HAVE_EXTENSION, reason="needs the compiled extension")
+
 DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.cuda])]
 
 
@@ -152,7 +153,7 @@ def test_bfloat16_value_is_not_rounded_to_bfloat16():
     assert torch.sum(torch.abs(x)).item() != value.item()  # the loop's bf16 sum is rounded
 
 
-@extension  # torch's own sums (the reference backend) depend on the thread count
+@requires_extension  # torch's own sums (the reference backend) depend on the thread count
 @pytest.mark.parametrize("device", DEVICES)
 def test_value_is_bitwise_repeatable_and_thread_independent(device):
     tensors = sample_list("chunks", device) + sample_list("mixed", device)
@@ -489,7 +490,7 @@ def test_module_constructor_errors():
         fastreg.Penalty(l2=1.0, exclude="bias_and_norm")([torch.randn(2)])
 
 
-@extension
+@requires_extension
 def test_op_level_checks():
     ops = torch.ops.fastreg
     x = torch.randn(3)
@@ -515,7 +516,7 @@ def opcheck_samples(requires_grad):
     return tensors, l1s, l2s
 
 
-@extension
+@requires_extension
 def test_opcheck_every_op():
     ops = torch.ops.fastreg
     for requires_grad in (False, True):
@@ -529,7 +530,7 @@ def test_opcheck_every_op():
     torch.library.opcheck(ops.prox_l1_.default, (tensors, [0.1] * len(tensors)))
 
 
-@extension
+@requires_extension
 def test_meta_tensors():
     tensors = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta",
                                                              dtype=torch.float64)]

@@ -14,16 +14,12 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, strategies as st  # noqa: E402
 
 import fastreg  # noqa: E402
-from fastreg import _ops, reference  # noqa: E402
-from conftest import DEVICES, FLOAT_DTYPES, MASK_MODES  # noqa: E402
+from fastreg import reference  # noqa: E402
+from conftest import DEVICES, FLOAT_DTYPES, MASK_MODES, requires_extension  # noqa: E402
 from test_fused import act_bound, assert_within, bias_grad_bound, opmath, z_of  # noqa: E402
 from test_penalty import U32, VALUE_RTOL  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif(not _ops.HAVE_EXTENSION, reason="compares the kernels with the "
-                       "reference: needs the extension"),
-    pytest.mark.parametrize("device", DEVICES),
-]
+pytestmark = [requires_extension, pytest.mark.parametrize("device", DEVICES)]
 
 INT64 = st.integers(-(2**63), 2**64 - 1)  # seeds and offsets: the full 64-bit range
 # 0 and 1, the smallest and largest p that change the threshold, and anything between.

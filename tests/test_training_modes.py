@@ -10,9 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastreg
-from fastreg import _ops
 from all_ops_model import AllOps, batch, loss_fn, train
-from conftest import MASK_MODES, requires_cuda
+from conftest import MASK_MODES, requires_cuda, requires_extension
 
 P = 0.3
 
@@ -131,7 +130,7 @@ def test_in_place_penalty_steps_repeat_bitwise_under_deterministic_algorithms(de
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-@pytest.mark.skipif(not _ops.HAVE_EXTENSION, reason="reads the operators' mask buffers")
+@requires_extension  # reads the operators' mask buffers
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_mask_buffers_are_fully_written(device, mode):
     """The deterministic setting fills new tensors (the masks included) with NaN or the
