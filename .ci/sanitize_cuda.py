@@ -8,12 +8,13 @@ import fastreg
 assert fastreg.info()["cuda_kernels"], fastreg.info()
 dev = "cuda"
 for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-    for numel, start, cols in ((1, 0, 1), (1023, 1, 3), (4095, 3, 5), (100_000, 0, 40)):
+    for numel, start in ((1, 0), (1023, 1), (4099, 3), (100_003, 0)):
         base = torch.randn(numel + start, device=dev, dtype=dtype)
         x = base[start:].requires_grad_()  # misaligned views take the scalar path
         for mode in ("bits", "bool", "recompute"):
             y = fastreg.dropout(x, 0.3, mask=mode)
             y.backward(torch.ones_like(y))
+            cols = 7 if numel % 7 == 0 else 1
             xb = x.detach().view(-1, cols).requires_grad_()
             b = torch.randn(cols, device=dev, dtype=dtype, requires_grad=True)
             r = torch.randn_like(xb)
