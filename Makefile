@@ -16,7 +16,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 
 SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
 
-.PHONY: bench test test-reference build setup clean gpu-check
+.PHONY: bench test test-reference build setup clean
 
 # The same property-test examples on every run (tests/conftest.py).
 export HYPOTHESIS_PROFILE ?= ci
@@ -48,8 +48,3 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 
 clean:
 	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built
-
-# On a machine with a CUDA GPU and torch installed (no .venv): build, CUDA tests,
-# compute-sanitizer, benchmark; logs in ./gpu-out (or $OUT). See .ci/gpu-check.
-gpu-check:
-	.ci/gpu-check
