@@ -132,15 +132,21 @@ def test_in_place_penalty_steps_repeat_bitwise_under_deterministic_algorithms(de
 
 @requires_extension  # reads the operators' mask buffers
 @pytest.mark.parametrize("mode", MASK_MODES)
-def test_mask_buffers_are_fully_written(device, mode):
+@pytest.mark.parametrize("op", ["dropout", "bias_dropout_add", "bias_act_dropout"])
+def test_mask_buffers_are_fully_written(device, mode, op):
     """The deterministic setting fills new tensors (the masks included) with NaN or the
     dtype's maximum: every bit of a saved mask, the padding of the last bits word included,
     must come out the same as without it."""
-    x = torch.randn(1000 + 7, device=device)
+    x = torch.randn(149, 7, device=device)  # 1043 elements: the last bits word is partial
+    bias, residual = torch.randn(7, device=device), torch.randn(149, 7, device=device)
     state = torch.tensor([12, 34], device=device)
+    ops = torch.ops.fastreg
+    run = {"dropout": lambda: ops.dropout_fwd(x, P, state, mode),
+           "bias_dropout_add": lambda: ops.bias_dropout_add_fwd(x, bias, residual, P, state, mode),
+           "bias_act_dropout": lambda: ops.bias_act_dropout_fwd(x, bias, P, "gelu", state, mode)}[op]
     with deterministic_algorithms():
-        out, mask = torch.ops.fastreg.dropout_fwd(x, P, state, mode)
-    out_plain, mask_plain = torch.ops.fastreg.dropout_fwd(x, P, state, mode)
+        out, mask = run()
+    out_plain, mask_plain = run()
     assert torch.equal(out, out_plain) and torch.equal(mask, mask_plain)
 
 
