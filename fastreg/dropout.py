@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from fastreg import _args, _ops, fused, reference
+from fastreg._modules import DropoutModule
 
 
 def _apply(input, p, rng_state, mask):
@@ -50,7 +51,7 @@ def dropout_mask(shape, p, seed, offset=0, *, device=None):
     return torch.ops.fastreg.dropout_mask(state, shape, p)
 
 
-class Dropout(nn.Dropout):
+class Dropout(DropoutModule, nn.Dropout):
     """Drop-in for ``torch.nn.Dropout`` running :func:`fastreg.dropout`.
 
     Args:
@@ -65,18 +66,7 @@ class Dropout(nn.Dropout):
             generators seeded alike (README, "Distributed training").
     """
 
-    def __init__(self, p=0.5, inplace=False, *, mask="bits", generator=None):
-        super().__init__(_args.check_probability(p), inplace)  # also rejects NaN
-        _args.check_mask_mode(mask)
-        self.mask = mask
-        self.generator = _args.check_generator(generator)
-
-    def forward(self, input):
-        return dropout(input, self.p, self.training, self.inplace, mask=self.mask,
-                       generator=self.generator)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, mask={self.mask!r}"
+    _function = staticmethod(dropout)
 
 
 def replace_dropout(model, *, mask="bits"):

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastreg import _args, _ops, reference
+from fastreg._modules import DropoutModule
 
 
 def _bias_dropout_add(input, bias, residual, p, rng_state, mask):
@@ -126,27 +127,7 @@ dropout2d = _channel_dropout(2)
 dropout3d = _channel_dropout(3)
 
 
-class _ChannelDropout:
-    """The fastreg half of Dropout1d/2d/3d: the mask mode, the generator (a plain
-    attribute, as in :class:`fastreg.Dropout`), forward and repr."""
-
-    _function = None
-
-    def __init__(self, p=0.5, inplace=False, *, mask="bits", generator=None):
-        super().__init__(_args.check_probability(p), inplace)  # also rejects NaN
-        _args.check_mask_mode(mask)
-        self.mask = mask
-        self.generator = _args.check_generator(generator)
-
-    def forward(self, input):
-        return type(self)._function(input, self.p, self.training, self.inplace, mask=self.mask,
-                                    generator=self.generator)
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, mask={self.mask!r}"
-
-
-class Dropout1d(_ChannelDropout, nn.Dropout1d):
+class Dropout1d(DropoutModule, nn.Dropout1d):
     """Drop-in for ``torch.nn.Dropout1d`` running :func:`fastreg.dropout1d`;
     ``Dropout1d(p=0.5, inplace=False, *, mask="bits", generator=None)``, ``mask`` and
     ``generator`` as in :class:`fastreg.Dropout`."""
@@ -154,7 +135,7 @@ class Dropout1d(_ChannelDropout, nn.Dropout1d):
     _function = staticmethod(dropout1d)
 
 
-class Dropout2d(_ChannelDropout, nn.Dropout2d):
+class Dropout2d(DropoutModule, nn.Dropout2d):
     """Drop-in for ``torch.nn.Dropout2d`` running :func:`fastreg.dropout2d`;
     ``Dropout2d(p=0.5, inplace=False, *, mask="bits", generator=None)``, ``mask`` and
     ``generator`` as in :class:`fastreg.Dropout`."""
@@ -162,7 +143,7 @@ class Dropout2d(_ChannelDropout, nn.Dropout2d):
     _function = staticmethod(dropout2d)
 
 
-class Dropout3d(_ChannelDropout, nn.Dropout3d):
+class Dropout3d(DropoutModule, nn.Dropout3d):
     """Drop-in for ``torch.nn.Dropout3d`` running :func:`fastreg.dropout3d`;
     ``Dropout3d(p=0.5, inplace=False, *, mask="bits", generator=None)``, ``mask`` and
     ``generator`` as in :class:`fastreg.Dropout`."""
