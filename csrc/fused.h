@@ -24,6 +24,7 @@
 #include <string>
 #include <type_traits>
 
+#include "dropout.h"
 #include "philox.h"
 #include "rounding.h"
 
@@ -302,6 +303,35 @@ inline at::Tensor with_strides_of(const at::Tensor& t, const at::Tensor& like) {
   at::Tensor copy = at::empty_like(like);
   copy.copy_(t);
   return copy;
+}
+
+// ---- The forward ops' set-up, the same on every device ----
+
+// The checked arguments and allocated buffers of bias_dropout_add_fwd (with a residual)
+// and bias_act_dropout_fwd (residual null). On CUDA the caller sets the device guard
+// first, so that the buffers land on the input's device.
+struct FusedForward {
+  MaskMode mode;
+  ForwardBuffers buffers;
+  at::Tensor bias;      // op-math, contiguous; undefined without a bias
+  at::Tensor residual;  // with the output's strides; undefined without a residual
+};
+
+inline FusedForward prepare_fused_forward(const at::Tensor& input,
+                                          const c10::optional<at::Tensor>& bias,
+                                          const at::Tensor* residual, double p,
+                                          const at::Tensor& rng_state,
+                                          c10::string_view mode_name) {
+  check_dropout_args(input, p);
+  check_bias(bias, input);
+  if (residual != nullptr) check_same(*residual, "residual", input);
+  check_rng_state(rng_state, input);
+  FusedForward f;
+  f.mode = parse_mask_mode(mode_name);
+  f.buffers = make_forward_buffers(input, f.mode);
+  f.bias = opmath_bias(bias);
+  if (residual != nullptr) f.residual = with_strides_of(*residual, f.buffers.out);
+  return f;
 }
 
 }  // namespace fastreg

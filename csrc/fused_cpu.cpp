@@ -132,36 +132,24 @@ void run_forward(const ForwardBuffers& b, const at::Tensor& bias, const at::Tens
 std::tuple<at::Tensor, at::Tensor> bias_dropout_add_fwd_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
     double p, const at::Tensor& rng_state, c10::string_view mode_name) {
-  check_dropout_args(input, p);
-  check_bias(bias, input);
-  check_same(residual, "residual", input);
-  check_rng_state(rng_state, input);
-  const MaskMode mode = parse_mask_mode(mode_name);
-  const ForwardBuffers b = make_forward_buffers(input, mode);
-  const at::Tensor res = with_strides_of(residual, b.out);
-  const at::Tensor bias_op = opmath_bias(bias);
+  const FusedForward f = prepare_fused_forward(input, bias, &residual, p, rng_state, mode_name);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::bias_dropout_add_fwd", [&] {
-    run_forward<scalar_t, Activation::None, true>(b, bias_op, res, p, mode, rng_state);
+    run_forward<scalar_t, Activation::None, true>(f.buffers, f.bias, f.residual, p, f.mode, rng_state);
   });
-  return {b.out, b.mask};
+  return {f.buffers.out, f.buffers.mask};
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_act_dropout_fwd_cpu(
     const at::Tensor& input, const c10::optional<at::Tensor>& bias, double p,
     c10::string_view activation, const at::Tensor& rng_state, c10::string_view mode_name) {
-  check_dropout_args(input, p);
-  check_bias(bias, input);
-  check_rng_state(rng_state, input);
-  const MaskMode mode = parse_mask_mode(mode_name);
   const Activation act = parse_activation(activation);
-  const ForwardBuffers b = make_forward_buffers(input, mode);
-  const at::Tensor bias_op = opmath_bias(bias);
+  const FusedForward f = prepare_fused_forward(input, bias, nullptr, p, rng_state, mode_name);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::bias_act_dropout_fwd", [&] {
     visit_activation(act, [&](auto tag) {
-      run_forward<scalar_t, decltype(tag)::value, false>(b, bias_op, at::Tensor(), p, mode, rng_state);
+      run_forward<scalar_t, decltype(tag)::value, false>(f.buffers, f.bias, at::Tensor(), p, f.mode, rng_state);
     });
   });
-  return {b.out, b.mask};
+  return {f.buffers.out, f.buffers.mask};
 }
 
 // ---- Backward: grad_input = keep ? act'(z) * (grad * scale) : 0, and its column sums ----
