@@ -14,7 +14,7 @@ endif
 # With no GPU visible torch cannot pick the architecture: default to Hopper only.
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu)
+SOURCES := setup.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
 .PHONY: bench test test-reference build setup clean
 

@@ -18,6 +18,7 @@ import torch
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(ROOT, "csrc")  # includes are written from here: "device/philox.h"
 
 
 def log(message):
@@ -66,7 +67,8 @@ def wheel_cuda_includes():
 def extension():
     with_cuda, reason = cuda_build_decision()
     log(("building CUDA kernels: " if with_cuda else "building CPU kernels only: ") + reason)
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "ops", "*.cpp")) +
+                     glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     defines = [f"-DFASTREG_BUILT_WITH_TORCH={torch.__version__}"]  # stringified in module.cpp
     # The C++ standard is torch.utils.cpp_extension's choice. -fopenmp makes
     # at::parallel_for parallel (without it the header falls back to a serial loop); the
@@ -78,14 +80,14 @@ def extension():
     cxx_flags.append("-ffp-contract=off")
     if not with_cuda:
         return cpp_extension.CppExtension(
-            "fastreg._C", sources, extra_compile_args={"cxx": cxx_flags},
+            "fastreg._C", sources, include_dirs=[CSRC], extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags)
-    sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     # No --use_fast_math: the kernels' results are promised bit-exact.
     nvcc_flags = ["-O3", "-lineinfo", "-DFASTREG_WITH_CUDA"] + defines
     return cpp_extension.CUDAExtension(
         "fastreg._C", sources,
-        include_dirs=wheel_cuda_includes(),
+        include_dirs=[CSRC] + wheel_cuda_includes(),
         extra_link_args=link_flags,
         extra_compile_args={"cxx": cxx_flags + ["-DFASTREG_WITH_CUDA"], "nvcc": nvcc_flags})
 

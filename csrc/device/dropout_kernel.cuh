@@ -18,15 +18,13 @@
 #include <cstdint>
 #include <initializer_list>
 
-#include "cuda_launch.h"
-#include "dropout.h"
+#include "cuda/cuda_launch.h"
+#include "ops/dropout.h"
 
 namespace fastreg {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int64_t kChunk = 1024;  // elements per warp chunk: 32 mask words
-constexpr unsigned kFullWarp = 0xffffffffu;
 
 template <typename scalar_t>
 constexpr int lane_elements() {

@@ -11,11 +11,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FASTREG_HD __host__ __device__ __forceinline__
-#else
-#define FASTREG_HD inline __attribute__((always_inline))
-#endif
+#include "device/common.h"
 
 namespace fastreg {
 

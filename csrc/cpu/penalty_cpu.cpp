@@ -12,8 +12,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "cpu_features.h"
-#include "penalty.h"
+#include "cpu/cpu_features.h"
+#include "ops/penalty.h"
 
 // setup.py compiles this with -ffp-contract=off: the gradients are promised bit-exact
 // against one-rounding-per-op torch ops, which an fma would break.

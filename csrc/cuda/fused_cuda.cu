@@ -9,8 +9,8 @@
 #include <numeric>
 #include <vector>
 
-#include "dropout_cuda_kernel.cuh"
-#include "fused.h"
+#include "device/dropout_kernel.cuh"
+#include "ops/fused.h"
 
 namespace fastreg {
 namespace {

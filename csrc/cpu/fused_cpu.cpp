@@ -8,8 +8,8 @@
 
 #include <vector>
 
-#include "dropout_cpu_tiles.h"
-#include "fused.h"
+#include "cpu/dropout_tiles.h"
+#include "ops/fused.h"
 
 namespace fastreg {
 namespace {

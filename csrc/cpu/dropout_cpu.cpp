@@ -3,7 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "dropout_cpu_tiles.h"
+#include "cpu/dropout_tiles.h"
 
 namespace fastreg {
 namespace {

@@ -7,9 +7,9 @@
 #include <algorithm>
 #include <cstdint>
 
-namespace fastreg {
+#include "device/common.h"
 
-constexpr int kThreadsPerBlock = 256;
+namespace fastreg {
 
 // Blocks for `work_blocks` blocks' worth of work, capped at what the device keeps
 // resident at once: the grid-stride loops cover the rest without a second wave.

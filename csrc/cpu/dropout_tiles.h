@@ -16,8 +16,8 @@
 #include <atomic>
 #include <cstring>
 
-#include "cpu_features.h"
-#include "dropout.h"
+#include "cpu/cpu_features.h"
+#include "ops/dropout.h"
 
 namespace fastreg {
 namespace {

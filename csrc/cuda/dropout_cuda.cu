@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "dropout_cuda_kernel.cuh"
+#include "device/dropout_kernel.cuh"
 
 namespace fastreg {
 namespace {

@@ -22,15 +22,13 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "cuda_launch.h"
-#include "penalty.h"
+#include "cuda/cuda_launch.h"
+#include "ops/penalty.h"
 
 namespace fastreg {
 namespace {
 
 constexpr int64_t kChunk = 65536;  // elements per block work item
-constexpr int kWarp = 32;
-constexpr unsigned kFullWarp = 0xffffffffu;
 constexpr int kUnroll = 4;  // loads in flight per thread in the reduction
 constexpr size_t kParamBytes = 4096;
 

@@ -4,7 +4,7 @@
 // -ffp-contract=off (setup.py). Shared by the fused and penalty kernels.
 #pragma once
 
-#include "philox.h"  // FASTREG_HD
+#include "device/common.h"
 
 namespace fastreg {
 

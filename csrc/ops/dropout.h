@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <string>
 
-#include "philox.h"
+#include "device/philox.h"
 
 namespace fastreg {
 
