@@ -13,11 +13,12 @@ __version__ = "0.1.0"
 
 
 def info():
-    """What runs: version, backend ("extension" or "reference"), kernels built, torch."""
+    """What runs: version, backend ("extension", "reference" or "cudasim", the CUDA
+    simulator), kernels built, torch."""
     ext = _ops._C
     return {
         "version": __version__,
-        "backend": "extension" if ext is not None else "reference",
+        "backend": _ops.BACKEND,
         "reason": _ops.WHY_REFERENCE,
         "cpu_kernels": ext is not None,
         "cuda_kernels": bool(ext is not None and ext.cuda_kernels),

@@ -1,9 +1,10 @@
 """Loading the compiled extension, choosing the backend, and the Python halves of the
 operators: fake (meta) kernels and autograd formulas, registered with torch.library.
 
-The operators themselves are declared in csrc/schema.cpp. FASTREG_BACKEND=reference
-skips the extension; otherwise a missing or broken extension falls back to
-fastreg.reference with one warning.
+The operators themselves are declared in csrc/ops/schema.cpp. FASTREG_BACKEND=reference
+skips the extension; FASTREG_BACKEND=cudasim loads the CUDA simulator instead (the CUDA
+kernels, run on the CPU for CPU tensors: fastreg/_cudasim.py); otherwise a missing or
+broken extension falls back to fastreg.reference with one warning.
 """
 
 import os
@@ -17,11 +18,15 @@ BACKEND_ENV = "FASTREG_BACKEND"
 def _load_extension():
     """(module or None, why not)"""
     choice = os.environ.get(BACKEND_ENV, "auto")
-    if choice not in ("auto", "extension", "reference"):
-        raise ValueError(f"{BACKEND_ENV} must be 'auto', 'extension' or 'reference', "
+    if choice not in ("auto", "extension", "reference", "cudasim"):
+        raise ValueError(f"{BACKEND_ENV} must be 'auto', 'extension', 'reference' or 'cudasim', "
                          f"but got {choice!r}")
     if choice == "reference":
         return None, f"{BACKEND_ENV}=reference"
+    if choice == "cudasim":
+        from fastreg import _cudasim
+
+        return _cudasim.load(), None
     try:
         from fastreg import _C
     except (ImportError, OSError) as error:
@@ -41,6 +46,9 @@ def _load_extension():
 
 _C, WHY_REFERENCE = _load_extension()
 HAVE_EXTENSION = _C is not None
+# "extension", "reference", or "cudasim" (the simulated CUDA kernels serve CPU tensors).
+BACKEND = ("reference" if _C is None else
+           "cudasim" if getattr(_C, "cuda_simulator", False) else "extension")
 
 
 def has_kernels(device):

@@ -34,9 +34,9 @@ def test_reference_known_answers(ctr, key, expected):
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="needs a C++ compiler")
 def test_header_known_answers(tmp_path):
-    """csrc/philox.h, compiled as host code, gives the known answers."""
+    """csrc/device/philox.h, compiled as host code, gives the known answers."""
     source = tmp_path / "kat.cpp"
-    lines = ['#include "philox.h"', "#include <cstdio>", "int main() {", "  int bad = 0;"]
+    lines = ['#include "device/philox.h"', "#include <cstdio>", "int main() {", "  int bad = 0;"]
     for ctr, key, expected in KNOWN_ANSWERS:
         args = ", ".join(f"{v}u" for v in ctr + key)
         lines.append(f"  {{ auto r = fastreg::philox4x32_10({args});")

@@ -11,10 +11,9 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> dropout_fwd_cpu(const at::Tensor& input, double p,
                                                    const at::Tensor& rng_state,
                                                    c10::string_view mode_name) {
-  check_dropout_args(input, p);
-  check_rng_state(rng_state, input);
-  const MaskMode mode = parse_mask_mode(mode_name);
-  ForwardBuffers b = make_forward_buffers(input, mode);
+  const DropoutForward f = prepare_dropout_forward(input, p, rng_state, mode_name);
+  const MaskMode mode = f.mode;
+  const ForwardBuffers& b = f.buffers;
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd", [&] {
     visit_sink(mode, b.mask, [&](const auto& sink) {
@@ -27,10 +26,7 @@ std::tuple<at::Tensor, at::Tensor> dropout_fwd_cpu(const at::Tensor& input, doub
 
 at::Tensor dropout_bwd_cpu(const at::Tensor& grad, const at::Tensor& mask, double p,
                            const at::Tensor& rng_state, c10::string_view mode_name) {
-  check_dropout_args(grad, p);
-  check_rng_state(rng_state, grad);
-  const MaskMode mode = parse_mask_mode(mode_name);
-  check_backward_args(grad, mask, mode);
+  const MaskMode mode = prepare_dropout_backward(grad, mask, p, rng_state, mode_name);
   at::Tensor grad_input = at::empty_like(grad);
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::dropout_bwd", [&] {
@@ -43,10 +39,7 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& grad, const at::Tensor& mask, doubl
 }
 
 at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, c10::IntArrayRef size, double p) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
-                    "dropout probability has to be between 0 and 1, but got ", p);
-  at::Tensor mask = at::empty(size, rng_state.options().dtype(at::kBool));
-  check_rng_state(rng_state, mask);
+  at::Tensor mask = prepare_dropout_mask(rng_state, size, p);
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
   dropout_tiles<float>(nullptr, nullptr, mask.numel(), p, philox, BoolSink{mask.data_ptr<bool>()});
   return mask;

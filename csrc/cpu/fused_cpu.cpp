@@ -248,12 +248,10 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_bwd_cpu(
     const c10::optional<at::Tensor>& bias, const at::Tensor& mask, double p,
     c10::string_view activation, const at::Tensor& rng_state, c10::string_view mode_name,
     bool bias_grad) {
-  check_dropout_args(grad, p);
-  check_rng_state(rng_state, grad);
-  const MaskMode mode = parse_mask_mode(mode_name);
-  const Activation act = parse_activation(activation);
-  check_backward_args(grad, mask, mode);
-  check_fused_backward_args(grad, input, bias, act, bias_grad);
+  const FusedBackward checked = prepare_fused_backward(grad, input, bias, mask, p, activation,
+                                                       rng_state, mode_name, bias_grad);
+  const MaskMode mode = checked.mode;
+  const Activation act = checked.act;
   at::Tensor grad_input = at::empty_like(grad);
   const int64_t n_bias = grad.dim() >= 1 ? grad.size(-1) : 0;
   at::Tensor grad_bias = at::empty({bias_grad ? n_bias : 0}, grad.options());

@@ -1,30 +1,26 @@
-// The CUDA dropout machinery that every CUDA kernel of the dropout family shares: where
-// a lane's keep bits come from (Philox, a bits mask, a bool mask), what the forward
-// records for backward (bits, bool, nothing), and the one kernel that runs them and hands
-// each lane's bits to an elementwise epilogue (dropout's scale, or a fused one).
+// The CUDA dropout machinery that every kernel of the dropout family shares: where a lane's
+// keep bits come from (Philox, a bits mask, a bool mask), what the forward records for
+// backward (bits, bool, nothing), the one kernel that runs them and hands each lane's bits
+// to an elementwise epilogue, and dropout's own epilogue (the fused ones are in
+// fused_epilogues.cuh). Device code only: the host side is csrc/cuda/dropout_launch.h.
 //
-// A warp works on chunks of 1024 elements (32 mask words). Each lane handles E
-// consecutive elements per step (E = 8 for 16-bit types, 4 otherwise, so a lane moves 16
-// bytes, 32 for float64), at element 1024 * chunk + E * (32 * step + lane): each step's
-// loads and stores are contiguous across the warp, 128-bit per lane where aligned. The
-// chunk's mask words are gathered with ballots so that lane t owns word t and writes it
-// whole: no atomics, and the warp's word stores are coalesced.
-// Everything here has internal linkage: each .cu file gets its own copy.
+// A warp works on chunks of kDropoutChunk = 1024 elements (32 mask words). Each lane
+// handles E consecutive elements per step (E = 8 for 16-bit types, 4 otherwise, so a lane
+// moves 16 bytes, 32 for float64), at element 1024 * chunk + E * (32 * step + lane): each
+// step's loads and stores are contiguous across the warp, 128-bit per lane where aligned.
+// The chunk's mask words are gathered with ballots so that lane t owns word t and writes
+// it whole: no atomics, and the warp's word stores are coalesced.
 #pragma once
 
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <initializer_list>
 
-#include "cuda/cuda_launch.h"
-#include "ops/dropout.h"
+#include "device/common.h"
+#include "device/philox.h"
 
 namespace fastreg {
-namespace {
-
-constexpr int64_t kChunk = 1024;  // elements per warp chunk: 32 mask words
+namespace device {
 
 template <typename scalar_t>
 constexpr int lane_elements() {
@@ -36,6 +32,11 @@ template <int E>
 __device__ __forceinline__ uint32_t valid_bits(int64_t remaining) {
   return remaining >= E ? (1u << E) - 1u : (1u << remaining) - 1u;
 }
+
+template <typename scalar_t, int E>
+struct alignas(E * sizeof(scalar_t)) Vec {
+  scalar_t v[E];
+};
 
 // ---- Where the E keep bits of a lane come from (bit r: element e0 + r) ----
 
@@ -61,6 +62,21 @@ struct PhiloxBits {
   }
 };
 
+// Philox, or every bit set when p's threshold is 0 (eval mode and p = 0 run the fused ops
+// with p = 0): the contract keeps every element then, so Philox can be skipped.
+struct MaybePhiloxBits {
+  PhiloxBits philox;
+  bool keep_all;
+
+  __device__ void prepare() {
+    if (!keep_all) philox.prepare();
+  }
+  template <int E>
+  __device__ uint32_t get(int64_t e0, int64_t n) const {
+    return keep_all ? (1u << E) - 1u : philox.template get<E>(e0, n);
+  }
+};
+
 struct WordBits {
   const uint32_t* words;
 
@@ -77,18 +93,19 @@ struct alignas(E) ByteVec {
 };
 
 struct BoolBits {
-  const bool* mask;  // a fresh allocation: the E bytes of a lane are E-byte aligned
+  const bool* mask;
+  bool aligned;  // mask allows a lane's E-byte loads (a view of a mask may start anywhere)
 
   __device__ void prepare() {}
   template <int E>
   __device__ uint32_t get(int64_t e0, int64_t n) const {
     uint32_t bits = 0;
-    if (e0 + E <= n) {
-      const ByteVec<E> m = *reinterpret_cast<const ByteVec<E>*>(mask + e0);
+    if (aligned && e0 + E <= n) {
+      const ByteVec<E> m = load_vector<ByteVec<E>>(mask + e0);
 #pragma unroll
       for (int r = 0; r < E; ++r) bits |= uint32_t(m.v[r] != 0) << r;
     } else {
-      for (int r = 0; e0 + r < n; ++r) bits |= uint32_t(mask[e0 + r]) << r;
+      for (int r = 0; r < E && e0 + r < n; ++r) bits |= uint32_t(mask[e0 + r]) << r;
     }
     return bits;
   }
@@ -110,7 +127,7 @@ struct BitsSink {
 
 struct BoolSink {
   static constexpr bool kPacksWords = false;
-  bool* mask;
+  bool* mask;  // a fresh allocation: the E bytes of a lane are E-byte aligned
 
   template <int E>
   __device__ void store_lane(int64_t e0, int64_t n, uint32_t bits) const {
@@ -118,7 +135,7 @@ struct BoolSink {
       ByteVec<E> m;
 #pragma unroll
       for (int r = 0; r < E; ++r) m.v[r] = (bits >> r) & 1u;
-      *reinterpret_cast<ByteVec<E>*>(mask + e0) = m;
+      store_vector(mask + e0, m);
     } else {
       for (int r = 0; e0 + r < n; ++r) mask[e0 + r] = (bits >> r) & 1u;
     }
@@ -164,28 +181,23 @@ __device__ __forceinline__ uint32_t gather_word(uint32_t bits, int lane, int ste
   return word;
 }
 
-template <typename scalar_t, int E>
-struct alignas(E * sizeof(scalar_t)) Vec {
-  scalar_t v[E];
-};
-
-// The one CUDA kernel: keep bits from `source`, recorded by `sink`, handed to
-// `epilogue.apply<E>(e0, n, bits)` for elements e0 .. e0+E-1 (bit r: element e0 + r, 0
-// past the end).
+// The one kernel of the dropout family: keep bits from `source`, recorded by `sink`,
+// handed to `epilogue.apply<E>(e0, n, bits)` for elements e0 .. e0+E-1 (bit r: element
+// e0 + r, 0 past the end). A grid-stride loop over the chunks, one warp per chunk.
 template <int E, typename Source, typename Sink, typename Epilogue>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dropout_kernel(int64_t n, Source source, Sink sink, Epilogue epilogue) {
-  constexpr int kSteps = kChunk / (kWarp * E);
+  constexpr int kSteps = kDropoutChunk / (kWarp * E);
   source.prepare();
   const int lane = threadIdx.x % kWarp;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
+  const int64_t chunks = (n + kDropoutChunk - 1) / kDropoutChunk;
   for (int64_t chunk = warp; chunk < chunks; chunk += warps) {
     uint32_t word = 0;
 #pragma unroll
     for (int step = 0; step < kSteps; ++step) {
-      const int64_t e0 = chunk * kChunk + static_cast<int64_t>(step * kWarp + lane) * E;
+      const int64_t e0 = chunk * kDropoutChunk + static_cast<int64_t>(step * kWarp + lane) * E;
       uint32_t bits = 0;
       if (e0 < n) {
         bits = source.template get<E>(e0, n) & valid_bits<E>(n - e0);
@@ -198,63 +210,39 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
 }
 
+// ---- Epilogues ----
+
 // The epilogue of dropout_mask: the sink is all there is.
 struct NoEpilogue {
   template <int E>
   __device__ void apply(int64_t, int64_t, uint32_t) const {}
 };
 
-// Launches the kernel with E = lane_elements<scalar_t>() on the current stream.
-template <typename scalar_t, typename Source, typename Sink, typename Epilogue>
-void launch_dropout_kernel(int64_t n, const Source& source, const Sink& sink,
-                           const Epilogue& epilogue) {
-  if (n == 0) return;
-  constexpr int64_t kChunksPerBlock = kThreadsPerBlock / kWarp;
-  const int64_t blocks = grid_size((n + kChunk * kChunksPerBlock - 1) / (kChunk * kChunksPerBlock));
-  const auto stream = c10::cuda::getCurrentCUDAStream();
-  dropout_kernel<lane_elements<scalar_t>()><<<blocks, kThreadsPerBlock, 0, stream>>>(
-      n, source, sink, epilogue);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
+// Dropout's epilogue: the kept elements of `in` scaled, the others 0. `in` may equal
+// `out`. kAligned: in and out allow a lane's vector accesses.
+template <typename scalar_t, bool kAligned>
+struct ScaleEpilogue {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const scalar_t* in;
+  scalar_t* out;
+  opmath_t scale;
 
-// Whether a lane's E-element vector loads and stores are aligned for every pointer given.
-template <typename scalar_t>
-bool lane_aligned(std::initializer_list<const void*> pointers) {
-  constexpr uintptr_t kVecBytes = lane_elements<scalar_t>() * sizeof(scalar_t);
-  for (const void* ptr : pointers) {
-    if (reinterpret_cast<uintptr_t>(ptr) % kVecBytes != 0) return false;
+  __device__ __forceinline__ scalar_t element(scalar_t v, uint32_t keep) const {
+    return keep ? static_cast<scalar_t>(static_cast<opmath_t>(v) * scale) : static_cast<scalar_t>(0);
   }
-  return true;
-}
 
-template <typename F>
-void visit_sink(MaskMode mode, const at::Tensor& mask, F&& f) {
-  switch (mode) {
-    case MaskMode::Bits:
-      return f(BitsSink{reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>()), mask.numel()});
-    case MaskMode::Bool:
-      return f(BoolSink{mask.data_ptr<bool>()});
-    case MaskMode::Recompute:
-      return f(NoSink{});
+  template <int E>
+  __device__ void apply(int64_t e0, int64_t n, uint32_t bits) const {
+    if (kAligned && e0 + E <= n) {
+      Vec<scalar_t, E> v = load_vector<Vec<scalar_t, E>>(in + e0);
+#pragma unroll
+      for (int r = 0; r < E; ++r) v.v[r] = element(v.v[r], (bits >> r) & 1u);
+      store_vector(out + e0, v);
+    } else {
+      for (int r = 0; r < E && e0 + r < n; ++r) out[e0 + r] = element(in[e0 + r], (bits >> r) & 1u);
+    }
   }
-}
+};
 
-// `philox` is PhiloxBits or a wrapper of it (the fused ops skip Philox when p = 0).
-template <typename Philox, typename F>
-void visit_source(MaskMode mode, const at::Tensor& mask, const Philox& philox, F&& f) {
-  switch (mode) {
-    case MaskMode::Bits:
-      return f(WordBits{reinterpret_cast<const uint32_t*>(mask.data_ptr<int32_t>())});
-    case MaskMode::Bool:
-      return f(BoolBits{mask.data_ptr<bool>()});
-    case MaskMode::Recompute:
-      return f(philox);
-  }
-}
-
-inline PhiloxBits make_philox(const at::Tensor& rng_state, double p) {
-  return PhiloxBits{rng_state.data_ptr<int64_t>(), KeepRule::from_p(p)};
-}
-
-}  // namespace
+}  // namespace device
 }  // namespace fastreg

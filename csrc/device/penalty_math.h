@@ -42,4 +42,11 @@ FASTREG_HD acc_t soft_threshold(acc_t w, acc_t t) {
   return w - clamped;
 }
 
+// The penalty's elementwise ops, by what they write.
+enum class ElementwiseMode {
+  Grad,     // out = grad_out * slope(in)                  (penalty_backward)
+  AddGrad,  // out = out + slope(in)                       (penalty_grad_)
+  Prox,     // out = soft_threshold(in, a), out is in      (prox_l1_)
+};
+
 }  // namespace fastreg

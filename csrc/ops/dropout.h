@@ -106,4 +106,47 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& mask, 
   TORCH_CHECK(mask.device() == grad.device(), "mask must be on ", grad.device());
 }
 
+// ---- The ops' set-up, the same on every device ----
+// On CUDA the caller sets the device guard first, so that buffers land on the input's device.
+
+inline void check_probability(double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
+                    "dropout probability has to be between 0 and 1, but got ", p);
+}
+
+// The checked arguments and allocated buffers of dropout_fwd.
+struct DropoutForward {
+  MaskMode mode;
+  ForwardBuffers buffers;
+};
+
+inline DropoutForward prepare_dropout_forward(const at::Tensor& input, double p,
+                                              const at::Tensor& rng_state,
+                                              c10::string_view mode_name) {
+  check_dropout_args(input, p);
+  check_rng_state(rng_state, input);
+  const MaskMode mode = parse_mask_mode(mode_name);
+  return {mode, make_forward_buffers(input, mode)};
+}
+
+// The checked mask mode of a backward (dropout_bwd, bias_act_dropout_bwd).
+inline MaskMode prepare_dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p,
+                                         const at::Tensor& rng_state,
+                                         c10::string_view mode_name) {
+  check_dropout_args(grad, p);
+  check_rng_state(rng_state, grad);
+  const MaskMode mode = parse_mask_mode(mode_name);
+  check_backward_args(grad, mask, mode);
+  return mode;
+}
+
+// The bool mask of dropout_mask, allocated after the checks.
+inline at::Tensor prepare_dropout_mask(const at::Tensor& rng_state, c10::IntArrayRef size,
+                                       double p) {
+  check_probability(p);
+  at::Tensor mask = at::empty(size, rng_state.options().dtype(at::kBool));
+  check_rng_state(rng_state, mask);
+  return mask;
+}
+
 }  // namespace fastreg

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "device/fused_math.h"
 #include "ops/dropout.h"
@@ -116,16 +117,31 @@ inline FusedForward prepare_fused_forward(const at::Tensor& input,
                                           const at::Tensor* residual, double p,
                                           const at::Tensor& rng_state,
                                           c10::string_view mode_name) {
-  check_dropout_args(input, p);
   check_bias(bias, input);
   if (residual != nullptr) check_same(*residual, "residual", input);
-  check_rng_state(rng_state, input);
-  FusedForward f;
-  f.mode = parse_mask_mode(mode_name);
-  f.buffers = make_forward_buffers(input, f.mode);
-  f.bias = opmath_bias(bias);
+  DropoutForward d = prepare_dropout_forward(input, p, rng_state, mode_name);
+  FusedForward f{d.mode, std::move(d.buffers), opmath_bias(bias), at::Tensor()};
   if (residual != nullptr) f.residual = with_strides_of(*residual, f.buffers.out);
   return f;
+}
+
+// The checked mask mode and activation of bias_act_dropout_bwd.
+struct FusedBackward {
+  MaskMode mode;
+  Activation act;
+};
+
+inline FusedBackward prepare_fused_backward(const at::Tensor& grad,
+                                            const c10::optional<at::Tensor>& input,
+                                            const c10::optional<at::Tensor>& bias,
+                                            const at::Tensor& mask, double p,
+                                            c10::string_view activation,
+                                            const at::Tensor& rng_state,
+                                            c10::string_view mode_name, bool bias_grad) {
+  const MaskMode mode = prepare_dropout_backward(grad, mask, p, rng_state, mode_name);
+  const Activation act = parse_activation(activation);
+  check_fused_backward_args(grad, input, bias, act, bias_grad);
+  return {mode, act};
 }
 
 }  // namespace fastreg

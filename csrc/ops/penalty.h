@@ -97,12 +97,6 @@ inline std::vector<ReductionInput> reduction_inputs(at::TensorList params,
   return inputs;
 }
 
-enum class ElementwiseMode {
-  Grad,     // out = grad_out * slope(in)                  (penalty_backward)
-  AddGrad,  // out = out + slope(in)                       (penalty_grad_)
-  Prox,     // out = soft_threshold(in, a), out is in      (prox_l1_)
-};
-
 // One tensor's share of an elementwise op: `in` is read and `out` written element by
 // element in memory order, so both are dense with the same strides (out may be in).
 // When out is a temporary, `write_back` receives it after the kernels.

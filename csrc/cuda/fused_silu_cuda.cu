@@ -1,0 +1,7 @@
+// The fused ops' CUDA kernels for activation 'silu' (a translation unit per activation, so
+// that builds run in parallel; see cuda/fused_cuda.h).
+#include "cuda/fused_cuda.h"
+
+namespace fastreg {
+FASTREG_FUSED_CUDA_INSTANTIATE(Activation::Silu)
+}  // namespace fastreg
