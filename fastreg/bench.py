@@ -681,8 +681,8 @@ class Timer:
     def interleaved(self, fns):
         """Times the callables of `fns` ({name: fn}) round by round: each round one block
         of every callable, the order rotated by one from round to round. At least
-        `repeats` rounds, more while the callables together have run less than
-        `min_time_s` per callable (at most 10 * repeats).
+        `repeats` rounds, more while the rounds have taken less than `min_time_s` of wall
+        time per callable (at most 10 * repeats).
 
         Returns ({name: [seconds per call, one per round]}, {name: calls per block},
         {name: error}); a callable that raises is dropped from the rounds with its error."""
@@ -699,13 +699,14 @@ class Timer:
                                                    and rounds < 10 * self.repeats)):
             shift = rounds % len(names)
             for name in names[shift:] + names[:shift]:
+                wall = time.perf_counter()
                 try:
                     t = self._block(fns[name], numbers[name])
                 except Exception as error:
                     errors[name] = error
                     continue
                 times[name].append(t)
-                spent += t * numbers[name]
+                spent += time.perf_counter() - wall  # flushes included: bounds the run
             for name in [n for n in names if n in errors]:
                 names.remove(name)
                 del times[name]
@@ -917,13 +918,15 @@ def device_name(device):
 
 def commit():
     """git rev-parse --short HEAD of the checkout fastreg is imported from ("-dirty" when
-    tracked files differ from it), else "unknown"."""
+    tracked files differ from it); where that is no git checkout (a copy of the tree on a
+    GPU machine), the environment variable FASTREG_COMMIT, else "unknown"."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastreg.__file__)))
+    fallback = os.environ.get("FASTREG_COMMIT") or "unknown"
     try:
         top = subprocess.run(["git", "-C", root, "rev-parse", "--show-toplevel"],
                              capture_output=True, text=True, timeout=10)
         if top.returncode or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
-            return "unknown"
+            return fallback
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10, check=True)
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain",
@@ -931,7 +934,7 @@ def commit():
                                capture_output=True, text=True, timeout=10)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def environment(device):

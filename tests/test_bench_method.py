@@ -321,3 +321,18 @@ def test_host_table_in_microseconds(capsys):
     assert "the penalty's host overhead" in out and "median us" in out
     assert "prox_l1_" in out and "tiny148" in out and "per tensor us" in out
     assert hasattr(fastreg, "prox_l1_")
+
+
+def test_every_bench_option_is_in_the_documented_option_table():
+    """README's option table (or the docs page it moves to) lists every option of
+    `python -m fastreg bench --help`."""
+    from pathlib import Path
+    from fastreg.__main__ import build_parser
+    root = Path(__file__).resolve().parent.parent
+    text = "\n".join(p.read_text() for p in [root / "README.md", *(root / "docs").glob("*.md")])
+    rows = "\n".join(line for line in text.splitlines() if line.startswith("| `--"))
+    bench_parser = build_parser()._subparsers._group_actions[0].choices["bench"]
+    options = {o for a in bench_parser._actions for o in a.option_strings
+               if o.startswith("--") and o != "--help"}
+    missing = sorted(o for o in options if f"`{o}" not in rows)  # --layers etc.: the --memory row
+    assert not missing, f"options without a row in the option table: {missing}"

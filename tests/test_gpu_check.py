@@ -88,6 +88,7 @@ def test_a_bench_line_the_parser_refuses_is_reported(tree):
         in result.stdout
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_makefile_has_the_target():
     result = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
