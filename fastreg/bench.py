@@ -55,13 +55,15 @@ The method (docs/bench-method.md):
   write JSON into ``benchmarks/results/`` from a run that others competed with, unless
   ``--allow-load``.
 
-What comes from ``torch.utils.benchmark`` and what is ours: each CPU block is timed by
-``torch.utils.benchmark.Timer.timeit`` (garbage collection off, torch's thread count kept)
-and each impl's block times are summarised by its ``Measurement`` (median, IQR). Ours,
-because torch's does not do it: interleaving the variants round by round and the ratios
-per round (``blocked_autorange`` times one statement's blocks back to back), the L2 flush
-between calls and per-call CUDA events (torch's Timer reads a host clock around a
-synchronise), the load monitor, and the table (``Compare`` prints times, without GB/s,
+What comes from ``torch.utils.benchmark`` and what is ours: each impl's per-round times
+are summarised by its ``Measurement`` (median, IQR). Ours, because torch's does not do
+it: interleaving the variants round by round and the ratios per round
+(``blocked_autorange`` and ``adaptive_autorange`` time one statement's blocks back to
+back); the blocks themselves (``Timer.timeit`` adds two untimed warm-up calls to every
+block, which would double or triple a run of large sizes, so a CPU block is timed by
+``timeit.Timer`` with the garbage collector off, as torch's Timer does inside); the L2
+flush between calls and per-call CUDA events (torch's Timer reads a host clock around a
+synchronise); the load monitor; and the table (``Compare`` prints times, without GB/s,
 copy share, per-round ratios, their spread or notes).
 """
 
@@ -77,6 +79,7 @@ import statistics
 import subprocess
 import sys
 import time
+import timeit
 
 import torch
 import torch.nn.functional as F
@@ -590,7 +593,7 @@ class Timer:
     """Seconds per call of a callable, in blocks of calls.
 
     A block is `number` calls, enough for it to last `min_block_s`. On the CPU each block
-    is timed by ``torch.utils.benchmark.Timer.timeit`` (gc off, the current thread count).
+    is timed by ``timeit.Timer`` (gc off while timing) with ``time.perf_counter``.
     On the GPU, with `l2_flush` (the default there) every call is preceded by a write of
     :func:`l2_flush_bytes` bytes and timed by its own pair of CUDA events, the flush
     outside them, so that what is timed reads its inputs from HBM rather than from L2;
@@ -645,10 +648,9 @@ class Timer:
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / number
-        from torch.utils import benchmark
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn},
-                                num_threads=torch.get_num_threads())
-        return timer.timeit(number).mean
+        # timeit.Timer, as torch.utils.benchmark.Timer does inside (gc off while timing);
+        # torch's own timeit() adds two untimed warm-up calls to every block.
+        return timeit.Timer(fn, timer=time.perf_counter).timeit(number) / number
 
     def _number(self, first):
         """Calls per block, from the time of one call."""
@@ -1205,7 +1207,7 @@ def timing_lines(timer):
         clock = ("CUDA events around blocks of back-to-back calls, no L2 flush "
                  "(--no-l2-flush): small sizes run from L2, launch overhead included")
     else:
-        clock = "torch.utils.benchmark.Timer.timeit per block"
+        clock = "time.perf_counter around each block (timeit.Timer, gc off)"
     return [f"timing: {clock}; the impls of each comparison interleaved, >= {timer.repeats} "
             "rounds of one block each, after warm-up"]
 
