@@ -160,6 +160,22 @@ def test_without_the_flush_a_block_runs_back_to_back(monkeypatch):
     assert seconds == pytest.approx(0.5e-3 / 3)
 
 
+def test_interleaved_cuda_rounds_flush_before_every_timed_call(monkeypatch):
+    timer, log = fake_cuda_timer(monkeypatch, l2_flush=True)
+    timer.repeats, timer.min_time_s = 3, 0.0
+    times, numbers, errors = timer.interleaved(
+        {name: (lambda name=name: log.append(name)) for name in ("native", "fastreg:bits")})
+    assert errors == {} and all(len(t) == 3 for t in times.values())
+    timed = 0
+    for i, entry in enumerate(log):
+        if entry in ("native", "fastreg:bits"):
+            if log[i - 1] == "sync":        # a warm-up call, not timed
+                continue
+            assert log[i - 2:i] == ["flush", "record"] and log[i + 1] == "record", log[i - 2:i + 2]
+            timed += 1
+    assert timed == sum(numbers[n] * 3 for n in numbers) + len(numbers)  # + the sizing call
+
+
 def test_the_flush_buffer_outsizes_l2(monkeypatch):
     class Props:
         L2_cache_size = 60 * 2**20  # an H200
