@@ -352,3 +352,19 @@ def test_every_bench_option_is_in_the_documented_option_table():
                if o.startswith("--") and o != "--help"}
     missing = sorted(o for o in options if f"`{o}" not in rows)  # --layers etc.: the --memory row
     assert not missing, f"options without a row in the option table: {missing}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_timing_path_runs_with_the_flush():
+    """On the GPU machine: the real CUDA path (events, the flush buffer) of a tiny grid."""
+    timer = bench.Timer("cuda", repeats=2, min_time_s=0.0)
+    assert timer.l2_flush
+    grid = bench.cases("cuda", ops=["dropout_fwdbwd"], dtypes=["float32"], sizes=[2**16])
+    rows, copy_rows = bench.run(grid, "cuda", timer=timer, progress=False)
+    assert all(r["median_ms"] > 0 and r["rounds"] == 2 for r in rows), rows
+    assert timer._flush_buffer.numel() * 4 >= bench.L2_FLUSH_MIN_BYTES
+    assert copy_rows and copy_rows[0]["gbps"] > 0
+    back_to_back = bench.Timer("cuda", repeats=2, min_time_s=0.0, l2_flush=False)
+    rows, _ = bench.run(grid, "cuda", timer=back_to_back, progress=False)
+    assert all(r["median_ms"] > 0 for r in rows) and back_to_back._flush_buffer is None
