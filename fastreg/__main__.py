@@ -1,6 +1,8 @@
 """The fastreg command line: ``python -m fastreg bench`` and ``python -m fastreg demo``."""
 
 import argparse
+import contextlib
+import signal
 import sys
 
 import torch
@@ -184,15 +186,35 @@ def run_bench(args):
         grid = bench.cases(device, ops=args.ops or bench.OPS, dtypes=args.dtype,
                            sizes=args.sizes, params=args.params, quick=args.quick,
                            compile=args.compile)
-        with monitor:
+        with monitor, _sigterm_interrupts():
             rows, copy_rows = bench.run(grid, device, settings, timer, not args.no_progress)
         env["load"] = monitor.result
         print(bench.format_table(rows, env, settings, timer), flush=True)
-        if args.plot:
-            print(f"plot: {bench.plot(rows, copy_rows, env, args.plot)}")
         if args.json:
             _write_json(args, env, bench.report(env, settings, copy_rows, rows))
+        if args.plot:
+            try:
+                print(f"plot: {bench.plot(rows, copy_rows, env, args.plot)}")
+            except ValueError as error:  # nothing to draw (say, interrupted before any row)
+                raise SystemExit(f"fastreg bench: {error}") from None
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a time limit, such as `timeout`'s) raises KeyboardInterrupt inside, so that
+    the bench reports and writes what it has timed instead of losing it."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_json(args, env, doc):

@@ -120,6 +120,7 @@ QUICK_SIZES = {"cpu": (2 ** 16, 2 ** 20), "cuda": (2 ** 16, 2 ** 20, 2 ** 24)}
 QUICK_DTYPES = ("float32",)
 
 PENALTY_UNAVAILABLE = "penalty: not available in this build"
+INTERRUPTED = "not timed: the run was interrupted"
 FUSED_UNAVAILABLE = "fused: not available in this build"
 
 
@@ -815,24 +816,32 @@ def run(case_list, device, settings=Settings(), timer=None, progress=True):
     """Times every comparison (the impls of one op, dtype and size, interleaved round by
     round), and the copy bandwidth at each (dtype, numel) the dropout and fused cases use.
 
-    Returns (rows, copy rows). A case that cannot run gives a row with a note."""
+    Returns (rows, copy rows). A case that cannot run gives a row with a note; when the
+    run is interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM under the command line),
+    the cases not yet timed get the note INTERRUPTED and the rows so far are returned."""
     timer = timer or Timer(device)
     host_timer = Timer("cpu", repeats=timer.repeats, min_time_s=timer.min_time_s)
     copy = {}
     rows = []
     bar = Progress(len(case_list), enabled=progress)
-    for group in comparisons(case_list):
+    groups = comparisons(case_list)
+    for done, group in enumerate(groups):
         first = group[0]
         key = (first.dtype, first.numel)
-        if first.family in ("dropout", "fused", "penalty") and key not in copy:
-            copy_prep = copy_case(first.numel, first.dtype, device)
-            seconds, _ = timer(copy_prep.fn)
-            copy[key] = copy_prep.bytes / seconds / 1e9
-            del copy_prep
-        for case in group:
-            bar.step(f"{case.op} {case.impl} {case.dtype} {case.size_label}")
-        rows += _time_comparison(group, device, settings,
-                                 host_timer if first.family == "host" else timer)
+        try:
+            if first.family in ("dropout", "fused", "penalty") and key not in copy:
+                copy_prep = copy_case(first.numel, first.dtype, device)
+                seconds, _ = timer(copy_prep.fn)
+                copy[key] = copy_prep.bytes / seconds / 1e9
+                del copy_prep
+            for case in group:
+                bar.step(f"{case.op} {case.impl} {case.dtype} {case.size_label}")
+            rows += _time_comparison(group, device, settings,
+                                     host_timer if first.family == "host" else timer)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a time limit): report what ran
+            for case in (c for g in groups[done:] for c in g):
+                rows.append({**_empty_row(case), "note": INTERRUPTED})
+            break
     bar.done()
     _PARAMS_CACHE.clear()
     _fill_ratios(rows, copy)

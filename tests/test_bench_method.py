@@ -368,3 +368,42 @@ def test_cuda_timing_path_runs_with_the_flush():
     back_to_back = bench.Timer("cuda", repeats=2, min_time_s=0.0, l2_flush=False)
     rows, _ = bench.run(grid, "cuda", timer=back_to_back, progress=False)
     assert all(r["median_ms"] > 0 for r in rows) and back_to_back._flush_buffer is None
+
+
+def test_an_interrupted_run_reports_what_it_timed():
+    grid = bench.cases("cpu", ops=["dropout_fwd"], dtypes=["float32"], sizes=[2**10, 2**12])
+    calls = []
+
+    class StopsAfterOneComparison(bench.Timer):
+        def interleaved(self, fns):
+            if calls:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return super().interleaved(fns)
+    timer = StopsAfterOneComparison("cpu", repeats=1, min_time_s=0.0)
+    rows, _ = bench.run(grid, "cpu", timer=timer, progress=False)
+    assert len(rows) == len(grid)
+    done = [r for r in rows if r["median_ms"] is not None]
+    assert {r["numel"] for r in done} == {2**10}
+    rest = [r for r in rows if r["numel"] == 2**12]
+    assert rest and all(r["note"] == bench.INTERRUPTED for r in rest)
+
+
+def test_sigterm_stops_the_bench_but_the_json_is_written(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    path = tmp_path / "out.json"
+    proc = subprocess.Popen([sys.executable, "-m", "fastreg", "bench", "--device", "cpu",
+                             "--ops", "dropout", "--sizes", "2^20,2^22,2^24", "--threads", "1",
+                             "--json", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # the progress lines: the run has started
+        if line.startswith("[") and "dropout_fwd" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    doc = json.loads(path.read_text())
+    assert any(r["note"] == bench.INTERRUPTED for r in doc["results"])
+    assert bench.INTERRUPTED in out
