@@ -16,7 +16,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 
 SOURCES := setup.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: bench test test-reference build setup clean
+.PHONY: bench test test-reference build setup clean gpu-check
 
 # The same property-test examples on every run (tests/conftest.py).
 export HYPOTHESIS_PROFILE ?= ci
@@ -48,3 +48,8 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 
 clean:
 	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built
+
+# On the GPU machine (torch installed there, no .venv): build, CUDA tests, compute-sanitizer,
+# benchmark and memory report; logs in $(OUT) or ./gpu-out. See docs/gpu-check.md.
+gpu-check:
+	.ci/gpu-check

@@ -1,6 +1,8 @@
 """The fastreg command line: ``python -m fastreg bench`` and ``python -m fastreg demo``."""
 
 import argparse
+import contextlib
+import signal
 import sys
 
 import torch
@@ -15,11 +17,19 @@ penalty against a Python loop and torch._foreach_norm, with the copy bandwidth o
 device measured at the same sizes. Each row: median time, GB/s (bytes the op must move
 / time), that as a share of copy bandwidth, speedup against the native baseline, bytes
 autograd keeps for backward per element (dropout, fused) or the relative error against
-float64 (penalty). Rows of ops this build lacks say so.
+float64 (penalty). Rows of ops this build lacks say so. The penalty's host overhead:
+penalty(list), Penalty(...)(module), penalty_grad_ and prox_l1_ on 148 and 1,000 tiny
+CPU tensors against the Python loop, in microseconds.
+
+Method: the impls of each comparison are interleaved, round by round; the speedup is
+the median of the per-round ratios, with their interquartile range ("spread too wide"
+where it does not support a speedup). On the GPU, L2 is flushed before each timed call.
+The JSON is not written into benchmarks/results/ from a run that other processes
+competed with (--allow-load overrides). See docs/bench-method.md.
 
 ops: dropout_fwd, dropout_bwd, dropout_fwdbwd, bias_dropout_add, bias_gelu_dropout,
-penalty_value, penalty_fwdbwd, penalty_grad (or the groups: dropout, fused, penalty,
-all).
+penalty_value, penalty_fwdbwd, penalty_grad, host_penalty, host_penalty_grad,
+host_prox_l1 (or the groups: dropout, fused, penalty, host, all).
 sizes: 2^16 .. 2^28 on the GPU, 2^16 .. 2^24 on the CPU, every other power of two.
 penalty parameter sets: mlp (a 50-layer 256x256 MLP: 100 tensors, 3.3M elements),
 gpt2 (GPT-2 small: 148 tensors, 124M elements); mlp on the CPU, both on the GPU.
@@ -94,7 +104,15 @@ def build_parser():
     b.add_argument("--p", type=_checked(_probability), default=0.5,
                    help="dropout probability (default: 0.5)")
     b.add_argument("--repeats", type=_checked(_positive), metavar="N",
-                   help="least number of timed blocks per case (default: 5; 3 with --quick)")
+                   help="least number of rounds per comparison, one timed block of each impl "
+                        "per round (default: 5; 3 with --quick)")
+    b.add_argument("--no-l2-flush", action="store_true",
+                   help="on the GPU, time blocks of back-to-back calls instead of flushing L2 "
+                        "before each call (small sizes then run from L2, launch overhead "
+                        "included)")
+    b.add_argument("--allow-load", action="store_true",
+                   help="write the JSON into benchmarks/results/ even when other processes "
+                        "competed with the run (the JSON records the load)")
     b.add_argument("--threads", type=_checked(_positive), metavar="N",
                    help="CPU threads (torch.set_num_threads; default: torch's choice)")
     b.add_argument("--json", metavar="PATH",
@@ -158,25 +176,58 @@ def run_bench(args):
     with bench.num_threads(args.threads):
         env = bench.environment(device)
         settings = bench.Settings(p=args.p)
+        monitor = bench.LoadMonitor(own_threads=torch.get_num_threads() if device == "cpu"
+                                    else 1)
         if args.memory:
-            return _run_memory(args, device, env, settings, memory)
+            return _run_memory(args, device, env, settings, memory, monitor)
         timer = bench.Timer(device, repeats=args.repeats or (3 if args.quick else 5),
-                            min_time_s=0.1 if args.quick else 0.3)
+                            min_time_s=0.1 if args.quick else 0.3,
+                            l2_flush=not args.no_l2_flush)
         grid = bench.cases(device, ops=args.ops or bench.OPS, dtypes=args.dtype,
                            sizes=args.sizes, params=args.params, quick=args.quick,
                            compile=args.compile)
-        rows, copy_rows = bench.run(grid, device, settings, timer, not args.no_progress)
+        with monitor, _sigterm_interrupts():
+            rows, copy_rows = bench.run(grid, device, settings, timer, not args.no_progress)
+        env["load"] = monitor.result
         print(bench.format_table(rows, env, settings, timer), flush=True)
         if args.json:
-            path = bench.write_json(bench.json_path(args.json, env),
-                                    bench.report(env, settings, copy_rows, rows))
-            print(f"\njson: {path}")
+            _write_json(args, env, bench.report(env, settings, copy_rows, rows))
         if args.plot:
-            print(f"plot: {bench.plot(rows, copy_rows, env, args.plot)}")
+            try:
+                print(f"plot: {bench.plot(rows, copy_rows, env, args.plot)}")
+            except ValueError as error:  # nothing to draw (say, interrupted before any row)
+                raise SystemExit(f"fastreg bench: {error}") from None
     return 0
 
 
-def _run_memory(args, device, env, settings, memory):
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """SIGTERM (a time limit, such as `timeout`'s) raises KeyboardInterrupt inside, so that
+    the bench reports and writes what it has timed instead of losing it."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _write_json(args, env, doc):
+    """Writes the JSON, unless it goes to benchmarks/results/ from a run that other
+    processes competed with (SystemExit then, after the table)."""
+    path = bench.json_path(args.json, env)
+    refusal = None if args.allow_load else bench.load_refusal(path, env.get("load"))
+    if refusal:
+        raise SystemExit(f"fastreg bench: {refusal}")
+    print(f"\njson: {bench.write_json(path, doc)}", flush=True)
+
+
+def _run_memory(args, device, env, settings, memory, monitor):
     import dataclasses
 
     cfg = memory.DEFAULTS[device]
@@ -190,15 +241,16 @@ def _run_memory(args, device, env, settings, memory):
         raise SystemExit("fastreg bench --memory: give one --dtype")
     dtype = bench.DTYPES[dtypes[0]]
     bar = bench.Progress(len(memory.VARIANTS), enabled=not args.no_progress)
-    rows = memory.run(cfg, device, dtype, args.steps, bar)
+    with monitor:
+        rows = memory.run(cfg, device, dtype, args.steps, bar)
+    env["load"] = monitor.result
     bar.done()
     print(memory.format_table(rows, cfg, dtypes[0], args.steps, bench.header_lines(env)),
           flush=True)
     if args.json:
-        doc = bench.report(env, settings, [], [], memory={
+        _write_json(args, env, bench.report(env, settings, [], [], memory={
             "config": dataclasses.asdict(cfg), "dtype": dtypes[0], "steps": args.steps,
-            "rows": rows})
-        print(f"\njson: {bench.write_json(bench.json_path(args.json, env), doc)}")
+            "rows": rows}))
     return 0
 
 

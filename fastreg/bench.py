@@ -27,6 +27,44 @@ full-width tensor). The penalty value reads every parameter once; its gradient r
 the parameters and writes (penalty_grad: reads and writes) the gradients. The fused ops
 are charged the same bytes whatever the impl (their inputs, output and gradients and a
 1-bit mask, forward and backward): their GB/s is an effective bandwidth.
+
+The penalty's host overhead (``host_penalty``, ``host_penalty_grad``, ``host_prox_l1``;
+the group ``host``): tiny CPU tensors (148 or 1,000 tensors of 4 elements, the parameter
+sets ``tiny148`` and ``tiny1000``), so that the kernels cost nearly nothing and the time
+per call is the Python and C++ work around them: ``fastreg.penalty(list)``,
+``fastreg.Penalty(l1=, l2=)(module)``, ``fastreg.penalty_grad_(list)`` and
+``fastreg.prox_l1_(list)`` against the Python loop, in microseconds, whatever ``--device``.
+
+The method (docs/bench-method.md):
+
+* Variants interleaved. The impls of one comparison (an op, dtype and size) are timed
+  round after round, each round one block of calls of every impl, the order rotated from
+  round to round; each round gives a ratio baseline time / impl time. The speedup is the
+  median of these per-round ratios and the spread their interquartile range: a machine
+  that slows down for a while slows every impl of the rounds it hits, and the ratio of
+  one round stays fair. A row whose spread crosses 1.0, or is wider than half its median,
+  prints "spread too wide" instead of a speedup.
+* GPU timing measures HBM, not L2: before each timed call a buffer of 256 MB (or four
+  times the L2, if larger) is written, outside the timed region, as
+  ``triton.testing.do_bench`` does, and each call is timed by its own pair of CUDA events
+  (``--no-l2-flush``: blocks of back-to-back calls between two events instead, which is
+  what a training loop of small tensors sees: launch overhead included).
+* Load recorded: :class:`LoadMonitor` measures the CPU time that other processes take
+  during the run (``/proc/stat`` less this process and its children) and samples the
+  1-minute load average before, during and after; ``python -m fastreg bench`` will not
+  write JSON into ``benchmarks/results/`` from a run that others competed with, unless
+  ``--allow-load``.
+
+What comes from ``torch.utils.benchmark`` and what is ours: each impl's per-round times
+are summarised by its ``Measurement`` (median, IQR). Ours, because torch's does not do
+it: interleaving the variants round by round and the ratios per round
+(``blocked_autorange`` and ``adaptive_autorange`` time one statement's blocks back to
+back); the blocks themselves (``Timer.timeit`` adds two untimed warm-up calls to every
+block, which would double or triple a run of large sizes, so a CPU block is timed by
+``timeit.Timer`` with the garbage collector off, as torch's Timer does inside); the L2
+flush between calls and per-call CUDA events (torch's Timer reads a host clock around a
+synchronise); the load monitor; and the table (``Compare`` prints times, without GB/s,
+copy share, per-round ratios, their spread or notes).
 """
 
 import contextlib
@@ -41,6 +79,7 @@ import statistics
 import subprocess
 import sys
 import time
+import timeit
 
 import torch
 import torch.nn.functional as F
@@ -54,19 +93,25 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
 DROPOUT_OPS = ("dropout_fwd", "dropout_bwd", "dropout_fwdbwd")
 FUSED_OPS = ("bias_dropout_add", "bias_gelu_dropout")
 PENALTY_OPS = ("penalty_value", "penalty_fwdbwd", "penalty_grad")
-OPS = DROPOUT_OPS + FUSED_OPS + PENALTY_OPS
+HOST_OPS = ("host_penalty", "host_penalty_grad", "host_prox_l1")
+OPS = DROPOUT_OPS + FUSED_OPS + PENALTY_OPS + HOST_OPS
 FAMILY = {**{op: "dropout" for op in DROPOUT_OPS}, **{op: "fused" for op in FUSED_OPS},
-          **{op: "penalty" for op in PENALTY_OPS}}
+          **{op: "penalty" for op in PENALTY_OPS}, **{op: "host" for op in HOST_OPS}}
 OP_LABELS = {"dropout_fwd": "forward", "dropout_bwd": "backward", "dropout_fwdbwd": "fwd+bwd",
              "bias_dropout_add": "bias+dropout+add", "bias_gelu_dropout": "bias+gelu+dropout",
-             "penalty_value": "value", "penalty_fwdbwd": "fwd+bwd", "penalty_grad": "grad_"}
+             "penalty_value": "value", "penalty_fwdbwd": "fwd+bwd", "penalty_grad": "grad_",
+             "host_penalty": "penalty", "host_penalty_grad": "penalty_grad_",
+             "host_prox_l1": "prox_l1_"}
 
 # The impls of each family, the baseline (the speedup's reference) first.
 DROPOUT_IMPLS = ("native", "fastreg:bits", "fastreg:bool", "fastreg:recompute")
 FUSED_IMPLS = ("native", "fastreg:bits")
 PENALTY_IMPLS = ("loop", "foreach", "fastreg")
+# fastreg:Penalty is fastreg.Penalty(l1=, l2=)(module), the module holding the tensors.
+HOST_IMPLS = {"host_penalty": ("loop", "fastreg", "fastreg:Penalty"),
+              "host_penalty_grad": ("loop", "fastreg"), "host_prox_l1": ("loop", "fastreg")}
 COMPILE_IMPL = "compile"
-BASELINE = {"dropout": "native", "fused": "native", "penalty": "loop"}
+BASELINE = {"dropout": "native", "fused": "native", "penalty": "loop", "host": "loop"}
 FUSED_WIDTH = 1024  # the last dimension of the fused ops' input (the bias' length)
 
 GPU_SIZES = tuple(2 ** k for k in range(16, 29, 2))
@@ -75,6 +120,7 @@ QUICK_SIZES = {"cpu": (2 ** 16, 2 ** 20), "cuda": (2 ** 16, 2 ** 20, 2 ** 24)}
 QUICK_DTYPES = ("float32",)
 
 PENALTY_UNAVAILABLE = "penalty: not available in this build"
+INTERRUPTED = "not timed: the run was interrupted"
 FUSED_UNAVAILABLE = "fused: not available in this build"
 
 
@@ -94,6 +140,10 @@ PARAM_SETS = {
     "gpt2": ("GPT-2 small", _gpt2_shapes()),
 }
 DEFAULT_PARAM_SETS = {"cpu": ("mlp",), "cuda": ("mlp", "gpt2")}
+# The host-overhead rows: name -> number of CPU tensors of HOST_TENSOR_NUMEL elements.
+HOST_SETS = {"tiny148": 148, "tiny1000": 1000}
+HOST_TENSOR_NUMEL = 4
+HOST_PROX_THRESHOLD = 1e-7  # small: thousands of calls leave the weights nearly as they were
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +232,8 @@ def parse_list(text, choices, aliases=None, groups=None, what="value"):
     return out
 
 
-OP_GROUPS = {"dropout": DROPOUT_OPS, "fused": FUSED_OPS, "penalty": PENALTY_OPS, "all": OPS}
+OP_GROUPS = {"dropout": DROPOUT_OPS, "fused": FUSED_OPS, "penalty": PENALTY_OPS,
+             "host": HOST_OPS, "all": OPS}
 
 
 def cases(device, *, ops=OPS, dtypes=None, sizes=None, params=None, quick=False,
@@ -204,6 +255,10 @@ def cases(device, *, ops=OPS, dtypes=None, sizes=None, params=None, quick=False,
         elif op in FUSED_OPS:
             out += [Case(op, impl, dt, n) for dt in dtypes for n in sizes
                     if n % FUSED_WIDTH == 0 for impl in FUSED_IMPLS + extra]
+        elif op in HOST_OPS:  # float32 CPU tensors whatever the dtypes and device
+            sets = ("tiny148",) if quick else tuple(HOST_SETS)
+            out += [Case(op, impl, "float32", HOST_SETS[hs] * HOST_TENSOR_NUMEL, hs)
+                    for hs in sets for impl in HOST_IMPLS[op]]
         else:
             out += [Case(op, impl, dt, param_set_numel(ps), ps) for dt in dtypes
                     for ps in params for impl in PENALTY_IMPLS + extra]
@@ -211,7 +266,13 @@ def cases(device, *, ops=OPS, dtypes=None, sizes=None, params=None, quick=False,
 
 
 def param_set_numel(name):
+    if name in HOST_SETS:
+        return HOST_SETS[name] * HOST_TENSOR_NUMEL
     return sum(math.prod(s) for s in PARAM_SETS[name][1])
+
+
+def param_set_tensors(name):
+    return HOST_SETS[name] if name in HOST_SETS else len(PARAM_SETS[name][1])
 
 
 # ---------------------------------------------------------------- the impls
@@ -463,57 +524,154 @@ def _prepare_penalty(case, device, settings):
                     rel_err=math.sqrt(diff / norm) if norm else math.sqrt(diff))
 
 
+def _prepare_host(case, settings):
+    """Tiny float32 CPU tensors: the time per call is the work around the kernels."""
+    gen = _generator("cpu")
+    params = [torch.randn(HOST_TENSOR_NUMEL, generator=gen).requires_grad_()
+              for _ in range(HOST_SETS[case.params])]
+    l1, l2, impl = settings.l1, settings.l2, case.impl
+    if case.op == "host_penalty":
+        if impl == "loop":
+            fn = lambda: penalty_loop(params, l1, l2)  # noqa: E731
+        elif impl == "fastreg":
+            fn = lambda: fastreg.penalty(params, l1=l1, l2=l2)  # noqa: E731
+        else:  # fastreg:Penalty, called on a module that holds the tensors
+            module = torch.nn.Module()
+            module.params = torch.nn.ParameterList(torch.nn.Parameter(w.detach().clone())
+                                                   for w in params)
+            penalty_module = fastreg.Penalty(l1=l1, l2=l2)
+            fn = lambda: penalty_module(module)  # noqa: E731
+        return Prepared(fn=fn)
+    for w in params:
+        w.grad = torch.zeros_like(w)
+    no_grad = torch.no_grad
+    if case.op == "host_penalty_grad":
+        grad_ = penalty_grad_loop if impl == "loop" else (
+            lambda ps, a, b: fastreg.penalty_grad_(ps, l1=a, l2=b))
+
+        def fn():
+            with no_grad():
+                grad_(params, l1, l2)
+        return Prepared(fn=fn)
+    threshold = HOST_PROX_THRESHOLD
+    if impl == "loop":
+        def fn():
+            with no_grad():
+                for w in params:
+                    w.copy_(F.softshrink(w, threshold))
+    else:
+        def fn():
+            with no_grad():
+                fastreg.prox_l1_(params, threshold)
+    return Prepared(fn=fn)
+
+
 def prepare(case, device, settings=Settings()):
-    """Inputs for `case` on `device` and the callable to time (or a note why not)."""
+    """Inputs for `case` on `device` and the callable to time (or a note why not). The
+    host-overhead cases run on the CPU whatever `device`."""
     if case.family == "dropout":
         return _prepare_dropout(case, device, settings)
     if case.family == "fused":
         return _prepare_fused(case, device, settings)
+    if case.family == "host":
+        return _prepare_host(case, settings)
     return _prepare_penalty(case, device, settings)
 
 
 # ---------------------------------------------------------------- timing
 
+L2_FLUSH_MIN_BYTES = 256 * 2 ** 20  # triton.testing.do_bench's cache buffer
+
+
+def l2_flush_bytes(device):
+    """Bytes written before each timed CUDA call: 256 MB, or four times the L2 if larger
+    (an H200 has 60 MB of L2)."""
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
+    return max(L2_FLUSH_MIN_BYTES, 4 * l2)
+
 
 class Timer:
-    """Median time of a callable: warm-up, then blocks of `number` calls (enough for a
-    block to last `min_block_s`), at least `repeats` blocks and more while the case has
-    run less than `min_time_s` (at most 10 * repeats). CUDA events on the GPU,
-    time.perf_counter on the CPU."""
+    """Seconds per call of a callable, in blocks of calls.
 
-    def __init__(self, device, repeats=5, min_time_s=0.3, min_block_s=None):
-        self.cuda = torch.device(device).type == "cuda"
+    A block is `number` calls, enough for it to last `min_block_s`. On the CPU each block
+    is timed by ``timeit.Timer`` (gc off while timing) with ``time.perf_counter``.
+    On the GPU, with `l2_flush` (the default there) every call is preceded by a write of
+    :func:`l2_flush_bytes` bytes and timed by its own pair of CUDA events, the flush
+    outside them, so that what is timed reads its inputs from HBM rather than from L2;
+    without it a block is timed back to back between two events.
+
+    ``timer(fn)`` times one callable (median of at least `repeats` blocks, more while it
+    has run less than `min_time_s`, at most 10 * repeats); :meth:`interleaved` times
+    several round by round, for per-round ratios.
+    """
+
+    def __init__(self, device, repeats=5, min_time_s=0.3, min_block_s=None, l2_flush=None):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
         self.repeats = max(1, repeats)
         self.min_time_s = min_time_s
         self.min_block_s = min_block_s if min_block_s is not None else (
             1e-3 if self.cuda else 2e-3)
+        self.l2_flush = self.cuda if l2_flush is None else bool(l2_flush) and self.cuda
+        self._flush_buffer = None
 
     def sync(self):
         if self.cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(self.device)
+
+    def flush(self):
+        """Evicts the inputs from L2: writes a buffer larger than it (not timed)."""
+        if self._flush_buffer is None:
+            self._flush_buffer = torch.empty(l2_flush_bytes(self.device) // 4,
+                                             dtype=torch.int32, device=self.device)
+        self._flush_buffer.zero_()
+
+    @staticmethod
+    def _event():
+        return torch.cuda.Event(enable_timing=True)
 
     def _block(self, fn, number):
         """Seconds per call over one block of `number` calls."""
+        if self.cuda and self.l2_flush:
+            pairs = [(self._event(), self._event()) for _ in range(number)]
+            for start, end in pairs:
+                self.flush()
+                start.record()
+                fn()
+                end.record()
+            pairs[-1][1].synchronize()
+            return sum(s.elapsed_time(e) for s, e in pairs) / 1e3 / number
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start, end = self._event(), self._event()
             start.record()
             for _ in range(number):
                 fn()
             end.record()
             end.synchronize()
             return start.elapsed_time(end) / 1e3 / number
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        return (time.perf_counter() - t0) / number
+        # timeit.Timer, as torch.utils.benchmark.Timer does inside (gc off while timing);
+        # torch's own timeit() adds two untimed warm-up calls to every block.
+        return timeit.Timer(fn, timer=time.perf_counter).timeit(number) / number
+
+    def _number(self, first):
+        """Calls per block, from the time of one call."""
+        cap = 1_000 if self.l2_flush else 10_000
+        return max(1, min(cap, math.ceil(self.min_block_s / max(first, 1e-9))))
+
+    def _calibrate(self, fn):
+        """Warms `fn` up and returns its calls per block."""
+        self.sync()
+        fn()                                   # warm-up: lazy init, allocator, compile
+        self.sync()
+        return self._number(self._block(fn, 1))  # a second warm-up, to size the blocks
 
     def __call__(self, fn):
         """(median seconds per call, number of timed calls)"""
         self.sync()
-        fn()                                   # warm-up: lazy init, allocator, compile
+        fn()
         self.sync()
-        first = self._block(fn, 1)             # a second warm-up, to size the blocks
-        number = max(1, min(10_000, math.ceil(self.min_block_s / max(first, 1e-9))))
+        first = self._block(fn, 1)
+        number = self._number(first)
         times = [first] if number == 1 else []
         spent = first
         while len(times) < self.repeats or (spent < self.min_time_s
@@ -522,6 +680,87 @@ class Timer:
             times.append(t)
             spent += t * number
         return statistics.median(times), len(times) * number
+
+    def interleaved(self, fns):
+        """Times the callables of `fns` ({name: fn}) round by round: each round one block
+        of every callable, the order rotated by one from round to round. At least
+        `repeats` rounds, more while the rounds have taken less than `min_time_s` of wall
+        time per callable (at most 10 * repeats).
+
+        Returns ({name: [seconds per call, one per round]}, {name: calls per block},
+        {name: error}); a callable that raises is dropped from the rounds with its error."""
+        numbers, errors = {}, {}
+        for name, fn in fns.items():
+            try:
+                numbers[name] = self._calibrate(fn)
+            except Exception as error:  # one broken impl must not lose the comparison
+                errors[name] = error
+        names = [n for n in fns if n in numbers]
+        times = {n: [] for n in names}
+        spent, rounds = 0.0, 0
+        while names and (rounds < self.repeats or (spent < self.min_time_s * len(names)
+                                                   and rounds < 10 * self.repeats)):
+            shift = rounds % len(names)
+            for name in names[shift:] + names[:shift]:
+                wall = time.perf_counter()
+                try:
+                    t = self._block(fns[name], numbers[name])
+                except Exception as error:
+                    errors[name] = error
+                    continue
+                times[name].append(t)
+                spent += time.perf_counter() - wall  # flushes included: bounds the run
+            for name in [n for n in names if n in errors]:
+                names.remove(name)
+                del times[name]
+            rounds += 1
+        return times, numbers, errors
+
+
+def quartiles(values):
+    """(q1, median, q3) of `values` (all three the value itself for one value)."""
+    values = sorted(values)
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+SPREAD_LIMIT = 0.5  # an interquartile range wider than this share of the median is too wide
+
+
+def ratio_summary(base_times, times):
+    """The per-round ratios base / impl of two equally long lists of per-round times:
+    {"speedup": median, "speedup_q1", "speedup_q3", "speedup_min", "speedup_max",
+    "speedup_clear": whether the spread supports the ratio}."""
+    if len(base_times) != len(times) or not times:
+        raise ValueError(f"per-round times must pair up, but got {len(base_times)} baseline "
+                         f"and {len(times)} impl rounds")
+    ratios = [b / t for b, t in zip(base_times, times)]
+    q1, median, q3 = quartiles(ratios)
+    return {"speedup": median, "speedup_q1": q1, "speedup_q3": q3,
+            "speedup_min": min(ratios), "speedup_max": max(ratios),
+            "speedup_clear": spread_supports(median, q1, q3)}
+
+
+def spread_supports(median, q1, q3):
+    """False when the per-round ratios cannot say which is faster (their interquartile
+    range holds 1.0) or scatter too widely (a range wider than SPREAD_LIMIT of the
+    median)."""
+    if q1 < 1.0 < q3:
+        return False
+    return (q3 - q1) <= SPREAD_LIMIT * median
+
+
+def time_measurement(times, number, case, threads):
+    """A torch.utils.benchmark Measurement of one impl's per-round times: its median and
+    interquartile range are the row's."""
+    from torch.utils.benchmark.utils.common import Measurement, TaskSpec
+    spec = TaskSpec(stmt=case.impl, setup="pass", label=case.op,
+                    sub_label=f"{case.dtype} {case.size_label}", description=case.impl,
+                    num_threads=threads)
+    return Measurement(number_per_run=number, raw_times=[t * number for t in times],
+                       task_spec=spec)
 
 
 def copy_case(numel, dtype, device):
@@ -564,23 +803,45 @@ class Progress:
             self.stream.flush()
 
 
-def run(case_list, device, settings=Settings(), timer=None, progress=True):
-    """Times every case, and the copy bandwidth at each (dtype, numel) they use.
+def comparisons(case_list):
+    """The cases grouped by (op, dtype, size, parameter set), in their order: each group
+    is timed round by round."""
+    groups = {}
+    for case in case_list:
+        groups.setdefault((case.op, case.dtype, case.numel, case.params), []).append(case)
+    return list(groups.values())
 
-    Returns (rows, copy rows). A case that cannot run gives a row with a note."""
+
+def run(case_list, device, settings=Settings(), timer=None, progress=True):
+    """Times every comparison (the impls of one op, dtype and size, interleaved round by
+    round), and the copy bandwidth at each (dtype, numel) the dropout and fused cases use.
+
+    Returns (rows, copy rows). A case that cannot run gives a row with a note; when the
+    run is interrupted (KeyboardInterrupt: Ctrl-C, or SIGTERM under the command line),
+    the cases not yet timed get the note INTERRUPTED and the rows so far are returned."""
     timer = timer or Timer(device)
+    host_timer = Timer("cpu", repeats=timer.repeats, min_time_s=timer.min_time_s)
     copy = {}
     rows = []
     bar = Progress(len(case_list), enabled=progress)
-    for case in case_list:
-        bar.step(f"{case.op} {case.impl} {case.dtype} {case.size_label}")
-        key = (case.dtype, case.numel)
-        if key not in copy:
-            copy_prep = copy_case(case.numel, case.dtype, device)
-            seconds, _ = timer(copy_prep.fn)
-            copy[key] = copy_prep.bytes / seconds / 1e9
-            del copy_prep
-        rows.append(_time_case(case, device, settings, timer))
+    groups = comparisons(case_list)
+    for done, group in enumerate(groups):
+        first = group[0]
+        key = (first.dtype, first.numel)
+        try:
+            if first.family in ("dropout", "fused", "penalty") and key not in copy:
+                copy_prep = copy_case(first.numel, first.dtype, device)
+                seconds, _ = timer(copy_prep.fn)
+                copy[key] = copy_prep.bytes / seconds / 1e9
+                del copy_prep
+            for case in group:
+                bar.step(f"{case.op} {case.impl} {case.dtype} {case.size_label}")
+            rows += _time_comparison(group, device, settings,
+                                     host_timer if first.family == "host" else timer)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a time limit): report what ran
+            for case in (c for g in groups[done:] for c in g):
+                rows.append({**_empty_row(case), "note": INTERRUPTED})
+            break
     bar.done()
     _PARAMS_CACHE.clear()
     _fill_ratios(rows, copy)
@@ -588,41 +849,65 @@ def run(case_list, device, settings=Settings(), timer=None, progress=True):
     return rows, copy_rows
 
 
-def _time_case(case, device, settings, timer):
-    row = {"op": case.op, "impl": case.impl, "dtype": case.dtype, "numel": case.numel,
-           "params": case.params,
-           "tensors": len(PARAM_SETS[case.params][1]) if case.params else None,
-           "median_ms": None, "runs": 0, "gbps": None, "copy_frac": None, "speedup": None,
-           "saved_bytes_per_elem": None, "rel_err": None, "note": None}
-    try:
-        prepared = prepare(case, device, settings)
-        if prepared.fn is None:
-            row["note"] = prepared.note
-            return row
-        seconds, runs = timer(prepared.fn)
-    except Exception as error:  # one broken case must not lose the whole run
-        message = (str(error).strip().splitlines() or [""])[0][:120]
-        row["note"] = f"failed: {type(error).__name__}: {message}"
-        return row
-    row.update(median_ms=seconds * 1e3, runs=runs, gbps=prepared.bytes / seconds / 1e9,
-               saved_bytes_per_elem=prepared.saved_per_elem, rel_err=prepared.rel_err)
-    if row["rel_err"] is not None and not math.isfinite(row["rel_err"]):
-        row["note"] = f"the value is not finite: it overflows {case.dtype}"
-    return row
+def _empty_row(case):
+    return {"op": case.op, "impl": case.impl, "dtype": case.dtype, "numel": case.numel,
+            "params": case.params,
+            "tensors": param_set_tensors(case.params) if case.params else None,
+            "device": "cpu" if case.family == "host" else None,
+            "median_ms": None, "iqr_ms": None, "runs": 0, "rounds": 0, "gbps": None,
+            "copy_frac": None, "speedup": None, "speedup_q1": None, "speedup_q3": None,
+            "speedup_min": None, "speedup_max": None, "speedup_clear": None,
+            "saved_bytes_per_elem": None, "rel_err": None, "note": None}
+
+
+def _failed(error):
+    message = (str(error).strip().splitlines() or [""])[0][:120]
+    return f"failed: {type(error).__name__}: {message}"
+
+
+def _time_comparison(group, device, settings, timer):
+    """Rows of one comparison: prepares every impl, times them interleaved, and sets each
+    row's speedup from the per-round ratios against the baseline."""
+    rows = {case.impl: _empty_row(case) for case in group}
+    prepared = {}
+    for case in group:
+        try:
+            prep = prepare(case, device, settings)
+        except Exception as error:  # one broken case must not lose the whole run
+            rows[case.impl]["note"] = _failed(error)
+            continue
+        if prep.fn is None:
+            rows[case.impl]["note"] = prep.note
+        else:
+            prepared[case.impl] = prep
+    times, numbers, errors = timer.interleaved({impl: p.fn for impl, p in prepared.items()})
+    for impl, error in errors.items():
+        rows[impl]["note"] = _failed(error)
+    cases = {case.impl: case for case in group}
+    base = BASELINE[group[0].family]
+    threads = 1 if timer.cuda else torch.get_num_threads()
+    for impl, per_round in times.items():
+        row, prep = rows[impl], prepared[impl]
+        m = time_measurement(per_round, numbers[impl], cases[impl], threads)
+        row.update(median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3,
+                   runs=len(per_round) * numbers[impl], rounds=len(per_round),
+                   gbps=prep.bytes / m.median / 1e9 if prep.bytes else None,
+                   saved_bytes_per_elem=prep.saved_per_elem, rel_err=prep.rel_err)
+        if row["rel_err"] is not None and not math.isfinite(row["rel_err"]):
+            row["note"] = f"the value is not finite: it overflows {cases[impl].dtype}"
+        if base in times and impl != base:
+            row.update(ratio_summary(times[base], per_round))
+        elif impl == base:
+            row.update(speedup=1.0, speedup_q1=1.0, speedup_q3=1.0, speedup_min=1.0,
+                       speedup_max=1.0, speedup_clear=True)
+    return [rows[case.impl] for case in group]
 
 
 def _fill_ratios(rows, copy):
-    base = {}
+    """Each row's GB/s as a share of the copy bandwidth at its dtype and size."""
     for r in rows:
-        if r["impl"] == BASELINE[FAMILY[r["op"]]] and r["median_ms"]:
-            base[(r["op"], r["dtype"], r["numel"])] = r["median_ms"]
-    for r in rows:
-        if r["median_ms"] is None:
-            continue
-        ref = base.get((r["op"], r["dtype"], r["numel"]))
-        r["speedup"] = ref / r["median_ms"] if ref else None
         bandwidth = copy.get((r["dtype"], r["numel"]))
-        r["copy_frac"] = r["gbps"] / bandwidth if bandwidth else None
+        r["copy_frac"] = r["gbps"] / bandwidth if bandwidth and r["gbps"] else None
 
 
 # ---------------------------------------------------------------- environment
@@ -644,13 +929,15 @@ def device_name(device):
 
 def commit():
     """git rev-parse --short HEAD of the checkout fastreg is imported from ("-dirty" when
-    tracked files differ from it), else "unknown"."""
+    tracked files differ from it); where that is no git checkout (a copy of the tree on a
+    GPU machine), the environment variable FASTREG_COMMIT, else "unknown"."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastreg.__file__)))
+    fallback = os.environ.get("FASTREG_COMMIT") or "unknown"
     try:
         top = subprocess.run(["git", "-C", root, "rev-parse", "--show-toplevel"],
                              capture_output=True, text=True, timeout=10)
         if top.returncode or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
-            return "unknown"
+            return fallback
         head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=10, check=True)
         dirty = subprocess.run(["git", "-C", root, "status", "--porcelain",
@@ -658,7 +945,7 @@ def commit():
                                capture_output=True, text=True, timeout=10)
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def environment(device):
@@ -690,9 +977,185 @@ def _load():
         return None
 
 
+# Other processes' share of the machine's CPU time during a run above which the run
+# counts as competed with (10%: 0.2 of a core on 2 CPUs, 1.6 cores on 16).
+OTHERS_LIMIT = 0.10
+
+
+def machine_cpu_seconds():
+    """(CPU seconds every process has used, number of CPUs counted) from /proc/stat
+    (user, nice, system, irq, softirq and steal: time a hypervisor gave to others counts
+    too), or (None, None) where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        fields = [int(v) for v in lines[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None, None
+    cpus = sum(1 for line in lines[1:] if re.match(r"cpu\d+ ", line)) or os.cpu_count()
+    fields += [0] * (8 - len(fields))
+    busy = fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]
+    return busy / os.sysconf("SC_CLK_TCK"), cpus
+
+
+def own_cpu_seconds():
+    """CPU seconds of this process (every thread), of its children it has waited for and
+    of its living descendants (torch.compile's workers), or None where unknown."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total + _descendants_cpu_seconds()
+
+
+def _descendants_cpu_seconds():
+    """utime + stime of the living descendants of this process, from /proc/<pid>/stat."""
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+        tick = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, AttributeError):
+        return 0.0
+    children, cpu = {}, {}
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                text = f.read()
+        except OSError:
+            continue
+        rest = text[text.rindex(")") + 2:].split()  # the fields after the command name
+        try:
+            pid, ppid = int(entry), int(rest[1])
+            cpu[pid] = (int(rest[11]) + int(rest[12])) / tick
+        except (IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, list(children.get(os.getpid(), ()))
+    while todo:
+        pid = todo.pop()
+        total += cpu.get(pid, 0.0)
+        todo += children.get(pid, ())
+    return total
+
+
+class LoadMonitor:
+    """How much other processes competed with a run: the CPU time that the machine used
+    less that of this process and its descendants, over the run's wall time and the
+    CPUs (the share of the machine they took); and the 1-minute load average before the
+    run, every `interval_s` during it (a thread) and after.
+
+    ``with LoadMonitor(own_threads) as monitor: ...``, then ``monitor.result``; or
+    :meth:`start` and :meth:`stop`. The readers are arguments so that tests can fake them.
+    """
+
+    def __init__(self, own_threads=1, interval_s=2.0, *, clock=time.perf_counter,
+                 machine=machine_cpu_seconds, own=own_cpu_seconds, load=_load):
+        self.own_threads = own_threads
+        self.interval_s = interval_s
+        self._clock, self._machine, self._own, self._load = clock, machine, own, load
+        self.samples = []
+        self.result = None
+        self._thread = None
+        self._stop = None
+
+    def start(self):
+        import threading
+        self._t0, (self._busy0, self._cpus), self._own0 = (
+            self._clock(), self._machine(), self._own())
+        self.load_before = self._load()
+        self._stop = threading.Event()
+        if self.interval_s:
+            self._thread = threading.Thread(target=self._sample, daemon=True,
+                                            name="fastreg-load-monitor")
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval_s):
+            value = self._load()
+            if value is not None:
+                self.samples.append(value)
+
+    def stop(self):
+        """The verdict: a dict with load_before, load_max (during, before and after
+        included), load_after, load_samples, cpus, others_cpu_share, competed and why."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        wall = self._clock() - self._t0
+        busy, cpus = self._machine()
+        own = self._own()
+        after = self._load()
+        loads = [v for v in [self.load_before, *self.samples, after] if v is not None]
+        share = None
+        if None not in (busy, self._busy0, own, self._own0) and wall > 0 and cpus:
+            others = (busy - self._busy0) - (own - self._own0)
+            share = max(0.0, others) / (wall * cpus)
+        cpus = cpus or os.cpu_count() or 1
+        if share is not None:
+            competed = share > OTHERS_LIMIT
+            why = (f"other processes took {share:.0%} of the {cpus} CPUs' time during the run "
+                   f"(limit {OTHERS_LIMIT:.0%})")
+        elif loads:
+            # no CPU accounting: the load average beyond this run's own threads
+            excess = max(loads) - self.own_threads
+            competed = excess > OTHERS_LIMIT * cpus
+            why = (f"the 1-minute load average reached {max(loads):.2f} on {cpus} CPUs, "
+                   f"{self.own_threads} of them this run's threads")
+        else:
+            competed, why = False, "no load information on this system"
+        self.result = {"load_before": self.load_before, "load_max": max(loads) if loads else None,
+                       "load_after": after, "load_samples": len(self.samples), "cpus": cpus,
+                       "others_cpu_share": share, "competed": competed, "why": why,
+                       "wall_s": wall}
+        return self.result
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+def is_results_path(path):
+    """Whether `path` is a file in a folder benchmarks/results/ (where published figures
+    live)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return (os.path.basename(folder) == "results"
+            and os.path.basename(os.path.dirname(folder)) == "benchmarks")
+
+
+def load_refusal(path, load):
+    """Why the JSON of a run must not be written to `path`, or None: a path in
+    benchmarks/results/ and a run that other processes competed with."""
+    if not load or not load.get("competed") or not is_results_path(path):
+        return None
+    return (f"not writing {path}: {load['why']}; figures published in benchmarks/results/ "
+            "come from an idle machine. Rerun when it is idle, or pass --allow-load to write "
+            "it anyway (the JSON records the load)")
+
+
 def load_line(env):
     """How busy the machine was: on a shared CPU, other processes stretch the timings
     (with OpenMP, a thread that waits for a descheduled one waits a whole time slice)."""
+    load = env.get("load")
+    if load is not None:
+        env["load_after"] = load["load_after"]
+        parts = []
+        if load["others_cpu_share"] is not None:
+            parts.append(f"other processes took {load['others_cpu_share']:.0%} of the "
+                         f"{load['cpus']} CPUs' time during the run")
+        if load["load_before"] is not None:
+            parts.append(f"load average (1 min) {load['load_before']:.2f} before, "
+                         f"{load['load_max']:.2f} at most, {load['load_after']:.2f} after")
+        line = "; ".join(parts) or load["why"]
+        if load["competed"]:
+            line += ": other processes competed, timings may be inflated; rerun when idle"
+        return line
     before, after = env.get("load_before"), _load()
     env["load_after"] = after
     if before is None:
@@ -736,35 +1199,55 @@ def header_lines(env, settings=None, timer=None):
     if env["device_type"] == "cpu":
         lines.append(f"CPU threads: {env['threads']} (torch.get_num_threads(); --threads sets it)")
     if timer is not None:
-        clock = "CUDA events" if timer.cuda else "time.perf_counter"
-        lines.append(f"timing: median of >= {timer.repeats} timed blocks after warm-up "
-                     f"({clock})")
+        lines += timing_lines(timer)
     load = load_line(env)
     if load:
         lines.append(load)
     return lines
 
 
+def timing_lines(timer):
+    """What the timings are: the method, in the table's header."""
+    if timer.cuda and timer.l2_flush:
+        clock = ("CUDA events around each call, L2 flushed before each call (a write of "
+                 f"{L2_FLUSH_MIN_BYTES // 2**20} MB or 4x the L2, outside the timed region): "
+                 "inputs come from HBM, launch gaps hidden")
+    elif timer.cuda:
+        clock = ("CUDA events around blocks of back-to-back calls, no L2 flush "
+                 "(--no-l2-flush): small sizes run from L2, launch overhead included")
+    else:
+        clock = "time.perf_counter around each block (timeit.Timer, gc off)"
+    return [f"timing: {clock}; the impls of each comparison interleaved, >= {timer.repeats} "
+            "rounds of one block each, after warm-up"]
+
+
+SPEEDUP_LINE = ("speedup: median over the rounds of baseline time / impl time in the same "
+                "round; spread: their interquartile range; \"spread too wide\" where it holds "
+                f"1.0 or is wider than {SPREAD_LIMIT:.0%} of the median")
+
+
 def format_table(rows, env, settings=Settings(), timer=None):
-    """The human-readable report: a header, a dropout table and a penalty table."""
+    """The human-readable report: a header, then a table per family."""
     out = header_lines(env, settings, timer)
+    out.append(SPEEDUP_LINE)
     out.append("GB/s: bytes the op must move / median time; copy: that as a share of "
                "dst.copy_(src) at the same size and dtype")
     dropout = [r for r in rows if r["op"] in DROPOUT_OPS]
     fused = [r for r in rows if r["op"] in FUSED_OPS]
     penalty = [r for r in rows if r["op"] in PENALTY_OPS]
+    host = [r for r in rows if r["op"] in HOST_OPS]
     if dropout:
         out += ["", f"dropout, p={settings.p}: speedup against F.dropout; kept: bytes autograd "
                     "keeps for backward per element"]
         out += _table(dropout, ["op", "dtype", "size", "impl", "median ms", "GB/s", "copy",
-                                "speedup", "kept B/el"],
+                                "speedup", "spread", "kept B/el"],
                       lambda r: _fmt(r["saved_bytes_per_elem"], ".3f"))
     if fused:
         out += ["", f"fused, p={settings.p}, forward and backward, bias over a last dimension of "
                     f"{FUSED_WIDTH}: speedup against the native composition; GB/s: the fused "
                     "op's bytes (same for every impl)"]
         out += _table(fused, ["op", "dtype", "size", "impl", "median ms", "GB/s", "copy",
-                              "speedup", "kept B/el"],
+                              "speedup", "spread", "kept B/el"],
                       lambda r: _fmt(r["saved_bytes_per_elem"], ".3f"))
     if penalty:
         sets = sorted({r["params"] for r in penalty}, key=list(PARAM_SETS).index)
@@ -774,17 +1257,44 @@ def format_table(rows, env, settings=Settings(), timer=None):
                 "speedup against the Python loop; rel err: against float64 (value; grad_: "
                 "the gradient's norm)"]
         out += _table(penalty, ["op", "dtype", "params", "impl", "median ms", "GB/s", "copy",
-                                "speedup", "rel err"],
+                                "speedup", "spread", "rel err"],
                       lambda r: _fmt_err(r["rel_err"]))
+    if host:
+        out += ["", f"the penalty's host overhead: float32 CPU tensors of {HOST_TENSOR_NUMEL} "
+                    "elements (tiny148: 148 of them, as GPT-2 small has; tiny1000: 1,000), "
+                    "time per call in microseconds against the Python loop; fastreg: "
+                    "penalty(list), penalty_grad_(list), prox_l1_(list); fastreg:Penalty: "
+                    "Penalty(l1=, l2=)(module)"]
+        out += _table(host, ["op", "dtype", "params", "impl", "median us", "GB/s", "copy",
+                             "speedup", "spread", "per tensor us"],
+                      lambda r: _fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f"), unit="us")
     return "\n".join(out)
 
 
-def _table(rows, names, last_cell):
+SPREAD_TOO_WIDE = "spread too wide"
+
+
+def speedup_cells(r):
+    """The speedup and spread cells of a row: "1.42x" and "1.38-1.47", or "spread too
+    wide" in place of the speedup when the per-round ratios do not support it."""
+    if r["speedup"] is None:
+        return "", ""
+    spread = ("" if r["speedup_q1"] is None or r["speedup_q1"] == r["speedup_q3"]
+              else f"{r['speedup_q1']:.2f}-{r['speedup_q3']:.2f}")
+    if r["speedup_clear"] is False:
+        return SPREAD_TOO_WIDE, spread
+    return f"{r['speedup']:.2f}x", spread
+
+
+def _table(rows, names, last_cell, unit="ms"):
     """Aligned rows, grouped by (op, dtype, size); repeated group cells left blank."""
     order = {op: i for i, op in enumerate(OPS)}
-    impls = {impl: i for i, impl in enumerate(DROPOUT_IMPLS + PENALTY_IMPLS + (COMPILE_IMPL,))}
+    impl_order = (DROPOUT_IMPLS + PENALTY_IMPLS + HOST_IMPLS["host_penalty"]
+                  + (COMPILE_IMPL,))
+    impls = {impl: i for i, impl in enumerate(dict.fromkeys(impl_order))}
     rows = sorted(rows, key=lambda r: (order[r["op"]], list(DTYPES).index(r["dtype"]),
                                        r["numel"], r["params"] or "", impls.get(r["impl"], 99)))
+    scale = 1e3 if unit == "us" else 1.0
     body, notes, previous = [], [], None
     for r in rows:
         group = (r["op"], r["dtype"], r["numel"], r["params"])
@@ -797,9 +1307,8 @@ def _table(rows, names, last_cell):
             notes.append(len(body))
             body.append(lead + [r["impl"], r["note"] or "no result"])
             continue
-        body.append(lead + [r["impl"], _fmt_ms(r["median_ms"]), _fmt(r["gbps"], ".1f"),
-                            _fmt(r["copy_frac"], ".0%"), _fmt(r["speedup"], ".1f", "x"),
-                            last_cell(r)])
+        body.append(lead + [r["impl"], _fmt_ms(r["median_ms"] * scale), _fmt(r["gbps"], ".1f"),
+                            _fmt(r["copy_frac"], ".0%"), *speedup_cells(r), last_cell(r)])
     widths = [len(n) for n in names]
     for i, cells in enumerate(body):
         for k, cell in enumerate(cells or ()):
@@ -834,7 +1343,8 @@ def report(env, settings, copy_rows, rows, memory=None):
            "commit": env["commit"], "copy_gbps": copy_rows, "results": rows,
            "backend": env["backend"], "threads": env["threads"], "date": env["date"],
            "python": env["python"], "settings": dataclasses.asdict(settings),
-           "load_before": env.get("load_before"), "load_after": env.get("load_after")}
+           "load_before": env.get("load_before"), "load_after": env.get("load_after"),
+           "load": env.get("load")}
     if memory is not None:
         doc["memory"] = memory
     return doc
