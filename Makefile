@@ -16,7 +16,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 
 SOURCES := setup.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: bench test test-reference build setup clean gpu-check
+.PHONY: bench test test-reference test-cudasim test-cudasim-sanitized cudasim build setup clean gpu-check
 
 # The same property-test examples on every run (tests/conftest.py).
 export HYPOTHESIS_PROFILE ?= ci
@@ -24,8 +24,36 @@ export HYPOTHESIS_PROFILE ?= ci
 bench: build
 	$(PY) -m fastreg bench
 
+# The whole suite on the extension, then the CUDA kernels on the CUDA simulator.
 test: build
 	$(PY) -m pytest -q tests
+	$(MAKE) test-cudasim
+
+# The CUDA kernels on the CUDA simulator (docs/cuda-simulator.md): the simulator's own tests
+# and the kernel test modules, once in each block order, grids capped at 3 resident blocks
+# so that the grid-stride loops iterate.
+CUDASIM_TESTS := tests/test_cudasim.py tests/test_dropout.py tests/test_fused.py \
+	tests/test_penalty.py tests/test_properties.py tests/test_errors.py
+CUDASIM_ORDERS := forward reverse random
+
+cudasim: setup
+	$(PY) -m fastreg._cudasim
+
+test-cudasim: cudasim
+	for order in $(CUDASIM_ORDERS); do \
+	  echo "CUDA simulator, $$order block order:"; \
+	  FASTREG_BACKEND=cudasim FASTREG_CUDASIM_ORDER=$$order FASTREG_CUDASIM_BLOCKS=3 \
+	    $(PY) -m pytest -q $(CUDASIM_TESTS) || exit 1; \
+	done
+
+# The same, built with AddressSanitizer and UndefinedBehaviorSanitizer (one order: random).
+ASAN_RUNTIME = $(shell $${CXX:-c++} -print-file-name=libasan.so)
+test-cudasim-sanitized: setup
+	$(PY) -m fastreg._cudasim --sanitize
+	LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FASTREG_CUDASIM_SANITIZE=1 \
+	  FASTREG_BACKEND=cudasim FASTREG_CUDASIM_ORDER=random FASTREG_CUDASIM_BLOCKS=3 \
+	  $(PY) -m pytest -q -p no:cacheprovider $(CUDASIM_TESTS)
 
 # The whole suite again on the pure-PyTorch fallback: every public function runs
 # fastreg.reference; tests that compare kernels with it skip.
