@@ -4,13 +4,7 @@ import torch
 from torch import nn
 
 from fastreg import _args, _ops, fused, reference
-from fastreg._modules import DropoutModule
-
-
-def _apply(input, p, rng_state, mask):
-    if not _ops.has_kernels(input.device):
-        return reference.dropout_apply(input, p, rng_state, mask)
-    return torch.ops.fastreg.dropout_fwd(input, p, rng_state, mask)[0]
+from fastreg._modules import DropoutModule, dropout_apply as _apply
 
 
 def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
