@@ -1,6 +1,6 @@
 """Fused dropout variants: bias + dropout + residual add, bias + activation + dropout, and
-channel dropout (Dropout1d/2d/3d), all under dropout's RNG contract (README, "The RNG
-contract") and mask modes."""
+channel dropout (Dropout1d/2d/3d), all under dropout's RNG contract
+(docs/rng-contract.md) and mask modes."""
 
 import torch
 from torch import nn
