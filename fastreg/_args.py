@@ -93,12 +93,38 @@ def draw_rng_state(device: torch.device, generator: Optional[torch.Generator]) -
                          device=device, generator=generator)
 
 
+class _AllDropped(torch.autograd.Function):
+    """zeros_like(input) (written, not read: as fast as a memset) with a zero gradient in
+    the output's layout; nothing saved for backward."""
+
+    @staticmethod
+    def forward(ctx, input):
+        out = torch.zeros_like(input)  # empty_like's layout: a kernel's output layout
+        ctx.layout = out.shape, out.stride()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, stride = ctx.layout
+        return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).zero_()
+
+
+@torch.jit.unused
+def _all_dropped_eager(input: torch.Tensor) -> torch.Tensor:
+    return _AllDropped.apply(input)
+
+
 def all_dropped(input: torch.Tensor) -> torch.Tensor:
-    """The output of p = 1 without drawing anything: exactly +0 everywhere (also where
-    `input` is NaN or infinite), in the layout a kernel's output would have
-    (empty_like's), connected to autograd with a zero gradient, as torch's p = 1. Saves a
-    0-dim bool for backward, whatever the mask mode."""
+    """The output of p = 1 without drawing anything or running a kernel: exactly +0
+    everywhere (also where `input` is NaN or infinite), in the layout a kernel's output
+    would have (empty_like's), connected to autograd with a zero gradient, as torch's
+    p = 1; nothing is kept for backward, whatever the mask mode. (TorchScript, which has
+    no autograd.Function, selects with torch.where, reading the input.)"""
+    if not torch.jit.is_scripting():
+        return _all_dropped_eager(input)
     out = torch.where(torch.zeros((), dtype=torch.bool, device=input.device), input, 0.0)
+    if out.stride() == input.stride():  # a dense input: empty_like keeps its strides
+        return out
     layout = torch.empty_like(input)
     return out if out.stride() == layout.stride() else layout.copy_(out)
 
@@ -203,9 +229,10 @@ def dropout_front(apply, input, p, training, inplace, mask, seed, generator):
         check_inplace(input, "dropout")
     if p == 1.0:
         check_seed(seed, generator)  # checked; nothing is drawn
-        out = all_dropped(input)
-    else:
-        out = apply(input, p, rng_state(input.device, seed, generator), mask)
+        if inplace:
+            return input.zero_()
+        return all_dropped(input)
+    out = apply(input, p, rng_state(input.device, seed, generator), mask)
     return input.copy_(out) if inplace else out
 
 

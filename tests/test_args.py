@@ -78,8 +78,12 @@ def test_p_one_gives_plus_zeros_and_zero_gradients(mode, dtype, layout):
     for api in APIS:
         x = _input(dtype, layout).requires_grad_()
         before = torch.random.get_rng_state()
-        out = api.dropout(x, 1.0, mask=mode)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
+                                                      lambda t: t):
+            out = api.dropout(x, 1.0, mask=mode)
         assert torch.equal(torch.random.get_rng_state(), before), "p = 1 draws nothing"
+        assert saved == [], "p = 1 keeps nothing for backward"
         assert out.dtype == dtype and out.shape == x.shape
         assert out.stride() == torch.empty_like(x).stride()
         assert torch.equal(out, torch.zeros_like(out)) and not out.signbit().any()
@@ -87,6 +91,9 @@ def test_p_one_gives_plus_zeros_and_zero_gradients(mode, dtype, layout):
         (grad,) = torch.autograd.grad(out, x, torch.full_like(out, 3.0), create_graph=True)
         assert torch.equal(grad, torch.zeros_like(x))
         assert grad.stride() == out.stride()
+        (grad,) = torch.autograd.grad(api.dropout(x, 1.0, mask=mode), x,
+                                      torch.ones(x.shape, dtype=dtype))  # a contiguous one
+        assert torch.equal(grad, torch.zeros_like(x)) and grad.stride() == out.stride()
         # the same as the contract's rule for p = 1 (every element dropped) and as torch
         assert torch.equal(out, api.dropout(x.detach(), 1.0, mask=mode, seed=5))
         assert torch.equal(out, F.dropout(x.detach().nan_to_num(), 1.0))
