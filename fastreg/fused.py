@@ -90,8 +90,6 @@ def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="
 
 # ---- channel dropout ----------------------------------------------------------------
 
-
-
 def _channel_doc(spatial):
     batched = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[spatial]
     return f"""Channel dropout, a drop-in for ``torch.nn.functional.dropout{spatial}d``: every
