@@ -191,3 +191,14 @@ def test_backend_choice_is_the_eager_one():
     assert _modules.has_kernels(torch.device("cpu")) == _ops.has_kernels("cpu")
     if torch.cuda.is_available():
         assert _modules.has_kernels(torch.device("cuda")) == _ops.has_kernels("cuda")
+
+
+def test_a_forward_calling_the_functions_does_not_script():
+    """The functions take keyword-only arguments with defaults, which TorchScript cannot
+    compile (docs/torchscript.md, "The functions")."""
+    class Net(nn.Module):
+        def forward(self, x):
+            return fastreg.dropout(x, 0.5)
+
+    with pytest.raises(torch.jit.frontend.NotSupportedError, match="keyword-only"):
+        script(Net())
