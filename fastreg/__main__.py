@@ -80,7 +80,6 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m fastreg", description="fastreg: fused dropout and L1/L2 penalties.")
     sub = parser.add_subparsers(dest="command", metavar="{bench,demo}")
-    sub.required = True
 
     b = sub.add_parser("bench", help="benchmark fastreg against native PyTorch",
                        description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -149,7 +148,8 @@ def build_parser():
     d.add_argument("--plot", metavar="PATH",
                    help="draw the fitted curves of part 1 over the data as a PNG "
                         "(needs matplotlib)")
-    d.add_argument("--seed", type=int, default=0, help="seed of part 1 (default: 0)")
+    d.add_argument("--seed", type=int, default=0,
+                   help="first of part 1's three seeds: SEED, SEED+1, SEED+2 (default: 0)")
     d.add_argument("--no-digits", action="store_true", help="skip part 2")
     d.set_defaults(func=run_demo)
     return parser
@@ -266,7 +266,11 @@ def run_demo(args):
 
 def main(argv=None):
     """Entry point of ``python -m fastreg`` and of the ``fastreg`` console script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # as git: no command prints the help and succeeds
+        parser.print_help()
+        return 0
     return args.func(args)
 
 

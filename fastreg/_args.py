@@ -3,6 +3,7 @@ reference, so both accept and reject exactly the same calls."""
 
 import numbers
 import warnings
+from typing import Optional
 
 import torch
 
@@ -31,9 +32,101 @@ def check_tensor(value, name, function):
 
 def check_dropout_input(input, function="dropout"):
     check_tensor(input, "input", function)
-    if input.dtype not in DROPOUT_DTYPES:
+    check_dropout_dtype(input, function)
+
+
+# The functions annotated with types below run in TorchScript too: the scripted forward of
+# the dropout modules (fastreg/_modules.py) shares them with the eager functions.
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """str(dtype); TorchScript holds dtypes as ints, so there the common ones are named."""
+    if not torch.jit.is_scripting():
+        return str(dtype)
+    names = [(torch.int8, "torch.int8"), (torch.uint8, "torch.uint8"), (torch.int16, "torch.int16"),
+             (torch.int32, "torch.int32"), (torch.int64, "torch.int64"), (torch.bool, "torch.bool"),
+             (torch.complex64, "torch.complex64"), (torch.complex128, "torch.complex128")]
+    for candidate, name in names:
+        if dtype == candidate:
+            return name
+    return f"dtype {dtype}"
+
+
+def check_dropout_dtype(input: torch.Tensor, function: str) -> None:
+    dtype = input.dtype
+    if not (dtype == torch.float16 or dtype == torch.bfloat16 or dtype == torch.float32
+            or dtype == torch.float64):
         raise TypeError(f"{function}(): input must be float16, bfloat16, float32 or float64, "
-                        f"but got {input.dtype}")
+                        f"but got {dtype_name(dtype)}")
+
+
+def check_probability_value(p: float) -> None:
+    """p in [0, 1] (NaN fails), torch's message: for a p already known to be a float."""
+    if not (p >= 0.0 and p <= 1.0):
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def check_mask_value(mask: str) -> None:
+    if mask != "bits" and mask != "bool" and mask != "recompute":
+        raise ValueError(f"mask must be one of 'bits', 'bool', 'recompute', but got '{mask}'")
+
+
+def check_training(training, function):
+    """`training` must be a bool, as torch's F.dropout has it (an int, a float, None or a
+    tensor raise TypeError there too)."""
+    if not isinstance(training, bool):
+        raise TypeError(f"{function}(): argument 'training' must be bool, not "
+                        f"{type(training).__name__}")
+
+
+def check_inplace_leaf(input: torch.Tensor, function: str) -> None:
+    """torch's rule for an in-place op on a leaf that requires grad (see check_inplace)."""
+    if input.requires_grad and torch.is_grad_enabled() and input.is_leaf:
+        raise RuntimeError(f"{function}(): a leaf Variable that requires grad is being used in an "
+                           "in-place operation (inplace=True on input)")
+
+
+def draw_rng_state(device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The (seed, offset) pair drawn from `generator` or the device's default generator by
+    a torch random op on `device` (out of place: torch.compile traces randint, not
+    random_), over nearly the full int64 range."""
+    return torch.randint(-9223372036854775807 - 1, 9223372036854775807, [2], dtype=torch.int64,
+                         device=device, generator=generator)
+
+
+class _AllDropped(torch.autograd.Function):
+    """zeros_like(input) (written, not read: as fast as a memset) with a zero gradient in
+    the output's layout; nothing saved for backward."""
+
+    @staticmethod
+    def forward(ctx, input):
+        out = torch.zeros_like(input)  # empty_like's layout: a kernel's output layout
+        ctx.layout = out.shape, out.stride()
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, stride = ctx.layout
+        return torch.empty_strided(shape, stride, dtype=grad.dtype, device=grad.device).zero_()
+
+
+@torch.jit.unused
+def _all_dropped_eager(input: torch.Tensor) -> torch.Tensor:
+    return _AllDropped.apply(input)
+
+
+def all_dropped(input: torch.Tensor) -> torch.Tensor:
+    """The output of p = 1 without drawing anything or running a kernel: exactly +0
+    everywhere (also where `input` is NaN or infinite), in the layout a kernel's output
+    would have (empty_like's), connected to autograd with a zero gradient, as torch's
+    p = 1; nothing is kept for backward, whatever the mask mode. (TorchScript, which has
+    no autograd.Function, selects with torch.where, reading the input.)"""
+    if not torch.jit.is_scripting():
+        return _all_dropped_eager(input)
+    out = torch.where(torch.zeros((), dtype=torch.bool, device=input.device), input, 0.0)
+    if out.stride() == input.stride():  # a dense input: empty_like keeps its strides
+        return out
+    layout = torch.empty_like(input)
+    return out if out.stride() == layout.stride() else layout.copy_(out)
 
 
 def check_mask_mode(mask):
@@ -73,9 +166,7 @@ def check_inplace(input, function):
     the message names the argument (torch's own comes from the final copy_)."""
     if not (input.requires_grad and torch.is_grad_enabled()):
         return
-    if input.is_leaf:
-        raise RuntimeError(f"{function}(): a leaf Variable that requires grad is being used in an "
-                           "in-place operation (inplace=True on input)")
+    check_inplace_leaf(input, function)
     if input._base is not None and input._base.is_leaf:  # dynamo traces _base, not _is_view()
         raise RuntimeError(f"{function}(): a view of a leaf Variable that requires grad is being "
                            "used in an in-place operation (inplace=True on input)")
@@ -99,6 +190,17 @@ def check_generator(generator):
     return generator
 
 
+def check_seed(seed, generator):
+    """The seed as an int64 (None when not given); rejects a seed given with a generator
+    and a generator that is not one."""
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("give either seed or generator, not both")
+        return as_int64(seed, "seed")
+    check_generator(generator)
+    return None
+
+
 def rng_state(device, seed=None, generator=None):
     """The (seed, offset) pair of the RNG contract as an int64 tensor on `device`.
 
@@ -106,26 +208,30 @@ def rng_state(device, seed=None, generator=None):
     the device's default generator with a torch random op on that device: the draw stays
     on the device and inside a CUDA graph each replay draws anew, as native dropout does.
     """
+    seed = check_seed(seed, generator)
     if seed is not None:
-        if generator is not None:
-            raise ValueError("give either seed or generator, not both")
-        return torch.tensor([as_int64(seed, "seed"), 0], dtype=torch.int64, device=device)
-    check_generator(generator)
-    # Out of place (torch.compile traces randint, not random_); nearly the full int64 range.
-    return torch.randint(-(1 << 63), (1 << 63) - 1, (2,), dtype=torch.int64, device=device,
-                         generator=generator)
+        return torch.tensor([seed, 0], dtype=torch.int64, device=device)
+    return draw_rng_state(device, generator)
 
 
 def dropout_front(apply, input, p, training, inplace, mask, seed, generator):
     """Everything F.dropout does around the kernel: checks, the identity cases, the RNG
-    draw and in-place semantics. `apply(input, p, rng_state, mask)` returns the output."""
+    draw and in-place semantics. `apply(input, p, rng_state, mask)` returns the output.
+    p = 1 draws nothing and runs no kernel, as torch's (fastreg._modules.script_dropout is
+    the same for TorchScript)."""
     p = check_probability(p)
     check_dropout_input(input)
+    check_training(training, "dropout")
     check_mask_mode(mask)
     if not training or p == 0.0:
         return input
     if inplace:
         check_inplace(input, "dropout")
+    if p == 1.0:
+        check_seed(seed, generator)  # checked; nothing is drawn
+        if inplace:
+            return input.zero_()
+        return all_dropped(input)
     out = apply(input, p, rng_state(input.device, seed, generator), mask)
     return input.copy_(out) if inplace else out
 
@@ -411,6 +517,7 @@ def bias_dropout_add_front(apply, input, bias, residual, p, training, mask, seed
     check_dropout_input(input, function)
     check_bias(bias, input, function)
     check_residual(residual, input, function)
+    check_training(training, function)
     check_mask_mode(mask)
     input, bias, residual = promote_fused(input, bias, residual)
     if not training or p == 0.0:
@@ -426,6 +533,7 @@ def bias_act_dropout_front(apply, input, bias, p, activation, training, mask, se
     check_dropout_input(input, function)
     check_bias(bias, input, function)
     activation = check_activation(activation)
+    check_training(training, function)
     check_mask_mode(mask)
     input, bias = promote_fused(input, bias)
     if not training or p == 0.0:
@@ -435,9 +543,9 @@ def bias_act_dropout_front(apply, input, bias, p, activation, training, mask, se
 
 # ---- channel dropout ----------------------------------------------------------------
 
-def _channel_rank_rules(input, spatial, stacklevel):
+def channel_rank_rules(input: torch.Tensor, spatial: int, stacklevel: int) -> bool:
     """torch's rank rules for dropout{spatial}d (torch/nn/functional.py): returns whether
-    input has a batch dimension; raises or warns with torch's messages."""
+    input has a batch dimension; raises or warns with torch's messages. (TorchScript too.)"""
     name, dim = f"dropout{spatial}d", input.dim()
     if spatial == 1:
         if dim not in (2, 3):
@@ -479,8 +587,9 @@ def channel_dropout_front(apply, input, p, training, inplace, mask, seed, genera
     function = f"dropout{spatial}d"
     p = check_probability(p)
     check_dropout_input(input, function)
+    check_training(training, function)
     check_mask_mode(mask)
-    batched = _channel_rank_rules(input, spatial, stacklevel=4)
+    batched = channel_rank_rules(input, spatial, stacklevel=4)
     # As torch's feature dropout: the identity cases first, then p = 1 (zeros, with no
     # rank check), then at least 2 dimensions are needed.
     if not training or p == 0.0 or input.numel() == 0:
@@ -489,7 +598,8 @@ def channel_dropout_front(apply, input, p, training, inplace, mask, seed, genera
         check_inplace(input, function)
     x = input if batched else input.unsqueeze(0)
     if p == 1.0:
-        out = torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x, 0.0)
+        check_seed(seed, generator)  # checked; nothing is drawn
+        out = all_dropped(x)
     elif x.dim() < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
     else:

@@ -4,13 +4,7 @@ import torch
 from torch import nn
 
 from fastreg import _args, _ops, fused, reference
-from fastreg._modules import DropoutModule
-
-
-def _apply(input, p, rng_state, mask):
-    if not _ops.has_kernels(input.device):
-        return reference.dropout_apply(input, p, rng_state, mask)
-    return torch.ops.fastreg.dropout_fwd(input, p, rng_state, mask)[0]
+from fastreg._modules import DropoutModule, dropout_apply as _apply
 
 
 def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
@@ -19,7 +13,7 @@ def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=Non
 
     Each element is zeroed with probability ``p`` and the others are scaled by
     ``1 / (1 - p)``, by one fused kernel that draws the keep-mask from Philox4x32-10
-    (see README, "The RNG contract").
+    (see docs/rng-contract.md).
 
     Args:
         input: a float16, bfloat16, float32 or float64 tensor, any layout.
@@ -63,7 +57,7 @@ class Dropout(DropoutModule, nn.Dropout):
             from; None (default) draws from the device's default generator. A plain
             attribute, not in the state dict (which stays ``nn.Dropout``'s); ranks of a
             tensor-parallel group that must drop the same elements give their modules
-            generators seeded alike (README, "Distributed training").
+            generators seeded alike (docs/distributed.md).
     """
 
     _function = staticmethod(dropout)
@@ -77,7 +71,7 @@ def replace_dropout(model, *, mask="bits"):
 
     Only dropout that runs as a module call is reached: attention dropout given as a float
     (``nn.MultiheadAttention``; Hugging Face's attention functions, which read the module's
-    ``p``) stays torch's. See README, "replace_dropout on real models"."""
+    ``p``) stays torch's. See docs/dropout.md, "replace_dropout on real models"."""
     _args.check_module(model, "model", "replace_dropout")
     _args.check_mask_mode(mask)
     classes = {nn.Dropout: Dropout, nn.Dropout1d: fused.Dropout1d, nn.Dropout2d: fused.Dropout2d,

@@ -1,12 +1,12 @@
 """Fused dropout variants: bias + dropout + residual add, bias + activation + dropout, and
-channel dropout (Dropout1d/2d/3d), all under dropout's RNG contract (README, "The RNG
-contract") and mask modes."""
+channel dropout (Dropout1d/2d/3d), all under dropout's RNG contract
+(docs/rng-contract.md) and mask modes."""
 
 import torch
 from torch import nn
 
 from fastreg import _args, _ops, reference
-from fastreg._modules import DropoutModule
+from fastreg._modules import DropoutModule, channel_apply as _channel_apply
 
 
 def _bias_dropout_add(input, bias, residual, p, rng_state, mask):
@@ -90,13 +90,6 @@ def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="
 
 # ---- channel dropout ----------------------------------------------------------------
 
-def _channel_apply(input, p, rng_state):
-    keep = None
-    if _ops.has_kernels(input.device):
-        keep = torch.ops.fastreg.dropout_mask(rng_state, list(input.shape[:2]), p)
-    return reference.channel_dropout_apply(input, p, rng_state, keep)
-
-
 def _channel_doc(spatial):
     batched = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[spatial]
     return f"""Channel dropout, a drop-in for ``torch.nn.functional.dropout{spatial}d``: every
@@ -133,6 +126,7 @@ class Dropout1d(DropoutModule, nn.Dropout1d):
     ``generator`` as in :class:`fastreg.Dropout`."""
 
     _function = staticmethod(dropout1d)
+    _spatial = 1
 
 
 class Dropout2d(DropoutModule, nn.Dropout2d):
@@ -141,6 +135,7 @@ class Dropout2d(DropoutModule, nn.Dropout2d):
     ``generator`` as in :class:`fastreg.Dropout`."""
 
     _function = staticmethod(dropout2d)
+    _spatial = 2
 
 
 class Dropout3d(DropoutModule, nn.Dropout3d):
@@ -149,3 +144,4 @@ class Dropout3d(DropoutModule, nn.Dropout3d):
     ``generator`` as in :class:`fastreg.Dropout`."""
 
     _function = staticmethod(dropout3d)
+    _spatial = 3

@@ -6,6 +6,8 @@ tensor ops (32-bit words held in int64, products split so nothing overflows), so
 reference runs on any device, draws nothing on the host and needs no synchronisation.
 """
 
+from typing import List, Optional
+
 import torch
 
 from fastreg import _args
@@ -38,7 +40,7 @@ def keep_threshold(p):
     return int(p * 4294967296.0)
 
 
-def keep_flat(numel, p, rng_state):
+def keep_flat(numel: int, p: float, rng_state: torch.Tensor) -> torch.Tensor:
     """The bool keep flags of elements 0 .. numel-1 (memory order) for the int64
     rng_state tensor (seed, offset)."""
     return torch.ops.fastreg_reference.keep_flat(numel, p, rng_state)
@@ -65,17 +67,27 @@ def _(numel, p, rng_state):
     return rng_state.new_empty((numel,), dtype=torch.bool)
 
 
-def memory_order_view(flat, like):
+def memory_order_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`flat`, given in the memory order of the dense tensor `like`, viewed with like's
-    shape: element i of flat lands in like's i-th memory slot."""
-    order = sorted(range(like.dim()), key=lambda d: like.stride(d), reverse=True)
-    inverse = sorted(range(like.dim()), key=lambda k: order[k])
+    shape: element i of flat lands in like's i-th memory slot. (TorchScript too: the
+    dimensions are sorted by decreasing stride, stably, by insertion.)"""
+    strides = like.stride()
+    order: List[int] = []
+    for d in range(like.dim()):
+        k = len(order)
+        while k > 0 and strides[order[k - 1]] < strides[d]:
+            k -= 1
+        order.insert(k, d)
+    inverse = [0] * len(order)
+    for k in range(len(order)):
+        inverse[order[k]] = k
     return flat.view([like.shape[d] for d in order]).permute(inverse)
 
 
-def dropout_apply(input, p, rng_state, mask="bits"):
+def dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor,
+                  mask: str = "bits") -> torch.Tensor:
     """The dropout forward of the RNG contract for a drawn rng_state. `mask` only matters
-    to the kernels' memory use; the reference keeps what autograd keeps."""
+    to the kernels' memory use; the reference keeps what autograd keeps. (TorchScript too.)"""
     layout = torch.empty_like(input)  # the output's layout: the input's, when dense
     keep = memory_order_view(keep_flat(input.numel(), p, rng_state), layout)
     opmath = torch.float64 if input.dtype == torch.float64 else torch.float32
@@ -239,11 +251,11 @@ _SQRT_2_OVER_PI = 0.79788456080286535588   # M_SQRT2 * M_2_SQRTPI / 2
 _KAPPA = 0.044715
 
 
-def opmath_dtype(dtype):
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dropout_scale(p):
+def dropout_scale(p: float) -> float:
     """1 / (1 - p) as a Python float (rounded to the op-math type by the tensor op)."""
     return 1.0 / (1.0 - p) if p < 1.0 else 0.0
 
@@ -377,15 +389,16 @@ def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="
 
 # ---- channel dropout ----------------------------------------------------------------
 
-def channel_dropout_apply(input, p, rng_state, keep=None):
+def channel_dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor,
+                          keep: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Channel dropout of an input (N, C, *) for a drawn rng_state: channel (n, c) is kept
     iff element n * C + c of the contract is (the flags of dropout_mask((N, C), p, S, O)),
     kept channels scaled by 1 / (1 - p) in op-math and rounded once, dropped ones exactly 0.
-    `keep`, when given, is that (N, C) bool mask (the kernels draw it)."""
-    n, c = input.shape[:2]
+    `keep`, when given, is that (N, C) bool mask (the kernels draw it). (TorchScript too.)"""
+    n, c = input.shape[0], input.shape[1]
     if keep is None:
-        keep = keep_flat(n * c, p, rng_state).view(n, c)
-    keep = keep.view(n, c, *([1] * (input.dim() - 2)))
+        keep = keep_flat(n * c, p, rng_state)
+    keep = keep.view([n, c] + [1] * (input.dim() - 2))
     opmath = opmath_dtype(input.dtype)
     return torch.where(keep, input.to(opmath) * dropout_scale(p), 0.0).to(input.dtype)
 

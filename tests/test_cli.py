@@ -32,6 +32,24 @@ def test_help(argv, capsys):
             assert option in out
 
 
+def test_no_command_prints_the_help_and_succeeds(capsys):
+    """As git: `python -m fastreg` alone prints the help (both commands) and exits 0."""
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m fastreg") and "bench" in out and "demo" in out
+    result = subprocess.run([sys.executable, "-m", "fastreg"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: python -m fastreg" in result.stdout and "demo" in result.stdout
+
+
+def test_unknown_command_still_fails(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["benchmark"])
+    assert exit.value.code == 2
+    assert "invalid choice: 'benchmark'" in capsys.readouterr().err
+
+
 def test_module_runs_as_script():
     result = subprocess.run([sys.executable, "-m", "fastreg", "--help"], capture_output=True,
                             text=True, timeout=120)

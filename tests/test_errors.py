@@ -1,4 +1,4 @@
-"""Bad inputs: the README's table ("## Errors") run row by row against the public API and
+"""Bad inputs: the table of docs/errors.md run row by row against the public API and
 the reference, and edge inputs that are not errors, which must work (and not crash) in
 both backends alike."""
 
@@ -13,16 +13,14 @@ import torch
 import fastreg
 from fastreg import reference
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ERRORS_PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 ERRORS = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError}
 
 
-def readme_errors():
-    """(setup code, rows): the section's python block and its table rows as
+def errors_page():
+    """(setup code, rows): the page's python block and its table rows as
     (call, argument, error, message) with the backticks removed."""
-    text = README.read_text()
-    start = text.index("\n## Errors\n")
-    section = text[start:text.index("\n## ", start + 1)]
+    section = ERRORS_PAGE.read_text()
     setup = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     rows = []
     for line in section.splitlines():
@@ -32,7 +30,7 @@ def readme_errors():
     return setup, rows
 
 
-SETUP, ROWS = readme_errors()
+SETUP, ROWS = errors_page()
 
 
 def function_of(call):
