@@ -81,6 +81,20 @@ __device__ __forceinline__ int tensor_of_chunk(const Table& table, int64_t c) {
   return lo;
 }
 
+// Where chunk c lies: its tensor t and elements first .. first+count-1 of it.
+struct ChunkSpan {
+  int t;
+  int64_t first, count;
+};
+
+template <typename Table>
+__device__ __forceinline__ ChunkSpan chunk_span(const Table& table, int64_t c) {
+  const int t = tensor_of_chunk(table, c);
+  const int64_t first = (c - table.chunk_begin[t]) * kPenaltyChunk;
+  const int64_t left = table.numel[t] - first;
+  return {t, first, left < kPenaltyChunk ? left : kPenaltyChunk};
+}
+
 // Calls f(scalar_t{}) with the C++ type of a table's dtype code: the same branch for the
 // whole block.
 template <typename F>
@@ -158,13 +172,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     penalty_reduce_kernel(ReduceTable table, double* partials) {
   const int64_t chunks = table.chunk_begin[table.n];
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    const int t = tensor_of_chunk(table, c);
-    const int64_t first = (c - table.chunk_begin[t]) * kPenaltyChunk;
-    const int64_t left = table.numel[t] - first;
-    const int64_t count = left < kPenaltyChunk ? left : kPenaltyChunk;
+    const ChunkSpan s = chunk_span(table, c);
     double value = 0.0;
-    visit_dtype(table.dtype[t], [&](auto tag) {
-      value = chunk_value<decltype(tag)>(table.data[t], first, count, table.l1[t], table.l2[t]);
+    visit_dtype(table.dtype[s.t], [&](auto tag) {
+      value = chunk_value<decltype(tag)>(table.data[s.t], s.first, s.count, table.l1[s.t],
+                                         table.l2[s.t]);
     });
     if (threadIdx.x == 0) partials[c] = value;
   }
@@ -220,13 +232,10 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
   const int64_t chunks = table.chunk_begin[table.n];
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
-    const int t = tensor_of_chunk(table, c);
-    const int64_t first = (c - table.chunk_begin[t]) * kPenaltyChunk;
-    const int64_t left = table.numel[t] - first;
-    const int64_t count = left < kPenaltyChunk ? left : kPenaltyChunk;
-    visit_dtype(table.dtype[t], [&](auto tag) {
-      elementwise_chunk<decltype(tag), kMode>(table.in[t], table.out[t], first, count, table.a[t],
-                                              table.b[t], g);
+    const ChunkSpan s = chunk_span(table, c);
+    visit_dtype(table.dtype[s.t], [&](auto tag) {
+      elementwise_chunk<decltype(tag), kMode>(table.in[s.t], table.out[s.t], s.first, s.count,
+                                              table.a[s.t], table.b[s.t], g);
     });
   }
 }
