@@ -11,6 +11,7 @@ See docs/functional-routing.md.
 """
 
 import threading
+import types as types_
 
 import torch
 import torch.nn.functional as F
@@ -19,17 +20,23 @@ from torch.overrides import TorchFunctionMode
 from fastreg import _args
 
 _local = threading.local()
+_redispatch = getattr(torch.overrides, "redispatch_function", None)  # torch >= 2.14
+
+
+def _plain_type(cls):
+    """A tensor type that keeps torch's __torch_function__ (Tensor, Parameter, ...)."""
+    if cls in (torch.Tensor, torch.nn.Parameter):
+        return True
+    tf = getattr(cls, "__torch_function__", None)
+    return getattr(tf, "__func__", tf) in (torch.Tensor.__torch_function__.__func__,
+                                           torch._C._disabled_torch_function_impl)
 
 
 def _plain(tensor):
     """Whether fastreg may serve `tensor`: a Tensor (or Parameter, or a subclass that keeps
     torch's __torch_function__). A subclass with its own __torch_function__ is owed the call
     of torch's function, so it gets it (and torch's dropout)."""
-    tf = getattr(type(tensor), "__torch_function__", None)
-    return isinstance(tensor, torch.Tensor) and (
-        type(tensor) in (torch.Tensor, torch.nn.Parameter)
-        or getattr(tf, "__func__", tf) in (torch.Tensor.__torch_function__.__func__,
-                                           torch._C._disabled_torch_function_impl))
+    return isinstance(tensor, torch.Tensor) and _plain_type(type(tensor))
 
 
 def _bind(names, defaults, args, kwargs):
@@ -113,9 +120,24 @@ class DropoutMode(TorchFunctionMode):
         serve = _HANDLERS.get(func)
         if serve is not None:
             input = args[0] if args else kwargs.get("input")
-            if _plain(input):
-                self.count += 1
-                return serve(self, args, kwargs)
+            if not _plain(input):
+                return func(*args, **kwargs)
+            self.count += 1
+            return serve(self, args, kwargs)
+        return self.redispatch(func, types, args, kwargs)
+
+    def redispatch(self, func, types, args, kwargs):
+        """Runs a call that this mode does not serve, inside this mode when it is a Python
+        function (F.multi_head_attention_forward, ...): the dropout it calls is served too.
+        torch < 2.14 has no way to do that (torch.overrides.redispatch_function): there the
+        calls inside another overridable Python function stay torch's. So do those of a
+        call given a tensor subclass with its own __torch_function__, which is owed the
+        outer call."""
+        if (_redispatch is not None and isinstance(func, types_.FunctionType)
+                and getattr(func, "__module__", None) == "torch.nn.functional"
+                and all(_plain_type(t) for t in types)):
+            with self:
+                return _redispatch(func, types, args, kwargs)
         return func(*args, **kwargs)
 
     def __repr__(self):
@@ -130,7 +152,10 @@ class _ForwardHooks:
 
     The hooks go on every module of the model, so that a submodule's forward re-run by
     activation checkpointing in the backward pass is covered as the forward was. A forward
-    inside another's keeps the outer mode (one mode per thread at a time)."""
+    inside another's keeps the outer mode (one mode per thread at a time). A module in eval
+    mode runs without one: it drops nothing, and torch's fast paths that any active
+    TorchFunctionMode turns off (nn.TransformerEncoderLayer's, nn.MultiheadAttention's)
+    stay on, so evaluation is bitwise the original model's."""
 
     def __init__(self, mask):
         self.mask = mask
@@ -138,14 +163,19 @@ class _ForwardHooks:
     def pre(self, module, args):
         depth = getattr(_local, "depth", 0)
         if depth == 0:
+            if not module.training:
+                return
             mode = DropoutMode(self.mask)
             mode.__enter__()
             _local.mode = mode
         _local.depth = depth + 1
 
     def post(self, module, args, output):
-        _local.depth -= 1
-        if _local.depth == 0:
+        depth = getattr(_local, "depth", 0)
+        if depth == 0:  # its pre-hook entered no mode (eval mode)
+            return
+        _local.depth = depth - 1
+        if depth == 1:
             mode, _local.mode = _local.mode, None
             mode.__exit__(None, None, None)
 
