@@ -4,7 +4,6 @@ count of Korthikanti et al.) and the interleaved step times."""
 import json
 
 import pytest
-import torch
 
 from conftest import requires_extension
 from fastreg import memory
