@@ -196,3 +196,47 @@ def test_gpt2_gradient_checkpointing_with_routed_functional_dropout(transformers
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+# ---- the fused ops and channel dropout draw the same way ---------------------------------
+
+FUSED = {
+    "bias_dropout_add": lambda h, bias: fastreg.bias_dropout_add(h, bias, torch.zeros_like(h), P,
+                                                                 mask="bits"),
+    "bias_act_dropout": lambda h, bias: fastreg.bias_act_dropout(h, bias, P, None, mask="bool"),
+    "dropout2d": lambda h, bias: fastreg.dropout2d(h.view(4, 8, 6, 8) + bias.view(1, 1, 1, 8),
+                                                   P, mask="recompute").view(32, 48),
+}
+
+
+@pytest.mark.parametrize("op", list(FUSED))
+@pytest.mark.parametrize("scheme,backend", [("non-reentrant", None),
+                                            ("memory-budget", "aot_eager")])
+def test_fused_and_channel_dropout(op, scheme, backend):
+    bias = torch.zeros(48 if op != "dropout2d" else 8)
+
+    def fused_block(x):
+        return torch.cos(FUSED[op](torch.sin(x), bias)) * 2.0
+
+    SCHEMES_FUSED = {"non-reentrant": lambda x: cp.checkpoint(fused_block, x,
+                                                              use_reentrant=False),
+                     "memory-budget": fused_block, "none": fused_block}
+
+    def run(name):
+        x = (torch.rand(32, 48, generator=torch.Generator().manual_seed(1)) + 0.5
+             ).requires_grad_()
+        fn = SCHEMES_FUSED[name]
+        if backend is not None:
+            torch._dynamo.reset()
+            fn = torch.compile(fn, backend=backend, fullgraph=True)
+        with functorch_config.patch(activation_memory_budget=0.05 if name == "memory-budget"
+                                    else 1.0):
+            torch.manual_seed(0)
+            out = fn(x)
+            out.sum().backward()
+        return x.grad, out.detach() != 2.0
+
+    expected, _ = run("none")
+    grad, forward_keep = run(scheme)
+    assert torch.equal(grad != 0, forward_keep)
+    assert torch.equal(grad, expected)
