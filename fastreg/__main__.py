@@ -124,9 +124,14 @@ def build_parser():
     m = b.add_argument_group(
         "--memory", "train a small GPT-style model with nn.Dropout and fastreg.Dropout in "
         "each mask mode and report memory and step time (instead of the op benchmark); "
-        "defaults: CPU 2 layers, width 128, 4 heads, batch 8, sequence 256, vocab 512; "
+        "defaults: CPU 2 layers, width 128, 4 heads, batch 4, sequence 128, vocab 512; "
         "GPU GPT-2 small: 12 layers, width 768, 12 heads, batch 8, sequence 1024, vocab 50304")
     m.add_argument("--memory", action="store_true", help="run the memory report")
+    m.add_argument("--model", choices=("both", "own", "gpt2"), default="both",
+                   help="fastreg's own GPT-style model, Hugging Face GPT-2 (eager attention; "
+                        "defaults: CPU 2 layers, width 64, 2 heads, batch 1, sequence 512, "
+                        "vocab 512; GPU 12 layers, width 768, 12 heads, batch 4, sequence "
+                        "1024), or both (default); the options below shape both")
     m.add_argument("--layers", type=_checked(_positive), metavar="N", help="transformer blocks")
     m.add_argument("--width", type=_checked(_positive), metavar="N", help="model width")
     m.add_argument("--heads", type=_checked(_positive), metavar="N", help="attention heads")
@@ -230,27 +235,37 @@ def _write_json(args, env, doc):
 def _run_memory(args, device, env, settings, memory, monitor):
     import dataclasses
 
-    cfg = memory.DEFAULTS[device]
     given = {k: getattr(args, k) for k in ("layers", "width", "heads", "batch", "seq", "vocab")
              if getattr(args, k) is not None}
     if args.dropout is not None:
         given["p"] = args.dropout
-    cfg = dataclasses.replace(cfg, **given)
+    cfg = dataclasses.replace(memory.DEFAULTS[device], **given)
+    gpt2_cfg = dataclasses.replace(memory.GPT2_DEFAULTS[device], **given)
     dtypes = args.dtype or ["float32"]
     if len(dtypes) != 1:
         raise SystemExit("fastreg bench --memory: give one --dtype")
     dtype = bench.DTYPES[dtypes[0]]
-    bar = bench.Progress(len(memory.VARIANTS), enabled=not args.no_progress)
+    own, gpt2 = args.model in ("both", "own"), args.model in ("both", "gpt2")
+    bar = bench.Progress(len(memory.VARIANTS) * own + len(memory.GPT2_VARIANTS) * gpt2,
+                         enabled=not args.no_progress)
     with monitor:
-        rows = memory.run(cfg, device, dtype, args.steps, bar)
+        rows = memory.run(cfg, device, dtype, args.steps, bar) if own else None
+        gpt2_rows = memory.run_gpt2(gpt2_cfg, device, dtype, args.steps, bar) if gpt2 else None
     env["load"] = monitor.result
     bar.done()
-    print(memory.format_table(rows, cfg, dtypes[0], args.steps, bench.header_lines(env)),
-          flush=True)
+    lines = bench.header_lines(env)
+    if own:
+        print(memory.format_table(rows, cfg, dtypes[0], args.steps, lines), flush=True)
+    else:
+        print("\n".join(lines))
+    if gpt2:
+        print(memory.format_gpt2_table(gpt2_rows, gpt2_cfg, dtypes[0], args.steps), flush=True)
     if args.json:
         _write_json(args, env, bench.report(env, settings, [], [], memory={
             "config": dataclasses.asdict(cfg), "dtype": dtypes[0], "steps": args.steps,
-            "rows": rows}))
+            "rows": rows, "gpt2": None if gpt2_rows is None else {
+                "config": dataclasses.asdict(gpt2_cfg), "rows": gpt2_rows,
+                "korthikanti_layer_bytes": memory.korthikanti(gpt2_cfg)}}))
     return 0
 
 

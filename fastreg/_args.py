@@ -16,7 +16,14 @@ _UINT64 = 1 << 64
 
 
 def check_probability(p, name="p"):
-    """p as a float in [0, 1]; the error messages are torch's own."""
+    """p as a float in [0, 1]; the error messages are torch's own. A 0-dim real tensor is
+    read as its value, as F.dropout does (a graph break under torch.compile: the value
+    decides the code path)."""
+    if isinstance(p, torch.Tensor):
+        if p.dim() != 0 or p.is_complex() or p.dtype == torch.bool:
+            raise TypeError(f"{name} must be a float or a 0-dim real tensor, but got a tensor "
+                            f"of shape {tuple(p.shape)} and dtype {p.dtype}")
+        p = p.item()
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a float, but got {type(p).__name__}")
     p = float(p)
@@ -211,7 +218,76 @@ def rng_state(device, seed=None, generator=None):
     seed = check_seed(seed, generator)
     if seed is not None:
         return torch.tensor([seed, 0], dtype=torch.int64, device=device)
+    if generator is not None:
+        check_not_recomputing()
+    elif _compiling():
+        return _saved_draw(device)
     return draw_rng_state(device, generator)
+
+
+def _compiling():
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
+# ---- one mask under recomputation (docs/recomputation.md) ----
+#
+# The mask is a pure function of (input's shape, p, rng_state), so forward and backward
+# apply one mask exactly when a recomputed forward sees the rng_state the forward drew.
+# Eager: torch.utils.checkpoint (reentrant or not, selective or not) restores the default
+# generators before it re-runs a forward (preserve_rng_state=True, its default), so the
+# draw repeats bit for bit; an explicit generator is not restored, which is detected.
+# Compiled: the partitioner may recompute any node in the backward graph, a random one
+# too once activation_memory_budget < 1 (where native dropout goes wrong), and a redrawn
+# rng_state gives another mask. So under torch.compile the draw runs inside a selective-
+# checkpoint region whose policy is MUST_SAVE: its node is tagged so, and the partitioner
+# never recomputes a MUST_SAVE node (it saves the 16 bytes instead).
+
+def _must_save(ctx, op, *args, **kwargs):
+    return torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
+
+
+def _must_save_contexts():
+    return torch.utils.checkpoint.create_selective_checkpoint_contexts(_must_save)
+
+
+def _saved_draw(device):
+    """The draw, as a node the partitioner must save (see above)."""
+    import torch.utils.checkpoint  # noqa: F401  (the submodule, for torch.utils.checkpoint.*)
+
+    if not hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts"):
+        check_no_memory_budget()  # torch < 2.4: no selective checkpointing to tag with
+        return draw_rng_state(device, None)
+    return torch.utils.checkpoint.checkpoint(draw_rng_state, device, None, use_reentrant=False,
+                                             context_fn=_must_save_contexts)
+
+
+def check_no_memory_budget():
+    budget = getattr(torch._functorch.config, "activation_memory_budget", 1.0)
+    if budget < 1.0:
+        raise RuntimeError(
+            f"dropout(): torch._functorch.config.activation_memory_budget is {budget}, and "
+            f"this torch ({torch.__version__}) has no selective activation checkpointing to "
+            "keep the partitioner from recomputing the dropout's random draw in the backward "
+            "pass (the backward would apply another mask). Use a budget of 1.0 or torch >= 2.4.")
+
+
+def _graph_task_running():
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return current is not None and current() != -1
+
+
+def check_not_recomputing():
+    """A draw from an explicit generator must not run in a forward that the backward pass
+    re-runs (activation checkpointing): torch.utils.checkpoint restores the default
+    generators only, so the re-run would draw another mask than the forward applied."""
+    if _compiling() or not torch.is_grad_enabled() or not _graph_task_running():
+        return
+    raise RuntimeError(
+        "dropout(): a forward with an explicit generator is being re-run in the backward pass "
+        "(activation checkpointing): torch.utils.checkpoint restores the default generators "
+        "only, so the recomputed mask would differ from the forward's. Draw from the default "
+        "generator (generator=None) or pass seed= inside checkpointed regions.")
 
 
 def dropout_front(apply, input, p, training, inplace, mask, seed, generator):

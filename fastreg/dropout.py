@@ -63,7 +63,7 @@ class Dropout(DropoutModule, nn.Dropout):
     _function = staticmethod(dropout)
 
 
-def replace_dropout(model, *, mask="bits"):
+def replace_dropout(model, *, mask="bits", functional=False):
     """Replaces every ``nn.Dropout``, ``nn.Dropout1d``, ``nn.Dropout2d`` and ``nn.Dropout3d``
     in ``model`` (in place) by :class:`fastreg.Dropout`, :class:`fastreg.Dropout1d`, ... with
     the same ``p``, ``inplace`` and training mode; returns ``model``, or the new module if
@@ -71,9 +71,26 @@ def replace_dropout(model, *, mask="bits"):
 
     Only dropout that runs as a module call is reached: attention dropout given as a float
     (``nn.MultiheadAttention``; Hugging Face's attention functions, which read the module's
-    ``p``) stays torch's. See docs/dropout.md, "replace_dropout on real models"."""
+    ``p``) stays torch's, unless ``functional=True``. See docs/dropout.md, "replace_dropout on
+    real models".
+
+    With ``functional=True`` the forward of every module of ``model`` also runs inside a
+    :class:`fastreg.DropoutMode` (forward hooks), so that the model's calls of
+    ``F.dropout``, ``F.dropout1d/2d/3d`` and ``torch.dropout`` run fastreg's dropout in mode
+    ``mask`` too (docs/functional-routing.md)."""
     _args.check_module(model, "model", "replace_dropout")
     _args.check_mask_mode(mask)
+    if not isinstance(functional, bool):
+        raise TypeError(f"replace_dropout(): functional must be a bool, but got "
+                        f"{type(functional).__name__}")
+    model = _swap_modules(model, mask)
+    if functional:
+        from fastreg.functional_mode import route_functional
+        route_functional(model, mask)
+    return model
+
+
+def _swap_modules(model, mask):
     classes = {nn.Dropout: Dropout, nn.Dropout1d: fused.Dropout1d, nn.Dropout2d: fused.Dropout2d,
                nn.Dropout3d: fused.Dropout3d}
 
@@ -88,5 +105,5 @@ def replace_dropout(model, *, mask="bits"):
         if type(child) in classes:
             setattr(model, name, swap(child))
         else:
-            replace_dropout(child, mask=mask)
+            _swap_modules(child, mask)
     return model

@@ -1,16 +1,28 @@
 """``python -m fastreg bench --memory``: what dropout costs in a training step.
 
-A small GPT-style transformer (causal self-attention written out, so that dropout acts
-on the attention probabilities, on the residual branches and on the embeddings, as in
-GPT-2) is trained for a few steps with ``nn.Dropout`` and with ``fastreg.Dropout`` in
-each mask mode, from the same initial weights and data. Reported side by side:
+Two models, each trained from the same initial weights and data in every variant:
+
+* fastreg's own small GPT-style transformer (causal self-attention written out, so that
+  dropout acts on the attention probabilities, on the residual branches and on the
+  embeddings, as in GPT-2, all through ``nn.Dropout`` modules), with ``nn.Dropout`` and with
+  ``fastreg.Dropout`` in each mask mode;
+* Hugging Face GPT-2 (built from a config, no download; eager attention, whose dropout on
+  the attention probabilities is an ``F.dropout`` call), with ``nn.Dropout``, with
+  ``replace_dropout(mask=...)`` (modules only) and with
+  ``replace_dropout(mask=..., functional=True)`` (the functional calls routed as well), set
+  beside the count of Korthikanti et al. 2022. Skipped with a message without transformers.
+
+Reported side by side:
 
 * the bytes autograd keeps for backward during one step, measured with
   ``torch.autograd.graph.saved_tensors_hooks`` (each storage once, parameters left out:
-  they are kept anyway), on every device;
-* on the GPU, the peak of ``torch.cuda.max_memory_allocated`` over the timed steps
-  (weights, gradients and AdamW state included);
-* the median step time (forward, backward, AdamW step).
+  they are kept anyway), on every device; for GPT-2 also per transformer block (each saved
+  storage counted in the block that first saves it);
+* on the GPU, the rise of ``torch.cuda.max_memory_allocated`` during a step over what was
+  allocated before it (activations, gradients, temporaries);
+* the step time (forward, backward, AdamW step): the variants interleaved round by round
+  (the order rotated each round), each timed over several steps; the median, the spread
+  (min-max) and the median of the per-round ratios to ``nn.Dropout``.
 
 "no dropout" (the same model with p=0) gives the floor: what the model keeps without
 any dropout at all.
@@ -26,7 +38,6 @@ from torch import nn
 import torch.nn.functional as F
 
 import fastreg
-from fastreg.bench import saved_bytes
 
 VARIANTS = ("no dropout", "nn.Dropout", "fastreg:bits", "fastreg:bool", "fastreg:recompute")
 BASELINE = "nn.Dropout"
@@ -43,7 +54,7 @@ class ModelConfig:
     p: float = 0.1
 
 
-DEFAULTS = {"cpu": ModelConfig(),
+DEFAULTS = {"cpu": ModelConfig(batch=4, seq=128),
             "cuda": ModelConfig(layers=12, width=768, heads=12, batch=8, seq=1024, vocab=50304)}
 
 
@@ -115,6 +126,8 @@ def build(cfg, variant, device, dtype=torch.float32, seed=0):
 
 def _step(model, optimizer, idx, targets):
     logits = model(idx)
+    if not isinstance(logits, torch.Tensor):  # Hugging Face output
+        logits = logits.logits
     loss = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.view(-1))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -122,58 +135,236 @@ def _step(model, optimizer, idx, targets):
     return loss
 
 
-def measure(cfg, variant, device, dtype=torch.float32, steps=5):
-    """One row: kept bytes, peak bytes (GPU), median step time, last loss."""
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    model = build(cfg, variant, device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    idx = torch.randint(cfg.vocab, (cfg.batch, cfg.seq + 1), generator=gen).to(device)
-    idx, targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+class _Trainee:
+    """One variant's model, optimizer and batch, and its measurements."""
 
-    _step(model, optimizer, idx, targets)  # warm-up: allocates AdamW's state
-    params = [p for p in model.parameters()] + [b for b in model.buffers()]
-    _, kept = saved_bytes(lambda: model(idx), exclude=params)
+    def __init__(self, variant, model, cfg, device):
+        self.variant, self.model, self.device = variant, model, torch.device(device)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        idx = torch.randint(cfg.vocab, (cfg.batch, cfg.seq + 1), generator=gen).to(device)
+        self.idx, self.targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+        self.times, self.peaks, self.loss = [], [], None
 
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(max(1, steps)):
-        t0 = time.perf_counter()
-        loss = _step(model, optimizer, idx, targets)
+    def step(self):
+        cuda = self.device.type == "cuda"
         if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else None
-    return {"variant": variant, "parameters": sum(p.numel() for p in model.parameters()),
-            "kept_bytes": kept, "peak_bytes": peak,
-            "step_ms": statistics.median(times) * 1e3, "loss": loss.item()}
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t0 = time.perf_counter()
+        loss = _step(self.model, self.optimizer, self.idx, self.targets)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            self.peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
+        self.times.append(time.perf_counter() - t0)
+        self.loss = loss.item()
+
+    def kept(self, blocks=()):
+        """(bytes autograd keeps in one forward, {block index: bytes first saved in it})."""
+        params = list(self.model.parameters()) + list(self.model.buffers())
+        skip = {t.untyped_storage().data_ptr() for t in params}
+        seen, owner, where = {}, {}, [None]
+        handles = []
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(
+                lambda m, a, i=i: where.__setitem__(0, i)))
+            handles.append(block.register_forward_hook(
+                lambda m, a, o: where.__setitem__(0, None), always_call=True))
+
+        def pack(t):
+            storage = t.untyped_storage()
+            key = storage.data_ptr() or id(storage)
+            if storage.data_ptr() not in skip and key not in seen:
+                seen[key] = storage.nbytes()
+                owner[key] = where[0]
+            return t
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                self.model(self.idx)
+        finally:
+            for handle in handles:
+                handle.remove()
+        per_block = {}
+        for key, nbytes in seen.items():
+            if owner[key] is not None:
+                per_block[owner[key]] = per_block.get(owner[key], 0) + nbytes
+        return sum(seen.values()), per_block
+
+
+def _interleaved(trainees, steps, progress=None, label="memory"):
+    """Warm-up, kept bytes, then `steps` rounds of one step per variant, in an order rotated
+    each round, so that a change in machine load falls on every variant alike."""
+    for t in trainees:
+        if progress:
+            progress.step(f"{label}: {t.variant}")
+        t.step()  # warm-up: allocates AdamW's state
+        t.times.clear(), t.peaks.clear()
+    n = len(trainees)
+    for r in range(max(1, steps)):
+        for k in range(n):
+            trainees[(r + k) % n].step()
+
+
+def _timing(row, t, base):
+    times = sorted(t.times)
+    row["step_ms"] = statistics.median(times) * 1e3
+    row["step_ms_min"], row["step_ms_max"] = times[0] * 1e3, times[-1] * 1e3
+    ratios = sorted(b / v for b, v in zip(base.times, t.times))
+    row["speedup"] = statistics.median(ratios)
+    row["speedup_min"], row["speedup_max"] = ratios[0], ratios[-1]
+    row["peak_bytes"] = max(t.peaks) if t.peaks else None
+    row["loss"] = t.loss
 
 
 def run(cfg, device, dtype=torch.float32, steps=5, progress=None):
-    """Rows for every variant, with ratios against nn.Dropout."""
+    """Rows for every variant of fastreg's own model, with ratios against nn.Dropout."""
+    trainees = [_Trainee(v, build(cfg, v, device, dtype), cfg, device) for v in VARIANTS]
+    _interleaved(trainees, steps, progress)
     rows = []
-    for variant in VARIANTS:
-        if progress:
-            progress.step(f"memory: {variant}")
-        rows.append(measure(cfg, variant, device, dtype, steps))
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-    base = next(r for r in rows if r["variant"] == BASELINE)
-    floor = next(r for r in rows if r["variant"] == "no dropout")
+    for t in trainees:
+        kept, _ = t.kept()
+        rows.append({"variant": t.variant, "kept_bytes": kept,
+                     "parameters": sum(p.numel() for p in t.model.parameters())})
+    base = trainees[VARIANTS.index(BASELINE)]
+    for row, t in zip(rows, trainees):
+        _timing(row, t, base)
+    base_row = rows[VARIANTS.index(BASELINE)]
+    floor = rows[VARIANTS.index("no dropout")]
     for r in rows:
         r["dropout_kept_bytes"] = r["kept_bytes"] - floor["kept_bytes"]
-        r["kept_vs_native"] = r["kept_bytes"] / base["kept_bytes"]
-        r["peak_vs_native"] = (r["peak_bytes"] / base["peak_bytes"]
+        r["kept_vs_native"] = r["kept_bytes"] / base_row["kept_bytes"]
+        r["peak_vs_native"] = (r["peak_bytes"] / base_row["peak_bytes"]
                                if r["peak_bytes"] is not None else None)
-        r["speedup"] = base["step_ms"] / r["step_ms"]
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ---- Hugging Face GPT-2 -------------------------------------------------------------------
+
+GPT2_VARIANTS = ("no dropout", "nn.Dropout", "fastreg:bits", "fastreg:bool", "fastreg:recompute",
+                 "fastreg:bits+functional", "fastreg:bool+functional",
+                 "fastreg:recompute+functional")
+
+MASKLESS = "fastreg:recompute+functional"
+
+GPT2_DEFAULTS = {"cpu": ModelConfig(layers=2, width=64, heads=2, batch=1, seq=512, vocab=512),
+                 "cuda": ModelConfig(layers=12, width=768, heads=12, batch=4, seq=1024,
+                                     vocab=50257)}
+
+TRANSFORMERS_MISSING = ("GPT-2: skipped, transformers is not installed (pip install "
+                        "transformers; the model is built from a config, nothing is downloaded)")
+
+
+def _transformers():
+    """The transformers module, or None where it is missing or disables this torch."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        return None
+    if not transformers.utils.is_torch_available():
+        return None
+    return transformers
+
+
+def build_gpt2(transformers, cfg, variant, device, dtype=torch.float32, seed=0):
+    p = 0.0 if variant == "no dropout" else cfg.p
+    config = transformers.GPT2Config(
+        vocab_size=cfg.vocab, n_embd=cfg.width, n_layer=cfg.layers, n_head=cfg.heads,
+        n_positions=cfg.seq, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, bos_token_id=0,
+        eos_token_id=0)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config, attn_implementation="eager") \
+        if _accepts_attn_kwarg(transformers) else transformers.GPT2LMHeadModel(config)
+    model.config._attn_implementation = "eager"
+    model.config.use_cache = False
+    if variant.startswith("fastreg:"):
+        mode, _, functional = variant.split(":", 1)[1].partition("+")
+        fastreg.replace_dropout(model, mask=mode, functional=bool(functional))
+    return model.to(device=device, dtype=dtype).train()
+
+
+def _accepts_attn_kwarg(transformers):
+    import inspect
+
+    try:
+        return "attn_implementation" in inspect.signature(
+            transformers.GPT2LMHeadModel.__init__).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def korthikanti(cfg, bytes_per_value=2):
+    """Korthikanti et al. 2022 (Reducing Activation Recomputation in Large Transformer
+    Models), per transformer layer in 16-bit training: (activations, of which dropout
+    masks) = (34 s b h + 5 a s^2 b, 2 s b h + a s^2 b) bytes."""
+    s, b, h, a = cfg.seq, cfg.batch, cfg.width, cfg.heads
+    return 34 * s * b * h + 5 * a * s * s * b, 2 * s * b * h + a * s * s * b
+
+
+def run_gpt2(cfg, device, dtype=torch.float32, steps=5, progress=None):
+    """Rows for every GPT-2 variant, or None without transformers."""
+    transformers = _transformers()
+    if transformers is None:
+        return None
+    trainees = [_Trainee(v, build_gpt2(transformers, cfg, v, device, dtype), cfg, device)
+                for v in GPT2_VARIANTS]
+    _interleaved(trainees, steps, progress, label="gpt2")
+    rows = []
+    for t in trainees:
+        kept, per_block = t.kept(list(t.model.transformer.h))
+        layer = statistics.median(per_block.values()) if per_block else 0
+        rows.append({"variant": t.variant, "kept_bytes": kept, "layer_bytes": layer,
+                     "parameters": sum(p.numel() for p in t.model.parameters())})
+    base = trainees[GPT2_VARIANTS.index(BASELINE)]
+    for row, t in zip(rows, trainees):
+        _timing(row, t, base)
+    base_row = rows[GPT2_VARIANTS.index(BASELINE)]
+    # fastreg:recompute+functional keeps no mask at all (16 bytes of seed and offset per
+    # call) and otherwise what nn.Dropout keeps: the masks of a variant are its excess over it
+    maskless = rows[GPT2_VARIANTS.index(MASKLESS)]["layer_bytes"]
+    native_masks = base_row["layer_bytes"] - maskless
+    for r in rows:
+        r["layer_vs_native"] = r["layer_bytes"] / base_row["layer_bytes"]
+        r["mask_bytes"] = r["layer_bytes"] - maskless if r["variant"] != "no dropout" else None
+        r["masks_removed"] = (1 - r["mask_bytes"] / native_masks
+                              if native_masks and r["mask_bytes"] is not None else None)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
 def _mib(n):
     return "" if n is None else f"{n / 2**20:.1f}"
+
+
+def _table(names, body):
+    widths = [max(len(c[k]) for c in body + [names]) for k in range(len(names))]
+
+    def line(cells):
+        return "  ".join(c.ljust(widths[0]) if k == 0 else c.rjust(widths[k])
+                         for k, c in enumerate(cells))
+    return [line(names), line(["-" * w for w in widths])] + [line(c) for c in body]
+
+
+def _time_cells(r):
+    # A ratio whose per-round range holds 1 shows no difference: marked, not a speedup.
+    unsupported = r["speedup_min"] < 1.0 < r["speedup_max"]
+    return [f"{r['step_ms']:.1f}", f"{r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}",
+            f"{'~' if unsupported else ''}{r['speedup']:.2f}x",
+            f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}"]
+
+
+TIME_NOTE = ("~: the per-round ratios fall on both sides of 1, so the run shows no speed "
+             "difference")
+
+
+TIME_NAMES = ["step ms", "min-max", "vs nn.Dropout", "per-round range"]
 
 
 def format_table(rows, cfg, dtype, steps, env_lines):
@@ -183,28 +374,66 @@ def format_table(rows, cfg, dtype, steps, env_lines):
         "",
         f"memory: GPT-style model, {cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, "
         f"vocab {cfg.vocab}, {params / 1e6:.2f}M parameters, {dtype}; batch {cfg.batch} x "
-        f"sequence {cfg.seq}; dropout p={cfg.p}; AdamW; median of {steps} steps after one warm-up",
+        f"sequence {cfg.seq}; dropout p={cfg.p}; AdamW; {steps} steps per variant after one "
+        "warm-up, the variants interleaved round by round",
         "kept: bytes autograd keeps for backward in one step, parameters left out; "
         "of which dropout: kept less that of the model without dropout (masks, and the "
         "dropped activations that the next layer saves)"
-        + ("; peak: torch.cuda.max_memory_allocated over the steps" if cuda else ""),
+        + ("; step peak: rise of torch.cuda.max_memory_allocated during a step" if cuda else "")
+        + "; step ms: median, min-max; vs nn.Dropout: median of the per-round time ratios "
+        "(>1: faster) and their range",
     ]
     names = ["variant", "kept MiB", "of which dropout", "vs nn.Dropout"]
     if cuda:
-        names += ["peak MiB", "vs nn.Dropout"]
-    names += ["step ms", "speedup", "loss"]
+        names += ["step peak MiB", "vs nn.Dropout"]
+    names += TIME_NAMES + ["loss"]
     body = []
     for r in rows:
         cells = [r["variant"], _mib(r["kept_bytes"]), _mib(r["dropout_kept_bytes"]),
                  f"{r['kept_vs_native']:.2f}x"]
         if cuda:
             cells += [_mib(r["peak_bytes"]), f"{r['peak_vs_native']:.2f}x"]
-        cells += [f"{r['step_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['loss']:.4f}"]
+        cells += _time_cells(r) + [f"{r['loss']:.4f}"]
         body.append(cells)
-    widths = [max(len(c[k]) for c in body + [names]) for k in range(len(names))]
+    return "\n".join(out + _table(names, body) + [TIME_NOTE])
 
-    def line(cells):
-        return "  ".join(c.ljust(widths[0]) if k == 0 else c.rjust(widths[k])
-                         for k, c in enumerate(cells))
-    out += [line(names), line(["-" * w for w in widths])] + [line(c) for c in body]
-    return "\n".join(out)
+
+def format_gpt2_table(rows, cfg, dtype, steps):
+    if rows is None:
+        return "\n" + TRANSFORMERS_MISSING
+    total, masks = korthikanti(cfg)
+    elements = masks  # one byte per mask element in the count
+    params = rows[0]["parameters"]
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    out = [
+        "",
+        f"memory: Hugging Face GPT-2 (eager attention), {cfg.layers} layers, width {cfg.width}, "
+        f"{cfg.heads} heads, vocab {cfg.vocab}, {params / 1e6:.2f}M parameters, {dtype}; batch "
+        f"{cfg.batch} x sequence {cfg.seq}; dropout p={cfg.p}; {steps} steps per variant, "
+        "interleaved",
+        "per layer: bytes autograd keeps per transformer block (median over blocks); "
+        "+functional: replace_dropout(..., functional=True), the attention-probability "
+        "F.dropout routed too; masks: per layer less that of fastreg:recompute+functional "
+        "(which keeps no mask, only 16 bytes of seed and offset per call); removed: the share "
+        "of nn.Dropout's masks removed",
+        f"Korthikanti et al. 2022, per layer in 16-bit training: 34sbh + 5as^2b = "
+        f"{_mib(total)} MiB of activations, of which dropout masks 2sbh + as^2b = "
+        f"{_mib(masks)} MiB ({masks / total:.0%}: 1 byte per element); the same "
+        f"{elements / 1e6:.2f}M mask elements at {size} bytes (torch's CPU dropout keeps its "
+        f"mask in the input's dtype) = {_mib(elements * size)} MiB",
+    ]
+    names = ["variant", "per layer MiB", "vs nn.Dropout", "masks MiB", "removed", "kept MiB"]
+    cuda = rows[0]["peak_bytes"] is not None
+    if cuda:
+        names += ["step peak MiB"]
+    names += TIME_NAMES + ["loss"]
+    body = []
+    for r in rows:
+        removed = "" if r["masks_removed"] is None else f"{r['masks_removed']:.0%}"
+        cells = [r["variant"], _mib(r["layer_bytes"]), f"{r['layer_vs_native']:.2f}x",
+                 _mib(r["mask_bytes"]), removed, _mib(r["kept_bytes"])]
+        if cuda:
+            cells += [_mib(r["peak_bytes"])]
+        cells += _time_cells(r) + [f"{r['loss']:.4f}"]
+        body.append(cells)
+    return "\n".join(out + _table(names, body) + [TIME_NOTE])

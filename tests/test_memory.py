@@ -1,0 +1,75 @@
+"""python -m fastreg bench --memory: the GPT-2 part (per-layer bytes, masks against the
+count of Korthikanti et al.) and the interleaved step times."""
+
+import json
+
+import pytest
+
+from conftest import requires_extension
+from fastreg import memory
+from fastreg.__main__ import main
+
+TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--batch", "2", "--seq", "16",
+        "--vocab", "64", "--steps", "2", "--no-progress", "--threads", "1"]
+
+
+def test_korthikanti_count():
+    cfg = memory.ModelConfig(layers=1, width=768, heads=12, batch=1, seq=1024)
+    s, b, h, a = 1024, 1, 768, 12
+    assert memory.korthikanti(cfg) == (34 * s * b * h + 5 * a * s * s * b,
+                                       2 * s * b * h + a * s * s * b)
+
+
+@requires_extension  # measures what the kernels keep
+def test_gpt2_report_routed_masks_vanish(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    if memory._transformers() is None:
+        pytest.skip("transformers disables this torch")
+    path = tmp_path / "m.json"
+    main(["bench", "--memory", "--device", "cpu", "--model", "gpt2", *TINY, "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "Hugging Face GPT-2" in out and "Korthikanti" in out
+    doc = json.loads(path.read_text())["memory"]
+    assert doc["rows"] is None
+    rows = {r["variant"]: r for r in doc["gpt2"]["rows"]}
+    assert set(rows) == set(memory.GPT2_VARIANTS)
+    layer = {v: r["layer_bytes"] for v, r in rows.items()}
+    assert layer["no dropout"] < layer[memory.MASKLESS] <= layer["fastreg:bits+functional"] \
+        < layer["fastreg:bool+functional"] < layer["fastreg:bool"] < layer["nn.Dropout"]
+    # routing the functional calls removes the attention-probability masks: with
+    # recompute+functional nothing is left but the 16-byte (seed, offset) pairs (the
+    # reference point), with bits 1 bit per element
+    cfg = memory.ModelConfig(**doc["gpt2"]["config"])
+    _, mask_elements = memory.korthikanti(cfg)
+    native_mask = layer["nn.Dropout"] - layer[memory.MASKLESS]
+    # torch's CPU dropout keeps a float32 mask; fastreg 16 bytes per call (3 per layer)
+    assert native_mask == mask_elements * 4 - 3 * 16
+    bits = layer["fastreg:bits+functional"] - layer[memory.MASKLESS]
+    words = lambda n: (n + 31) // 32 * 4  # noqa: E731
+    attn = cfg.heads * cfg.seq * cfg.seq * cfg.batch
+    resid = cfg.seq * cfg.batch * cfg.width
+    assert bits == words(attn) + 2 * words(resid)
+    for r in rows.values():
+        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
+        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+
+
+def test_without_transformers_the_report_says_so(monkeypatch, capsys):
+    monkeypatch.setattr(memory, "_transformers", lambda: None)
+    assert memory.run_gpt2(memory.GPT2_DEFAULTS["cpu"], "cpu") is None
+    assert "transformers is not installed" in memory.format_gpt2_table(None, None, "float32", 1)
+
+
+def test_interleaved_rounds_rotate_the_order():
+    order = []
+
+    class Fake:
+        def __init__(self, name):
+            self.variant, self.times, self.peaks = name, [], []
+
+        def step(self):
+            order.append(self.variant)
+
+    trainees = [Fake(n) for n in "abc"]
+    memory._interleaved(trainees, 3)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")
