@@ -100,8 +100,9 @@ def _prox_l1_apply(tensors, thresholds):
 # rebuilt only when the module's key changes. The key (module_key) hashes the module
 # tree as named_parameters() walks it: every module, the names and objects in its
 # _parameters and _modules, and each parameter's requires_grad, dtype, device and number
-# of dimensions; the objects it hashed are kept alive with the selection, so an address
-# cannot be reused by another object while it is cached. Anything else (groups, named
+# of dimensions; the classes, names and parameters it hashed are kept alive with the
+# selection, so their addresses cannot be reused by other objects while it is cached
+# (modules are not kept: see csrc/ops/penalty_front.cpp). Anything else (groups, named
 # parameters, DTensors and other tensor subclasses, a TorchFunctionMode, a bad argument,
 # torch.compile's tracing) takes the general path in fastreg/_args.py, which raises the
 # errors with the argument's name. The two paths give the same bits: the same operator
@@ -117,7 +118,7 @@ class _Selection:
 
 
 # module -> its last _Selection. Weak keys: an entry goes with its module; it holds the
-# module's parameters and submodules (not the module itself) until then or a rebuild.
+# module's parameters (no module) until then or a rebuild.
 _SELECTIONS = weakref.WeakKeyDictionary()
 
 
@@ -135,7 +136,7 @@ def _module_tensors(function, module, exclude):
         return None
     entry = _Selection()
     entry.exclude, entry.key = exclude, key
-    entry.refs = refs[1:]  # refs[0] is the module: the weak key must not be held
+    entry.refs = refs  # classes, names and parameters: never a module (see module_key)
     entry.tensors = [p for _, p in _args.module_params(module, exclude)]
     _SELECTIONS[module] = entry
     return entry.tensors
@@ -257,8 +258,12 @@ class Penalty(nn.Module):
     ``penalty(model, l1, l2, exclude=...)``.
 
     ``l1``, ``l2`` and ``exclude`` are plain attributes: change them between steps
-    (a schedule) without rebuilding anything. Calling it with parameter groups or a list
-    of tensors works too (``exclude`` must then be None).
+    (a schedule) without rebuilding anything. At least one of ``l1`` and ``l2`` must be
+    given by the time it is called (TypeError otherwise, as for :func:`penalty`). The
+    model's parameter selection is cached with the model (see the module docstring)
+    and made again when its parameters change or ``exclude`` is another object. Calling
+    it with parameter groups or a list of tensors works too (``exclude`` must then be
+    None), and with named parameters (``exclude`` None or a callable).
     """
 
     def __init__(self, l1=None, l2=None, *, exclude=None):

@@ -371,3 +371,16 @@ def test_fast_path_layouts():
     fastreg.prox_l1_([{"params": slow}], 0.3)
     for a, b in zip(fast, slow):
         assert_bits_equal(a.detach(), b.detach())
+
+
+@requires_extension
+def test_cache_holds_no_module():
+    """A submodule that refers back to the model (a hook's closure, say) must not keep
+    the model alive through the cache."""
+    net = Net()
+    net.fc1.register_forward_hook(lambda module, args, out, root=net: None)
+    fastreg.penalty(net, l2=1.0)
+    weak = weakref.ref(net)
+    del net
+    gc.collect()
+    assert weak() is None

@@ -159,13 +159,17 @@ bool prox_l1_fast(pybind11::handle params, pybind11::handle threshold_obj) {
 // ---- The module key ----
 
 // The walk follows named_modules() and named_parameters() (in their order) and feeds
-// every object it meets to `mix`: the modules, the names and values of their
+// what a selection depends on to `mix`: each module's class, the names and values of its
 // _parameters and _modules, and for each parameter its requires_grad, dtype, device and
-// number of dimensions. A module or parameter met twice (shared, tied) is simply hashed
-// again: the walk is the same from call to call as long as the tree is. With `refs`,
-// every object met is appended to it: the caller keeps them alive, so that an address in
-// a later walk can only be that same object (no address is reused while the key is
-// held). A tree deeper than 512 or with more than a million entries is not keyed.
+// number of dimensions (and each module's address, which changes nothing that matters but
+// costs nothing). A module or parameter met twice (shared, tied) is simply hashed again:
+// the walk is the same from call to call as long as the tree is. With `refs`, the objects
+// whose addresses the key holds are appended to it (classes, names, parameters): the
+// caller keeps them alive, so that such an address in a later walk can only be that same
+// object. Modules are not kept (a cache must not keep a model alive, nor anything that
+// refers back to it); a new module at a dead one's address, of the same class, with the
+// same names and the same parameter objects, selects the same tensors. A tree deeper than
+// 512 or with more than a million entries is not keyed.
 struct KeyWalk {
   uint64_t hash = 0x9e3779b97f4a7c15ULL;
   PyObject* refs = nullptr;  // a list, or null
@@ -204,7 +208,8 @@ struct KeyWalk {
       ok = false;
       return;
     }
-    object(m);
+    mix(reinterpret_cast<uintptr_t>(m));
+    object(reinterpret_cast<PyObject*>(Py_TYPE(m)));
     PyObject* params = dict_attr(m, parameters_name);
     PyObject* children = dict_attr(m, modules_name);
     if (params == nullptr || children == nullptr) {
