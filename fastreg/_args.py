@@ -262,16 +262,16 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
     the argument was not given; a parameter group may override those named in
     `group_keys` (default: all) with a key of that name. A call in which no coefficient
     is given at all (neither as an argument nor as a group key) is a TypeError (it would
-    be a silent zero); None then counts as 0.0. Tied parameters of a Module count once; a tensor listed twice counts
-    twice, as a Python loop over the list would. `params` is an nn.Module (its
-    parameters that require grad, after `exclude`), a tensor, an iterable of tensors,
-    named parameters (a mapping of names to tensors without a "params" key, or (name,
-    tensor) pairs: taken as given, after `exclude`), or an iterable of groups (dicts with
-    a "params" key; other keys, such as an optimizer's "lr" or "weight_decay", are
-    ignored). An iterator that yields nothing (a stored model.parameters() generator,
-    used up by an earlier call) is a ValueError, not an empty selection. Checks dtypes,
-    layouts and devices, and DTensors' placements (and that they share one mesh, with
-    `one_mesh`).
+    be a silent zero); None then counts as 0.0. Tied parameters of a Module count once;
+    a tensor listed twice counts twice, as a Python loop over the list would. `params`
+    is an nn.Module (its parameters that require grad, after `exclude`), a tensor, an
+    iterable of tensors, named parameters (a mapping of names to tensors without a
+    "params" key, or (name, tensor) pairs: taken as given, after `exclude`), or an
+    iterable of groups (dicts with a "params" key; other keys, such as an optimizer's
+    "lr" or "weight_decay", are ignored). An iterator that yields nothing (a stored
+    model.parameters() generator, used up by an earlier call) is a ValueError, not an
+    empty selection. Checks dtypes, layouts and devices, and DTensors' placements (and
+    that they share one mesh, with `one_mesh`).
     """
     group_keys = coefficients.keys() if group_keys is None else group_keys
     if isinstance(params, torch.nn.Module):
