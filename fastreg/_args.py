@@ -3,6 +3,7 @@ reference, so both accept and reject exactly the same calls."""
 
 import numbers
 import warnings
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -319,8 +320,19 @@ EXCLUDE_RULES = ("bias_and_norm",)
 
 
 def check_coefficient(value, name, function):
-    """A penalty coefficient or threshold as a float >= 0 (finite)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    """A penalty coefficient or threshold as a float >= 0 (finite): a real number, or a
+    0-dim real tensor that does not require grad (read with .item(), so a host
+    synchronisation for a CUDA tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
+            raise TypeError(f"{function}(): {name} must be a float or a 0-dim real tensor, but "
+                            f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        if value.requires_grad:
+            raise TypeError(f"{function}(): {name} is a tensor that requires grad, but it is "
+                            "read as a float and would get no gradient: multiply the penalty "
+                            f"by it instead ({name} * fastreg.l1_penalty(params), say)")
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{function}(): {name} must be a float, but got {type(value).__name__}")
     value = float(value)
     if not value >= 0.0 or value == float("inf"):  # also rejects nan
@@ -329,7 +341,20 @@ def check_coefficient(value, name, function):
     return value
 
 
-def check_exclude(exclude, params, function):
+def check_optional_coefficient(value, name, function):
+    """check_coefficient, or None for an argument not given."""
+    return None if value is None else check_coefficient(value, name, function)
+
+
+def missing_coefficients(function, names, where=""):
+    keys = " or ".join(names)
+    return TypeError(f"{function}() needs a coefficient: give {keys}{where} (0.0 turns a "
+                     f"term off); a call without one would be a silent zero")
+
+
+def check_exclude(exclude, params, function, named=False):
+    """`exclude` is None, a known rule or a callable, and params can be selected from by
+    name: a Module, or (named=True) named parameters, which take a callable only."""
     if exclude is None:
         return
     if isinstance(exclude, str):
@@ -339,9 +364,22 @@ def check_exclude(exclude, params, function):
     elif not callable(exclude):
         raise TypeError(f"{function}(): exclude must be None, a str or a callable "
                         f"(name, param) -> bool, but got {type(exclude).__name__}")
-    if not isinstance(params, torch.nn.Module):
+    if isinstance(params, torch.nn.Module):
+        return
+    if not named:
         raise ValueError(f"{function}(): exclude selects parameters by name, so params must "
-                         f"be an nn.Module, but got {type(params).__name__}")
+                         f"be an nn.Module, but got {type(params).__name__}; named parameters "
+                         "(a dict of names to tensors, or model.named_parameters()) take a "
+                         "callable exclude too")
+    if isinstance(exclude, str):
+        raise ValueError(f"{function}(): exclude={exclude!r} needs the nn.Module, to find its "
+                         "normalization layers, but got named parameters; pass the module, "
+                         "or a callable exclude(name, param)")
+
+
+def _is_pair(item):
+    return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], torch.Tensor))
 
 
 def _norm_types():
@@ -391,43 +429,71 @@ def _group_tensors(group_params):
     return list(group_params)
 
 
+def _resolve(function, coefficients, where=""):
+    """The coefficients with None (not given) as 0.0; TypeError when none is given."""
+    if coefficients and all(value is None for value in coefficients.values()):
+        raise missing_coefficients(function, list(coefficients), where)
+    return {key: 0.0 if value is None else value for key, value in coefficients.items()}
+
+
 def collect_params(function, params, coefficients, exclude=None, group_keys=None, one_mesh=False):
     """The tensors of `params` and their coefficients: (tensors, {key: [value per tensor]},
     label), label(i) naming tensors[i] in errors.
 
-    `coefficients` maps each coefficient's name to its (checked) value; a parameter group
-    may override those named in `group_keys` (default: all) with a key of that name.
-    Tied parameters of a Module count once; a tensor listed twice counts twice, as a
-    Python loop over the list would. `params` is an nn.Module
-    (its parameters that require grad, after `exclude`), a tensor, an iterable of
-    tensors, or an iterable of groups (dicts with a "params" key; other keys, such as an
-    optimizer's "lr" or "weight_decay", are ignored). Checks dtypes, layouts and devices,
-    and DTensors' placements (and that they share one mesh, with `one_mesh`).
+    `coefficients` maps each coefficient's name to its (checked) value, or None where
+    the argument was not given; a parameter group may override those named in
+    `group_keys` (default: all) with a key of that name. A call in which no coefficient
+    is given at all (neither as an argument nor as a group key) is a TypeError (it would
+    be a silent zero); None then counts as 0.0. Tied parameters of a Module count once;
+    a tensor listed twice counts twice, as a Python loop over the list would. `params`
+    is an nn.Module (its parameters that require grad, after `exclude`), a tensor, an
+    iterable of tensors, named parameters (a mapping of names to tensors without a
+    "params" key, or (name, tensor) pairs: taken as given, after `exclude`), or an
+    iterable of groups (dicts with a "params" key; other keys, such as an optimizer's
+    "lr" or "weight_decay", are ignored). An iterator that yields nothing (a stored
+    model.parameters() generator, used up by an earlier call) is a ValueError, not an
+    empty selection. Checks dtypes, layouts and devices, and DTensors' placements (and
+    that they share one mesh, with `one_mesh`).
     """
-    check_exclude(exclude, params, function)
     group_keys = coefficients.keys() if group_keys is None else group_keys
     if isinstance(params, torch.nn.Module):
+        check_exclude(exclude, params, function)
+        coefficients = _resolve(function, coefficients)
         named = module_params(params, exclude)
         tensors = [p for _, p in named]
         values = {key: [value] * len(tensors) for key, value in coefficients.items()}
         label = lambda i: f"parameter {named[i][0]!r} of params"  # noqa: E731
         check_tensors(function, tensors, label, one_mesh)
         return tensors, values, label
-    if isinstance(params, (torch.Tensor, dict)):
+    if isinstance(params, Mapping) and "params" not in params:
+        return _collect_named(function, list(params.items()), coefficients, exclude,
+                              one_mesh, mapping=True)
+    if isinstance(params, (torch.Tensor, Mapping)):
         items = [params]
     else:
         try:
+            one_shot = iter(params) is params
             items = list(params)
         except TypeError:
             raise TypeError(f"{function}(): params must be an nn.Module, a tensor, an iterable "
                             f"of tensors or of parameter groups, but got "
                             f"{type(params).__name__}") from None
+        if one_shot and not items:
+            raise ValueError(f"{function}(): params is an iterator that yielded nothing: a "
+                             "generator such as model.parameters() is used up by the first "
+                             "call that reads it; pass the module itself, or a list "
+                             "(list(model.parameters())), to use it for every call")
+        if items and all(_is_pair(item) for item in items):
+            return _collect_named(function, items, coefficients, exclude, one_mesh)
+    check_exclude(exclude, params, function)
     if not any(isinstance(item, dict) for item in items):
+        coefficients = _resolve(function, coefficients)
         values = {key: [value] * len(items) for key, value in coefficients.items()}
         label = lambda i: f"params[{i}]"  # noqa: E731
         check_tensors(function, items, label, one_mesh)
         return items, values, label
     tensors, values, where = [], {key: [] for key in coefficients}, []
+    given_any = any(value is not None for value in coefficients.values())
     for g, group in enumerate(items):
         if not isinstance(group, dict):
             raise TypeError(f"{function}(): params mixes parameter groups (dicts) and "
@@ -438,10 +504,39 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
         for key, value in coefficients.items():
             if key in group_keys and key in group:
                 value = check_coefficient(group[key], f"group {g}'s {key!r}", function)
+                given_any = True
             values[key] += [value] * len(group_tensors)
         where += [(g, i) for i in range(len(group_tensors))]
         tensors += group_tensors
+    if not given_any:
+        raise missing_coefficients(function, list(coefficients),
+                                   " (as arguments or as keys of the parameter groups)")
+    values = {key: [0.0 if v is None else v for v in vs] for key, vs in values.items()}
     label = lambda k: "params[{}]['params'][{}]".format(*where[k])  # noqa: E731
+    check_tensors(function, tensors, label, one_mesh)
+    return tensors, values, label
+
+
+def _collect_named(function, items, coefficients, exclude, one_mesh, mapping=False):
+    """collect_params of named parameters: (name, tensor) pairs, taken as given (no
+    requires_grad filter, a tensor named twice counts twice) less those `exclude` (a
+    callable) rules out."""
+    check_exclude(exclude, items, function, named=True)
+    coefficients = _resolve(function, coefficients)
+    for name, _ in items:
+        if not isinstance(name, str):
+            raise TypeError(f"{function}(): the names of named parameters must be str, but got "
+                            f"{type(name).__name__}")
+    hint = " (a dict without a 'params' key is read as names to tensors)" if mapping else ""
+    for name, tensor in items:
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{function}(): params[{name!r}] must be a Tensor, but got "
+                            f"{type(tensor).__name__}{hint}")
+    named = [(name, tensor) for name, tensor in items
+             if exclude is None or not exclude(name, tensor)]
+    tensors = [tensor for _, tensor in named]
+    values = {key: [value] * len(tensors) for key, value in coefficients.items()}
+    label = lambda i: f"params[{named[i][0]!r}]"  # noqa: E731
     check_tensors(function, tensors, label, one_mesh)
     return tensors, values, label
 
@@ -470,8 +565,8 @@ def check_tensors(function, tensors, label, one_mesh=False):
 def penalty_front(apply, function, params, exclude, l1, l2, group_keys=("l1", "l2")):
     """The value of a penalty through `apply(tensors, l1s, l2s)`; an empty selection
     gives a float32 zero (on the CPU: it has no device to take)."""
-    coefficients = {"l1": check_coefficient(l1, "l1", function),
-                    "l2": check_coefficient(l2, "l2", function)}
+    coefficients = {"l1": check_optional_coefficient(l1, "l1", function),
+                    "l2": check_optional_coefficient(l2, "l2", function)}
     tensors, values, _ = collect_params(function, params, coefficients, exclude, group_keys,
                                         one_mesh=True)
     if not tensors:
@@ -486,8 +581,8 @@ def penalty_grad_front(apply, params, l1, l2, exclude):
     a gradient gets a zero one first; tensors whose coefficients are both zero are left
     alone."""
     function = "penalty_grad_"
-    coefficients = {"l1": check_coefficient(l1, "l1", function),
-                    "l2": check_coefficient(l2, "l2", function)}
+    coefficients = {"l1": check_optional_coefficient(l1, "l1", function),
+                    "l2": check_optional_coefficient(l2, "l2", function)}
     tensors, values, label = collect_params(function, params, coefficients, exclude)
     keep = [i for i in range(len(tensors)) if values["l1"][i] or values["l2"][i]]
     for i in keep:

@@ -12,18 +12,38 @@ another thing (it does not go through the gradient).
 ``params``, wherever it appears, is one of
 
 * an ``nn.Module``: its parameters that require grad, a tied (shared) parameter once,
-  less those ruled out by ``exclude``;
-* a tensor, or an iterable of tensors (``model.parameters()``), taken as given;
+  less those ruled out by ``exclude``. The selection is kept per module and made again
+  only when the module's parameters change (replaced, added, removed, requires_grad,
+  dtype, device or number of dimensions changed): an ``exclude`` callable is called
+  when the selection is made, not on every call, so it must answer from its arguments
+  alone (to select anew, pass another callable: a new ``exclude`` is a new selection);
+* a tensor, or an iterable of tensors (``model.parameters()``), taken as given. An
+  iterator is read once per call: a stored ``model.parameters()`` generator is used up
+  by its first call, and a later call raises ValueError (it would be a silent zero);
+  pass the module or a list;
+* named parameters: a mapping of names to tensors (``dict(model.named_parameters())``)
+  or ``(name, tensor)`` pairs (``model.named_parameters()``), taken as given less those
+  a callable ``exclude`` rules out;
 * optimizer-style groups ``[{"params": [...], "l1": ..., "l2": ...}, ...]``: a group's
   key named like a coefficient argument overrides it for that group (other keys, such
   as "lr" or "weight_decay", are ignored, so ``optimizer.param_groups`` can be passed).
 
-``exclude`` (Module only): ``None``; ``"bias_and_norm"``, which leaves out what Hugging
-Face's Trainer and timm keep out of weight decay: every parameter of a normalization
-layer (BatchNorm*, InstanceNorm*, SyncBatchNorm, LayerNorm, GroupNorm, RMSNorm,
-LocalResponseNorm, and any module whose class name ends in "Norm", such as
-LlamaRMSNorm), and every parameter of at most one dimension whose name ends in "bias";
-or a callable ``exclude(name, param) -> bool`` (True leaves the parameter out).
+``exclude`` (a Module, or a callable with named parameters): ``None``;
+``"bias_and_norm"`` (Module only), which leaves out what Hugging Face's Trainer and timm
+keep out of weight decay: every parameter of a normalization layer (BatchNorm*,
+InstanceNorm*, SyncBatchNorm, LayerNorm, GroupNorm, RMSNorm, LocalResponseNorm, and any
+module whose class name ends in "Norm", such as LlamaRMSNorm), and every parameter of at
+most one dimension whose name ends in "bias"; or a callable ``exclude(name, param) ->
+bool`` (True leaves the parameter out).
+
+Coefficients: ``penalty``, ``penalty_grad_`` and ``Penalty`` need at least one of ``l1``
+and ``l2`` (the one not given is 0; with groups, from the arguments or each group's
+keys): with neither, the call raises TypeError rather than return a zero.
+``l1_penalty(params)`` and ``l2_penalty(params)`` are the plain sums (weight 1.0), to be
+scaled by a tensor. A coefficient is a real number or a 0-dim real tensor that does not
+require grad (read with ``.item()`` on every call: a host synchronisation for a CUDA
+tensor, a graph break under torch.compile; to vary a coefficient without either,
+multiply the penalty by the tensor instead).
 
 Tensors may mix float16, bfloat16, float32 and float64, be empty or non-contiguous, and
 must share one device. They may be DTensors (FSDP2's ``fully_shard``, tensor parallelism)
@@ -42,6 +62,8 @@ and rounded once to each tensor's dtype. Coefficients are plain floats that may 
 from call to call; under ``torch.compile`` a new value means a recompilation (see
 README, "torch.compile and CUDA graphs" under the penalties).
 """
+
+import weakref
 
 import torch
 from torch import nn
@@ -69,16 +91,80 @@ def _prox_l1_apply(tensors, thresholds):
         reference.prox_l1_apply(tensors, thresholds)
 
 
-def penalty(params, l1=0.0, l2=0.0, *, exclude=None):
+# ---- The fast path ----
+#
+# The host work of a call (issue 14): for a list or tuple of plain tensors, or a Module,
+# with float coefficients, the per-tensor checks and the coefficient lists are made in
+# C++ (csrc/ops/penalty_front.cpp), which calls the operator through the dispatcher; a
+# Module's selection (requires_grad, tied parameters, exclude) is kept per module and
+# rebuilt only when the module's key changes. The key (module_key) hashes the module
+# tree as named_parameters() walks it: every module, the names and objects in its
+# _parameters and _modules, and each parameter's requires_grad, dtype, device and number
+# of dimensions; the classes, names and parameters it hashed are kept alive with the
+# selection, so their addresses cannot be reused by other objects while it is cached
+# (modules are not kept: see csrc/ops/penalty_front.cpp). Anything else (groups, named
+# parameters, DTensors and other tensor subclasses, a TorchFunctionMode, a bad argument,
+# torch.compile's tracing) takes the general path in fastreg/_args.py, which raises the
+# errors with the argument's name. The two paths give the same bits: the same operator
+# on the same tensors and coefficients.
+
+_FAST = _ops._C if _ops.HAVE_EXTENSION and hasattr(_ops._C, "penalty_fast") else None
+
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
+class _Selection:
+    __slots__ = ("exclude", "key", "refs", "tensors")
+
+
+# module -> its last _Selection. Weak keys: an entry goes with its module; it holds the
+# module's parameters (no module) until then or a rebuild.
+_SELECTIONS = weakref.WeakKeyDictionary()
+
+
+def _module_tensors(function, module, exclude):
+    """The tensors `penalty(module, exclude=exclude)` selects, from the cache while the
+    module's key is unchanged; None when the module cannot be keyed."""
+    entry = _SELECTIONS.get(module)
+    if entry is not None and (entry.exclude is exclude or entry.exclude == exclude):
+        if _FAST.module_key(module, None) == entry.key:
+            return entry.tensors
+    _args.check_exclude(exclude, module, function)
+    refs = []
+    key = _FAST.module_key(module, refs)
+    if key is None:
+        return None
+    entry = _Selection()
+    entry.exclude, entry.key = exclude, key
+    entry.refs = refs  # classes, names and parameters: never a module (see module_key)
+    entry.tensors = [p for _, p in _args.module_params(module, exclude)]
+    _SELECTIONS[module] = entry
+    return entry.tensors
+
+
+def _fast_tensors(function, params, exclude):
+    """The tensors of params for the C++ fast path, or None for the general path."""
+    if _FAST is None or _is_compiling():
+        return None
+    kind = type(params)
+    if kind is list or kind is tuple:
+        return params if exclude is None else None
+    if isinstance(params, nn.Module):
+        return _module_tensors(function, params, exclude)
+    return None
+
+
+def penalty(params, l1=None, l2=None, *, exclude=None):
     """``l1 * sum|w| + l2 * sum w**2`` over all tensors of ``params``, in one pass.
 
     Args:
-        params: an nn.Module, a tensor, an iterable of tensors or parameter groups with
-            their own "l1" and "l2" (see the module docstring).
-        l1: the L1 coefficient, >= 0.
-        l2: the L2 coefficient, >= 0 (no 1/2 factor: ``weight_decay / 2`` for SGD's).
+        params: an nn.Module, a tensor, an iterable of tensors, named parameters or
+            parameter groups with their own "l1" and "l2" (see the module docstring).
+        l1: the L1 coefficient, >= 0; 0 when only ``l2`` is given.
+        l2: the L2 coefficient, >= 0 (no 1/2 factor: ``weight_decay / 2`` for SGD's); 0
+            when only ``l1`` is given. Giving neither is a TypeError.
         exclude: ``None``, ``"bias_and_norm"`` or a callable ``(name, param) -> bool``;
-            only when ``params`` is a Module.
+            only when ``params`` is a Module (or named parameters, for a callable).
 
     Returns:
         A 0-dim (plain) tensor on the parameters' device, differentiable with respect
@@ -90,17 +176,31 @@ def penalty(params, l1=0.0, l2=0.0, *, exclude=None):
     Raises:
         TypeError: a non-tensor, or a tensor that is not float16, bfloat16, float32 or
             float64 (or not strided); a DTensor placed other than by Shard or Replicate
-            (Partial); a coefficient that is not a real number.
+            (Partial); a coefficient that is not a real number (or 0-dim real tensor
+            that does not require grad); neither ``l1`` nor ``l2`` given.
         ValueError: a negative, infinite or nan coefficient; an unknown ``exclude``, or
-            ``exclude`` with params that is not a Module; a group without "params".
+            ``exclude`` with params that is not a Module or named parameters; a group
+            without "params"; an iterator that yields nothing (used up).
         RuntimeError: tensors on different devices; DTensors on different meshes.
     """
+    if l1 is not None or l2 is not None:
+        tensors = _fast_tensors("penalty", params, exclude)
+        if tensors:
+            value = _FAST.penalty_fast(tensors, 0.0 if l1 is None else l1,
+                                       0.0 if l2 is None else l2)
+            if value is not None:
+                return value
     return _args.penalty_front(_penalty_apply, "penalty", params, exclude, l1, l2)
 
 
 def l1_penalty(params, weight=1.0, *, exclude=None):
     """``weight * sum|w|`` over all tensors: ``penalty(params, l1=weight)``. A group's
     "l1" key overrides ``weight``."""
+    tensors = _fast_tensors("l1_penalty", params, exclude)
+    if tensors:
+        value = _FAST.penalty_fast(tensors, weight, 0.0)
+        if value is not None:
+            return value
     weight = _args.check_coefficient(weight, "weight", "l1_penalty")
     return _args.penalty_front(_penalty_apply, "l1_penalty", params, exclude, weight, 0.0,
                                group_keys=("l1",))
@@ -109,12 +209,17 @@ def l1_penalty(params, weight=1.0, *, exclude=None):
 def l2_penalty(params, weight=1.0, *, exclude=None):
     """``weight * sum w**2`` over all tensors: ``penalty(params, l2=weight)``. A group's
     "l2" key overrides ``weight``."""
+    tensors = _fast_tensors("l2_penalty", params, exclude)
+    if tensors:
+        value = _FAST.penalty_fast(tensors, 0.0, weight)
+        if value is not None:
+            return value
     weight = _args.check_coefficient(weight, "weight", "l2_penalty")
     return _args.penalty_front(_penalty_apply, "l2_penalty", params, exclude, 0.0, weight,
                                group_keys=("l2",))
 
 
-def penalty_grad_(params, l1=0.0, l2=0.0, *, exclude=None):
+def penalty_grad_(params, l1=None, l2=None, *, exclude=None):
     """Adds the penalty's gradient ``l1 * sign(w) + 2 * l2 * w`` into each ``p.grad`` in
     place, outside autograd, in one multi-tensor pass.
 
@@ -124,6 +229,11 @@ def penalty_grad_(params, l1=0.0, l2=0.0, *, exclude=None):
     whose ``grad`` is None gets a zero gradient first; tensors whose coefficients are
     both zero are not touched. Same arguments and errors as :func:`penalty`.
     """
+    if l1 is not None or l2 is not None:
+        tensors = _fast_tensors("penalty_grad_", params, exclude)
+        if tensors and _FAST.penalty_grad_fast(tensors, 0.0 if l1 is None else l1,
+                                               0.0 if l2 is None else l2):
+            return
     _args.penalty_grad_front(_penalty_grad_apply, params, l1, l2, exclude)
 
 
@@ -137,6 +247,9 @@ def prox_l1_(params, threshold, *, exclude=None):
     zero instead). Computed in the op-math type, rounded once; nan stays nan. A group's
     "threshold" key overrides ``threshold``. Same errors as :func:`penalty`.
     """
+    tensors = _fast_tensors("prox_l1_", params, exclude)
+    if tensors and _FAST.prox_l1_fast(tensors, threshold):
+        return
     _args.prox_front(_prox_l1_apply, params, threshold, exclude)
 
 
@@ -145,14 +258,18 @@ class Penalty(nn.Module):
     ``penalty(model, l1, l2, exclude=...)``.
 
     ``l1``, ``l2`` and ``exclude`` are plain attributes: change them between steps
-    (a schedule) without rebuilding anything. Calling it with parameter groups or a list
-    of tensors works too (``exclude`` must then be None).
+    (a schedule) without rebuilding anything. At least one of ``l1`` and ``l2`` must be
+    given by the time it is called (TypeError otherwise, as for :func:`penalty`). The
+    model's parameter selection is cached with the model (see the module docstring)
+    and made again when its parameters change or ``exclude`` is another object. Calling
+    it with parameter groups or a list of tensors works too (``exclude`` must then be
+    None), and with named parameters (``exclude`` None or a callable).
     """
 
-    def __init__(self, l1=0.0, l2=0.0, *, exclude=None):
+    def __init__(self, l1=None, l2=None, *, exclude=None):
         super().__init__()
-        self.l1 = _args.check_coefficient(l1, "l1", type(self).__name__)
-        self.l2 = _args.check_coefficient(l2, "l2", type(self).__name__)
+        self.l1 = _args.check_optional_coefficient(l1, "l1", type(self).__name__)
+        self.l2 = _args.check_optional_coefficient(l2, "l2", type(self).__name__)
         if exclude is not None:
             _args.check_exclude(exclude, nn.Module(), type(self).__name__)
         self.exclude = exclude

@@ -211,7 +211,7 @@ def prox_l1_apply(tensors, thresholds):
             tensor.copy_((w - w.clamp(-threshold, threshold)).to(tensor.dtype))
 
 
-def penalty(params, l1=0.0, l2=0.0, *, exclude=None):
+def penalty(params, l1=None, l2=None, *, exclude=None):
     """Reference of fastreg.penalty."""
     return _args.penalty_front(penalty_apply, "penalty", params, exclude, l1, l2)
 
@@ -230,7 +230,7 @@ def l2_penalty(params, weight=1.0, *, exclude=None):
                                group_keys=("l2",))
 
 
-def penalty_grad_(params, l1=0.0, l2=0.0, *, exclude=None):
+def penalty_grad_(params, l1=None, l2=None, *, exclude=None):
     """Reference of fastreg.penalty_grad_."""
     _args.penalty_grad_front(penalty_grad_apply, params, l1, l2, exclude)
 

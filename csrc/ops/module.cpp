@@ -2,6 +2,10 @@
 // tells what the binary was built with.
 #include <torch/extension.h>
 
+namespace fastreg {
+void bind_penalty_front(pybind11::module_& m);  // penalty_front.cpp
+}
+
 #define FASTREG_STR_(x) #x
 #define FASTREG_STR(x) FASTREG_STR_(x)
 
@@ -12,4 +16,5 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_kernels") = false;
 #endif
+  fastreg::bind_penalty_front(m);  // the penalty API's fast path (fastreg/penalty.py)
 }

@@ -6,16 +6,32 @@
 // than the whole fused kernel, and the kernel's point is to replace a per-parameter
 // Python loop. A C++ autograd Function takes the list as one at::TensorList.
 // (penalty_backward's own autograd, the double backward, stays in fastreg/_ops.py.)
+// The node is written out (not torch::autograd::Function<T>, whose CppNode<T> keeps
+// per-input metadata, a set of the inputs and boxed saved data: a microsecond or more per
+// tensor) and named PenaltyBackward0 (a CppNode's grad_fn prints as "<PenaltyFunction>>").
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
+#include <type_traits>
+#include <utility>
 #include <vector>
+
+// Compiled autograd (torch._dynamo.compiled_autograd) asks every node for its saved
+// state; the interface in this form (const compiled_args) is torch >= 2.8's.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define FASTREG_COMPILED_AUTOGRAD 1
+#include <torch/csrc/dynamo/compiled_autograd.h>
+#endif
 
 namespace fastreg {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
 at::Tensor call_penalty(at::TensorList params, c10::ArrayRef<double> l1,
@@ -38,39 +54,21 @@ std::vector<at::Tensor> call_penalty_backward(const at::Tensor& grad_out, at::Te
   return op.call(grad_out, params, l1, l2);
 }
 
-class PenaltyFunction : public torch::autograd::Function<PenaltyFunction> {
- public:
-  // The list must come as at::TensorList: that is what makes each tensor an input of
-  // the autograd node (ExtractVariables), followed by l1 and l2.
-  static at::Tensor forward(AutogradContext* ctx, at::TensorList params,
-                            c10::ArrayRef<double> l1, c10::ArrayRef<double> l2) {
-    // Only the parameters that need a gradient are saved, and get one.
-    std::vector<int64_t> wanted;
-    variable_list saved;
-    std::vector<double> wanted_l1, wanted_l2;
-    for (size_t i = 0; i < params.size(); ++i) {
-      if (!params[i].requires_grad()) continue;
-      wanted.push_back(static_cast<int64_t>(i));
-      saved.push_back(params[i]);
-      wanted_l1.push_back(l1.size() > i ? l1[i] : 0.0);  // sizes are checked by the kernel
-      wanted_l2.push_back(l2.size() > i ? l2[i] : 0.0);
-    }
-    ctx->save_for_backward(saved);
-    ctx->saved_data["n"] = static_cast<int64_t>(params.size());
-    ctx->saved_data["wanted"] = wanted;
-    ctx->saved_data["l1"] = wanted_l1;
-    ctx->saved_data["l2"] = wanted_l2;
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return call_penalty(params, l1, l2);
-  }
+// d(penalty)/d(params[i]) = grad_out * slope_i(params[i]), for the parameters that
+// required grad in the forward (the node's next edges are all params, in order).
+struct PenaltyBackward0 : public Node {
+  std::vector<SavedVariable> saved;  // the parameters that need a gradient
+  std::vector<int64_t> wanted;       // their indices in params
+  std::vector<double> l1, l2;        // their coefficients
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list params = ctx->get_saved_variables();
-    const std::vector<int64_t> wanted = ctx->saved_data["wanted"].toIntVector();
-    const std::vector<double> l1 = ctx->saved_data["l1"].toDoubleVector();
-    const std::vector<double> l2 = ctx->saved_data["l2"].toDoubleVector();
-    variable_list grads(ctx->saved_data["n"].toInt() + 2);  // params..., l1, l2
+  std::string name() const override { return "PenaltyBackward0"; }
+
+  variable_list apply(variable_list&& grad_outputs) override {
+    variable_list grads(num_outputs());
     if (wanted.empty() || !grad_outputs[0].defined()) return grads;
+    variable_list params;
+    params.reserve(saved.size());
+    for (const SavedVariable& s : saved) params.push_back(s.unpack());
     std::vector<at::Tensor> computed;
     if (at::GradMode::is_enabled()) {
       // create_graph: through penalty_backward's autograd (the double backward)
@@ -79,14 +77,69 @@ class PenaltyFunction : public torch::autograd::Function<PenaltyFunction> {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       computed = call_penalty_backward(grad_outputs[0], params, l1, l2);
     }
-    for (size_t k = 0; k < wanted.size(); ++k) grads[wanted[k]] = computed[k];
+    for (size_t k = 0; k < wanted.size(); ++k) grads[wanted[k]] = std::move(computed[k]);
     return grads;
   }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable& s : saved) s.reset_data();
+  }
+
+#ifdef FASTREG_COMPILED_AUTOGRAD
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(saved, false);
+    args.collect(wanted);
+    args.collect(l1);
+    args.collect(l2);
+  }
+
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& swap) override {
+    swap.before(saved);
+    variable_list result = apply(variable_list(inputs));
+    swap.after(saved);
+    return result;
+  }
+#endif
 };
+
+// The node's pointer type: std::shared_ptr<Node> in older torch, c10::intrusive_ptr<Node>
+// in newer (whatever an Edge holds).
+using NodePtr = std::decay_t<decltype(std::declval<torch::autograd::Edge>().function)>;
+
+template <typename Ptr = NodePtr, typename N = PenaltyBackward0>
+Ptr make_node() {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<Node>>) {
+    return Ptr(std::make_shared<N>());
+  } else {
+    return Ptr(c10::make_intrusive<N>());
+  }
+}
 
 at::Tensor penalty_autograd(at::TensorList params, c10::ArrayRef<double> l1,
                             c10::ArrayRef<double> l2) {
-  return PenaltyFunction::apply(params, l1, l2);
+  at::Tensor result;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    result = call_penalty(params, l1, l2);
+  }
+  if (!at::GradMode::is_enabled()) return result;
+  bool any = false;
+  for (const at::Tensor& p : params) any = any || p.requires_grad();
+  if (!any) return result;
+  NodePtr node = make_node();
+  auto* backward = static_cast<PenaltyBackward0*>(node.get());
+  backward->set_next_edges(torch::autograd::collect_next_edges(params));
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!params[i].requires_grad()) continue;
+    backward->saved.emplace_back(params[i], /*is_output=*/false);
+    backward->wanted.push_back(static_cast<int64_t>(i));
+    backward->l1.push_back(i < l1.size() ? l1[i] : 0.0);  // (a fake kernel checks no sizes)
+    backward->l2.push_back(i < l2.size() ? l2[i] : 0.0);
+  }
+  torch::autograd::set_history(result, node);
+  return result;
 }
 
 }  // namespace

@@ -1,0 +1,160 @@
+"""Host overhead of the penalty API (issue 14, section 2): the time of one call on tiny
+CPU tensors, where the kernels cost next to nothing, so what is measured is the work
+around them (argument checks, parameter selection, the dispatcher, autograd).
+
+    PYTHONPATH=. python benchmarks/penalty_overhead.py [--calls 2000] [--rounds 15]
+
+Each row is the median over rounds of the mean time of one call within a round (calls
+back to back, after a warm-up); the spread printed is the rounds' min..max; the last
+column is the same median in the process's CPU time (time.process_time), which leaves
+out the time the process was descheduled by competing load. The variants
+of one size run interleaved, round after round, so a burst of load hits them all alike.
+Cases, for 148 tensors (GPT-2 small's parameter count, 4 elements each) and 1,000:
+
+  penalty(list)       fastreg.penalty(params, l1=, l2=) on a list that requires grad
+  penalty(list) no_grad  the same under torch.no_grad(): no autograd node, no edges
+  penalty(list) bwd   the same and .backward()  (not part of the target: for scale)
+  Penalty(module)     a Penalty(l1=, l2=, exclude="bias_and_norm") module called on the model
+  penalty(module)     fastreg.penalty(model, l1=, l2=, exclude="bias_and_norm")
+  penalty_grad_(list) fastreg.penalty_grad_(params, l1=, l2=), gradients present
+  penalty_grad_(mod)  the same on the model with exclude="bias_and_norm"
+  prox_l1_(list)      fastreg.prox_l1_(params, 1e-9)
+  prox_l1_(module)    the same on the model with exclude="bias_and_norm"
+  _foreach_norm       torch._foreach_norm(params) (torch's own multi-tensor op, for scale)
+
+Issue 14's target: at most 30 us for 148 tensors and 150 us for 1,000, for penalty,
+Penalty(module), penalty_grad_ and prox_l1_.
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+import fastreg
+
+
+class Block(nn.Module):
+    """A GPT-2 block's parameter layout (12 tensors), at a tiny width."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.attn = nn.Module()
+        self.attn.c_attn = nn.Linear(d, 3 * d)
+        self.attn.c_proj = nn.Linear(d, d)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+
+class TinyGPT(nn.Module):
+    """12 * blocks + 4 parameter tensors: 148 for GPT-2 small's 12 blocks."""
+
+    def __init__(self, blocks, d=2, vocab=2, context=2):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.wpe = nn.Embedding(context, d)
+        self.h = nn.ModuleList(Block(d) for _ in range(blocks))
+        self.ln_f = nn.LayerNorm(d)
+
+
+def model_with(n_tensors):
+    """A TinyGPT with about n_tensors parameter tensors (148 for 12 blocks; 1,000 -> 83
+    blocks, 1,000 tensors)."""
+    blocks = max(1, round((n_tensors - 4) / 12))
+    model = TinyGPT(blocks)
+    return model
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def cases(n_tensors):
+    model = model_with(n_tensors)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    reg = fastreg.Penalty(l1=1e-5, l2=1e-4, exclude="bias_and_norm")
+
+    def backward():
+        fastreg.penalty(params, l1=1e-5, l2=1e-4).backward()
+
+    def no_grad():
+        with torch.no_grad():
+            return fastreg.penalty(params, l1=1e-5, l2=1e-4)
+
+    return len(params), {
+        "penalty(list)": lambda: fastreg.penalty(params, l1=1e-5, l2=1e-4),
+        "penalty(list) no_grad": no_grad,
+        "penalty(list) bwd": backward,
+        "Penalty(module)": lambda: reg(model),
+        "penalty(module)": lambda: fastreg.penalty(model, l1=1e-5, l2=1e-4,
+                                                   exclude="bias_and_norm"),
+        "penalty_grad_(list)": lambda: fastreg.penalty_grad_(params, l1=1e-5, l2=1e-4),
+        "penalty_grad_(mod)": lambda: fastreg.penalty_grad_(model, l1=1e-5, l2=1e-4,
+                                                            exclude="bias_and_norm"),
+        "prox_l1_(list)": lambda: fastreg.prox_l1_(params, 1e-9),
+        "prox_l1_(module)": lambda: fastreg.prox_l1_(model, 1e-9, exclude="bias_and_norm"),
+        "_foreach_norm": lambda: torch._foreach_norm(params),
+    }
+
+
+def time_round(fn, calls):
+    """(wall, CPU) seconds per call. The process's CPU time leaves out the time it was
+    descheduled, so on a loaded machine it is closer to what an idle one gives (it still
+    counts the cache and core sharing)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=1000, help="calls per round")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--sizes", default="148,1000")
+    args = parser.parse_args(argv)
+    load_before = os.getloadavg()[0]
+    print(f"fastreg penalty host overhead: torch {torch.__version__}, python "
+          f"{platform.python_version()}, commit {git_commit()}, {platform.machine()} "
+          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"extension {'yes' if fastreg._ops.HAVE_EXTENSION else 'no (reference)'}")
+    print(f"{'case':<22}{'tensors':>8}{'median us':>11}{'  min..max us':>18}"
+          f"{'CPU-time us':>13}")
+    for size in (int(s) for s in args.sizes.split(",")):
+        n, fns = cases(size)
+        for fn in fns.values():  # warm-up
+            for _ in range(max(10, args.calls // 10)):
+                fn()
+        times = {name: [] for name in fns}
+        cpu_times = {name: [] for name in fns}
+        for _ in range(args.rounds):
+            for name, fn in fns.items():
+                wall, cpu = time_round(fn, args.calls)
+                times[name].append(wall * 1e6)
+                cpu_times[name].append(cpu * 1e6)
+        for name, ts in times.items():
+            print(f"{name:<22}{n:>8}{statistics.median(ts):>11.1f}"
+                  f"{f'{min(ts):.1f}..{max(ts):.1f}':>18}"
+                  f"{statistics.median(cpu_times[name]):>13.1f}")
+    print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+// The penalty API's fast path from Python (fastreg/penalty.py): the per-tensor work of
+// a call (type, dtype, layout and device checks, the coefficient lists, the gradients
+// penalty_grad_ creates) done here in one loop, then the operator called through the
+// dispatcher (so autograd, the Python dispatch modes and the device kernels see the same
+// call as from torch.ops). Each function answers None / False when the call is not one
+// it takes (an element that is not exactly a Tensor or Parameter, a tensor subclass or a
+// bad one, a TorchFunctionMode, a device without compiled kernels, a coefficient that is
+// not a plain non-negative finite float or int): Python then takes the general path,
+// which checks everything again and raises with the argument's name. Nothing is
+// changed before a call is known to be taken.
+//
+// module_key walks an nn.Module's tree (_parameters and _modules, in the order of
+// named_parameters) and hashes what a parameter selection depends on, so that
+// fastreg.penalty can keep a selection until the module changes (see penalty.py).
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "ops/penalty.h"
+
+namespace fastreg {
+namespace {
+
+PyTypeObject* tensor_type() {
+  static PyTypeObject* type = reinterpret_cast<PyTypeObject*>(
+      pybind11::object(pybind11::module_::import("torch").attr("Tensor")).release().ptr());
+  return type;
+}
+
+PyTypeObject* parameter_type() {
+  static PyTypeObject* type = reinterpret_cast<PyTypeObject*>(
+      pybind11::object(pybind11::module_::import("torch.nn").attr("Parameter")).release().ptr());
+  return type;
+}
+
+bool has_kernels(const c10::Device& device) {
+  if (device.is_cpu() || device.is_meta()) return true;
+#ifdef FASTREG_WITH_CUDA
+  if (device.is_cuda()) return true;
+#endif
+  return false;
+}
+
+// The tensors of a list or tuple whose elements are all plain tensors or Parameters,
+// checked as the operators check them; false when the call is not for the fast path.
+bool unpack_tensors(PyObject* seq, std::vector<at::Tensor>& out) {
+  if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)) return false;
+  if (at::impl::torch_function_mode_enabled()) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+  if (n == 0) return false;
+  PyObject** items = PySequence_Fast_ITEMS(seq);
+  PyTypeObject* const tensor = tensor_type();
+  PyTypeObject* const parameter = parameter_type();
+  out.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyTypeObject* type = Py_TYPE(items[i]);
+    if (type != tensor && type != parameter) return false;
+    const at::Tensor& t = THPVariable_Unpack(items[i]);
+    if (!is_penalty_dtype(t.scalar_type()) || t.layout() != at::kStrided ||
+        t.key_set().has(c10::DispatchKey::Python)) {
+      return false;
+    }
+    if (i > 0 && t.device() != out[0].device()) return false;
+    out.push_back(t);
+  }
+  return has_kernels(out[0].device());
+}
+
+// A coefficient given as a Python float or int (not bool), non-negative and finite.
+bool coefficient(PyObject* obj, double& value) {
+  if (PyFloat_CheckExact(obj)) {
+    value = PyFloat_AS_DOUBLE(obj);
+  } else if (PyLong_CheckExact(obj)) {
+    value = PyLong_AsDouble(obj);
+    if (value == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+  } else {
+    return false;
+  }
+  return value >= 0.0 && std::isfinite(value);
+}
+
+pybind11::object penalty_fast(pybind11::handle params, pybind11::handle l1_obj,
+                              pybind11::handle l2_obj) {
+  std::vector<at::Tensor> tensors;
+  double l1 = 0.0, l2 = 0.0;
+  if (!coefficient(l1_obj.ptr(), l1) || !coefficient(l2_obj.ptr(), l2) ||
+      !unpack_tensors(params.ptr(), tensors)) {
+    return pybind11::none();
+  }
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastreg::penalty", "")
+          .typed<at::Tensor(at::TensorList, c10::ArrayRef<double>, c10::ArrayRef<double>)>();
+  const std::vector<double> l1s(tensors.size(), l1), l2s(tensors.size(), l2);
+  return pybind11::reinterpret_steal<pybind11::object>(
+      THPVariable_Wrap(op.call(tensors, l1s, l2s)));
+}
+
+bool penalty_grad_fast(pybind11::handle params, pybind11::handle l1_obj,
+                       pybind11::handle l2_obj) {
+  std::vector<at::Tensor> tensors;
+  double l1 = 0.0, l2 = 0.0;
+  if (!coefficient(l1_obj.ptr(), l1) || !coefficient(l2_obj.ptr(), l2) ||
+      !unpack_tensors(params.ptr(), tensors)) {
+    return false;
+  }
+  if (l1 == 0.0 && l2 == 0.0) return true;  // nothing to add, no gradient created
+  // Gradients as the general path wants them (strided, plain, the parameter's shape,
+  // dtype and device); all checked before any missing one is created.
+  for (const at::Tensor& t : tensors) {
+    const at::Tensor& g = t.grad();
+    if (!g.defined()) continue;
+    if (g.layout() != at::kStrided || g.key_set().has(c10::DispatchKey::Python) ||
+        g.scalar_type() != t.scalar_type() || g.device() != t.device() ||
+        g.sizes() != t.sizes()) {
+      return false;
+    }
+  }
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> grads;
+  grads.reserve(tensors.size());
+  for (at::Tensor& t : tensors) {
+    if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
+    grads.push_back(t.grad());
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastreg::penalty_grad_", "")
+                             .typed<void(at::TensorList, at::TensorList,
+                                         c10::ArrayRef<double>, c10::ArrayRef<double>)>();
+  const std::vector<double> l1s(tensors.size(), l1), l2s(tensors.size(), l2);
+  op.call(grads, tensors, l1s, l2s);
+  return true;
+}
+
+bool prox_l1_fast(pybind11::handle params, pybind11::handle threshold_obj) {
+  std::vector<at::Tensor> tensors;
+  double threshold = 0.0;
+  if (!coefficient(threshold_obj.ptr(), threshold) || !unpack_tensors(params.ptr(), tensors)) {
+    return false;
+  }
+  at::NoGradGuard no_grad;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastreg::prox_l1_", "")
+          .typed<void(at::TensorList, c10::ArrayRef<double>)>();
+  op.call(tensors, std::vector<double>(tensors.size(), threshold));
+  return true;
+}
+
+// ---- The module key ----
+
+// The walk follows named_modules() and named_parameters() (in their order) and feeds
+// what a selection depends on to `mix`: each module's class, the names and values of its
+// _parameters and _modules, and for each parameter its requires_grad, dtype, device and
+// number of dimensions (and each module's address, which changes nothing that matters but
+// costs nothing). A module or parameter met twice (shared, tied) is simply hashed again:
+// the walk is the same from call to call as long as the tree is. With `refs`, the objects
+// whose addresses the key holds are appended to it (classes, names, parameters): the
+// caller keeps them alive, so that such an address in a later walk can only be that same
+// object. Modules are not kept (a cache must not keep a model alive, nor anything that
+// refers back to it); a new module at a dead one's address, of the same class, with the
+// same names and the same parameter objects, selects the same tensors. A tree deeper than
+// 512 or with more than a million entries is not keyed.
+struct KeyWalk {
+  uint64_t hash = 0x9e3779b97f4a7c15ULL;
+  PyObject* refs = nullptr;  // a list, or null
+  int64_t visits = 0;
+  bool ok = true;
+  PyObject* parameters_name = nullptr;
+  PyObject* modules_name = nullptr;
+
+  void mix(uint64_t v) {
+    // a splitmix64 step on the running value: order-sensitive, well spread
+    uint64_t z = hash ^ (v + 0x9e3779b97f4a7c15ULL + (hash << 6) + (hash >> 2));
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+    hash = z ^ (z >> 31);
+  }
+
+  void object(PyObject* obj) {
+    mix(reinterpret_cast<uintptr_t>(obj));
+    if (refs != nullptr && PyList_Append(refs, obj) != 0) ok = false;
+  }
+
+  // module.<name> if it is a dict (borrowed: the module holds it), else null.
+  PyObject* dict_attr(PyObject* module, PyObject* name) {
+    PyObject* value = PyObject_GetAttr(module, name);
+    if (value == nullptr) {
+      PyErr_Clear();
+      return nullptr;
+    }
+    Py_DECREF(value);
+    return PyDict_Check(value) ? value : nullptr;
+  }
+
+  void module(PyObject* m, int depth) {
+    if (!ok) return;
+    if (depth > 512 || ++visits > 1000000) {
+      ok = false;
+      return;
+    }
+    mix(reinterpret_cast<uintptr_t>(m));
+    object(reinterpret_cast<PyObject*>(Py_TYPE(m)));
+    PyObject* params = dict_attr(m, parameters_name);
+    PyObject* children = dict_attr(m, modules_name);
+    if (params == nullptr || children == nullptr) {
+      ok = false;
+      return;
+    }
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    mix(2);
+    while (ok && PyDict_Next(params, &pos, &key, &value)) {
+      object(key);
+      object(value);
+      if (value == Py_None) continue;
+      if (!THPVariable_Check(value)) {
+        ok = false;
+        return;
+      }
+      const at::Tensor& t = THPVariable_Unpack(value);
+      const c10::Device device = t.device();
+      mix(static_cast<uint64_t>(t.requires_grad()) |
+          (static_cast<uint64_t>(t.scalar_type()) << 1) |
+          (static_cast<uint64_t>(static_cast<uint8_t>(device.type())) << 9) |
+          (static_cast<uint64_t>(static_cast<uint8_t>(device.index())) << 17) |
+          (static_cast<uint64_t>(t.dim()) << 25));
+    }
+    pos = 0;
+    mix(3);
+    while (ok && PyDict_Next(children, &pos, &key, &value)) {
+      object(key);
+      if (value == Py_None) {
+        object(value);
+        continue;
+      }
+      module(value, depth + 1);
+    }
+    mix(4);
+  }
+};
+
+// The key of `module`'s parameter selection, an int; None when the tree cannot be
+// walked this way (then nothing is cached).
+pybind11::object module_key(pybind11::handle module, pybind11::handle refs) {
+  static PyObject* parameters_name = PyUnicode_InternFromString("_parameters");
+  static PyObject* modules_name = PyUnicode_InternFromString("_modules");
+  KeyWalk walk;
+  walk.parameters_name = parameters_name;
+  walk.modules_name = modules_name;
+  if (!refs.is_none()) {
+    if (!PyList_CheckExact(refs.ptr())) throw pybind11::type_error("refs must be a list");
+    walk.refs = refs.ptr();
+  }
+  walk.module(module.ptr(), 0);
+  if (PyErr_Occurred()) throw pybind11::error_already_set();
+  if (!walk.ok) return pybind11::none();
+  return pybind11::int_(walk.hash);
+}
+
+}  // namespace
+
+void bind_penalty_front(pybind11::module_& m) {
+  m.def("penalty_fast", torch::wrap_pybind_function(penalty_fast));
+  m.def("penalty_grad_fast", torch::wrap_pybind_function(penalty_grad_fast));
+  m.def("prox_l1_fast", torch::wrap_pybind_function(prox_l1_fast));
+  m.def("module_key", torch::wrap_pybind_function(module_key));
+}
+
+}  // namespace fastreg
