@@ -1,7 +1,8 @@
 // The Python module of the CUDA simulator (built by fastreg/_cudasim.py, loaded instead of
 // fastreg._C when FASTREG_BACKEND=cudasim): with ops/schema.cpp and the simulated CUDA
 // sources it registers fastreg's operators, whose CPU kernels are then the CUDA kernels
-// run by the simulator. It also sets the simulator's configuration and runs its self-tests.
+// run by the simulator, and the penalty API's fast path (ops/penalty_front.cpp) as
+// fastreg._C has it. It also sets the simulator's configuration and runs its self-tests.
 #include <torch/extension.h>
 
 #include <string>
@@ -17,6 +18,7 @@ namespace sim {
 at::Tensor selftest(const std::string& name);
 std::vector<std::string> selftest_names();
 }  // namespace sim
+void bind_penalty_front(pybind11::module_& m);  // ops/penalty_front.cpp
 }  // namespace fastreg
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -43,4 +45,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selftest", &sim::selftest, pybind11::arg("name"),
         "Runs one of the simulator's own test kernels; see selftest_names().");
   m.def("selftest_names", &sim::selftest_names);
+  fastreg::bind_penalty_front(m);  // the penalty API's fast path, as in fastreg._C
 }
