@@ -30,30 +30,30 @@ test: build
 	$(MAKE) test-cudasim
 
 # The CUDA kernels on the CUDA simulator (docs/cuda-simulator.md): the simulator's own tests
-# and the kernel test modules, once in each block order, grids capped at 3 resident blocks
-# so that the grid-stride loops iterate.
-CUDASIM_TESTS := tests/test_cudasim.py tests/test_dropout.py tests/test_fused.py \
-	tests/test_penalty.py tests/test_properties.py tests/test_errors.py
-CUDASIM_ORDERS := forward reverse random
+# and the kernel test modules once in each block order, the property and error tests in
+# random order; grids capped at 3 resident blocks, so that the grid-stride loops iterate.
+CUDASIM_TESTS := tests/test_cudasim.py tests/test_dropout.py tests/test_fused.py tests/test_penalty.py
+CUDASIM_ONCE := tests/test_properties.py tests/test_errors.py
+CUDASIM_ENV := FASTREG_BACKEND=cudasim FASTREG_CUDASIM_BLOCKS=3
 
 cudasim: setup
 	$(PY) -m fastreg._cudasim
 
 test-cudasim: cudasim
-	for order in $(CUDASIM_ORDERS); do \
+	for order in forward reverse random; do \
 	  echo "CUDA simulator, $$order block order:"; \
-	  FASTREG_BACKEND=cudasim FASTREG_CUDASIM_ORDER=$$order FASTREG_CUDASIM_BLOCKS=3 \
-	    $(PY) -m pytest -q $(CUDASIM_TESTS) || exit 1; \
+	  $(CUDASIM_ENV) FASTREG_CUDASIM_ORDER=$$order $(PY) -m pytest -q $(CUDASIM_TESTS) || exit 1; \
 	done
+	$(CUDASIM_ENV) FASTREG_CUDASIM_ORDER=random $(PY) -m pytest -q $(CUDASIM_ONCE)
 
-# The same, built with AddressSanitizer and UndefinedBehaviorSanitizer (one order: random).
+# The simulator built with AddressSanitizer and UndefinedBehaviorSanitizer (random order).
 ASAN_RUNTIME = $(shell $${CXX:-c++} -print-file-name=libasan.so)
 test-cudasim-sanitized: setup
 	$(PY) -m fastreg._cudasim --sanitize
 	LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FASTREG_CUDASIM_SANITIZE=1 \
-	  FASTREG_BACKEND=cudasim FASTREG_CUDASIM_ORDER=random FASTREG_CUDASIM_BLOCKS=3 \
-	  $(PY) -m pytest -q -p no:cacheprovider $(CUDASIM_TESTS)
+	  $(CUDASIM_ENV) FASTREG_CUDASIM_ORDER=random \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/test_cudasim.py tests/test_dropout.py tests/test_penalty.py
 
 # The whole suite again on the pure-PyTorch fallback: every public function runs
 # fastreg.reference; tests that compare kernels with it skip.
