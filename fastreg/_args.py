@@ -116,9 +116,11 @@ def rng_state(device, seed=None, generator=None):
                          generator=generator)
 
 
-def dropout_front(apply, input, p, training, inplace, mask, seed, generator):
+def dropout_front(apply, input, p, training, inplace, mask, seed, generator, apply_=None):
     """Everything F.dropout does around the kernel: checks, the identity cases, the RNG
-    draw and in-place semantics. `apply(input, p, rng_state, mask)` returns the output."""
+    draw and in-place semantics. `apply(input, p, rng_state, mask)` returns the output;
+    `apply_`, when given, does the same into `input` for inplace=True (else the output is
+    copied into `input`)."""
     p = check_probability(p)
     check_dropout_input(input)
     check_mask_mode(mask)
@@ -126,7 +128,10 @@ def dropout_front(apply, input, p, training, inplace, mask, seed, generator):
         return input
     if inplace:
         check_inplace(input, "dropout")
-    out = apply(input, p, rng_state(input.device, seed, generator), mask)
+    state = rng_state(input.device, seed, generator)
+    if inplace and apply_ is not None:
+        return apply_(input, p, state, mask)
+    out = apply(input, p, state, mask)
     return input.copy_(out) if inplace else out
 
 

@@ -67,6 +67,12 @@ def _register_dropout():
         out = torch.empty_like(input)
         return out, fake_mask(out, mode)
 
+    # In place: the input is the output; the mask has the layout that dropout_fwd's output
+    # would have (the input's, when it is dense).
+    @torch.library.register_fake("fastreg::dropout_fwd_")
+    def _(input, p, rng_state, mask_mode):
+        return fake_mask(torch.empty_like(input), mask_mode)
+
     @torch.library.register_fake("fastreg::dropout_bwd")
     def _(grad, mask, p, rng_state, mode):
         return torch.empty_like(grad)

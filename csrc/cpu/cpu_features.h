@@ -1,10 +1,65 @@
 // Function multiversioning for the CPU kernels' hot loops: GCC and Clang on x86-64 emit
-// an AVX2 clone next to the baseline one and pick at load time, so the wheel runs on
-// any x86-64 CPU while AVX2 machines get 8-lane Philox.
+// clones for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 with FMA, F16C, BMI2) and the x86-64
+// baseline, and pick one at load time (ifunc), so the wheel runs on any x86-64 CPU while
+// newer ones get wide Philox and hardware float16 conversion.
+//
+// setup.py compiles with -ffp-contract=off, which holds in every clone: the v3 and v4
+// clones may use FMA instructions only where the source writes one (it never does), so
+// results stay bit-identical across clones.
 #pragma once
 
+#include <ATen/OpMathType.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
-#define FASTREG_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#define FASTREG_X86_CLONES 1
+#define FASTREG_TARGET_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
+#define FASTREG_X86_CLONES 0
 #define FASTREG_TARGET_CLONES
 #endif
+
+namespace fastreg {
+
+// Which clone the loader picked on this CPU: "x86-64-v4", "x86-64-v3", "x86-64" (the
+// baseline) or "portable" (no clones on this compiler or architecture). Same dispatch
+// rules as FASTREG_TARGET_CLONES (defined in dropout_cpu.cpp).
+const char* cpu_clone();
+
+// Loads a value into its op-math type and rounds one back. For float16 this goes through
+// the compiler's _Float16 (IEEE round-to-nearest-even, as c10's conversion) rather than
+// c10::Half's conversion, whose hardware path is chosen by the translation unit's macros
+// (__F16C__), not by the clone: inlined into an x86-64-v3 or v4 clone the _Float16 cast is
+// one vcvtph2ps / vcvtps2ph, in the baseline clone a libgcc call.
+template <typename T>
+inline __attribute__((always_inline)) auto load_op(T v) {
+  return static_cast<at::opmath_type<T>>(v);
+}
+
+template <typename T>
+inline __attribute__((always_inline)) T store_op(at::opmath_type<T> v) {
+  return static_cast<T>(v);
+}
+
+#if defined(__FLT16_MAX__) && !defined(__CUDACC__)
+template <>
+inline __attribute__((always_inline)) auto load_op<c10::Half>(c10::Half v) {
+  _Float16 h;
+  std::memcpy(&h, &v.x, sizeof(h));
+  return static_cast<float>(h);
+}
+
+template <>
+inline __attribute__((always_inline)) c10::Half store_op<c10::Half>(float v) {
+  const _Float16 h = static_cast<_Float16>(v);
+  uint16_t bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  return c10::Half(bits, c10::Half::from_bits());
+}
+#endif
+
+}  // namespace fastreg

@@ -15,6 +15,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/cpu_features.h"
 #include "ops/dropout.h"
@@ -112,6 +117,58 @@ template <> struct UnsignedOfSize<2> { using type = uint16_t; };
 template <> struct UnsignedOfSize<4> { using type = uint32_t; };
 template <> struct UnsignedOfSize<8> { using type = uint64_t; };
 
+#if FASTREG_X86_CLONES
+// float16 with F16C, eight elements at a time: gcc does not vectorize _Float16
+// conversions (each is one scalar vcvtph2ps / vcvtps2ph), so the float16 loops of
+// apply_keep and apply_bits have these hand-written forms, used where the CPU has
+// AVX2 and F16C. Same rounding as the scalar loops (round to nearest even, imm 0).
+inline bool have_f16c() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return yes;
+}
+
+__attribute__((target("avx2,f16c"))) inline __m128i half8_scaled(const c10::Half* in,
+                                                                 __m256 scale) {
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+  return _mm256_cvtps_ph(_mm256_mul_ps(v, scale), _MM_FROUND_TO_NEAREST_INT);
+}
+
+__attribute__((target("avx2,f16c"))) void apply_keep_f16c(const c10::Half* in, c10::Half* out,
+                                                          const uint8_t* keep, int64_t count,
+                                                          float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t e = 0;
+  for (; e + 8 <= count; e += 8) {
+    const __m128i k = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + e)));
+    const __m128i lanes = _mm_sub_epi16(_mm_setzero_si128(), k);  // 0 or 0xffff
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + e), _mm_and_si128(half8_scaled(in + e, s), lanes));
+  }
+  for (; e < count; ++e) {
+    const uint16_t h = _cvtss_sh(_cvtsh_ss(in[e].x) * scale, _MM_FROUND_TO_NEAREST_INT);
+    out[e].x = static_cast<uint16_t>(h & -static_cast<uint16_t>(keep[e]));
+  }
+}
+
+__attribute__((target("avx2,f16c"))) void apply_bits_f16c(const c10::Half* in, c10::Half* out,
+                                                          const uint32_t* words, int64_t count,
+                                                          float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m128i bit = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t e = 0;
+  for (; e + 8 <= count; e += 8) {
+    const int byte = static_cast<int>((words[e / 32] >> (e % 32)) & 0xffu);
+    const __m128i b = _mm_and_si128(_mm_set1_epi16(static_cast<int16_t>(byte)), bit);
+    const __m128i lanes = _mm_cmpeq_epi16(b, bit);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + e), _mm_and_si128(half8_scaled(in + e, s), lanes));
+  }
+  for (; e < count; ++e) {
+    const uint16_t h = _cvtss_sh(_cvtsh_ss(in[e].x) * scale, _MM_FROUND_TO_NEAREST_INT);
+    const uint16_t k = (words[e / 32] >> (e % 32)) & 1u;
+    out[e].x = static_cast<uint16_t>(h & -k);
+  }
+}
+#endif
+
 // Branch-free so it vectorizes (gcc will not if-convert `keep ? x * scale : 0`): the
 // product is rounded for every element, then its bits are ANDed with all-ones or zero,
 // so dropped elements are +0 also where the input is NaN or infinite. `keep` is the
@@ -120,15 +177,76 @@ template <typename scalar_t>
 FASTREG_TARGET_CLONES void apply_keep(const scalar_t* in, scalar_t* out,
                                       const uint8_t* __restrict keep, int64_t count,
                                       at::opmath_type<scalar_t> scale) {
-  using opmath_t = at::opmath_type<scalar_t>;
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (have_f16c()) return apply_keep_f16c(in, out, keep, count, scale);
+  }
+#endif
   using bits_t = typename UnsignedOfSize<sizeof(scalar_t)>::type;
   for (int64_t e = 0; e < count; ++e) {
-    const scalar_t kept = static_cast<scalar_t>(static_cast<opmath_t>(in[e]) * scale);
+    const scalar_t kept = store_op<scalar_t>(load_op(in[e]) * scale);
     bits_t bits;
     std::memcpy(&bits, &kept, sizeof(bits));
     bits &= static_cast<bits_t>(-static_cast<bits_t>(keep[e]));
     std::memcpy(out + e, &bits, sizeof(bits));
   }
+}
+
+// Backward from a bits mask without the byte flags: each bit becomes its element's lane
+// mask directly (shift, and, negate: vectorized across a word's 32 elements), in the same
+// pass as the scale. `words` holds the mask from the run's first element (a multiple of 32).
+template <typename scalar_t>
+FASTREG_TARGET_CLONES void apply_bits(const scalar_t* in, scalar_t* out,
+                                      const uint32_t* __restrict words, int64_t count,
+                                      at::opmath_type<scalar_t> scale) {
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (have_f16c()) return apply_bits_f16c(in, out, words, count, scale);
+  }
+#endif
+  using bits_t = typename UnsignedOfSize<sizeof(scalar_t)>::type;
+  const int64_t full = count / 32;
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t word = words[w];
+    const scalar_t* src = in + 32 * w;
+    scalar_t* dst = out + 32 * w;
+    for (int j = 0; j < 32; ++j) {
+      const scalar_t kept = store_op<scalar_t>(load_op(src[j]) * scale);
+      bits_t bits;
+      std::memcpy(&bits, &kept, sizeof(bits));
+      bits &= static_cast<bits_t>(-static_cast<bits_t>((word >> j) & 1u));
+      std::memcpy(dst + j, &bits, sizeof(bits));
+    }
+  }
+  for (int64_t e = 32 * full; e < count; ++e) {
+    const scalar_t kept = store_op<scalar_t>(load_op(in[e]) * scale);
+    bits_t bits;
+    std::memcpy(&bits, &kept, sizeof(bits));
+    bits &= static_cast<bits_t>(-static_cast<bits_t>((words[e / 32] >> (e % 32)) & 1u));
+    std::memcpy(out + e, &bits, sizeof(bits));
+  }
+}
+
+// Runs f(chunk, first, count) over chunks of `chunk_tiles` tiles (elements first ..
+// first+count-1). Threads claim chunks from a shared counter rather than each taking a
+// fixed share: on a machine shared with other work a thread that is descheduled no
+// longer leaves the others idle at the end of the loop (with fixed shares 2 threads ran
+// slower than 1).
+template <typename F>
+void for_each_chunk(int64_t n, int64_t chunk_tiles, const F& f) {
+  const int64_t chunk_elems = chunk_tiles * kTile;
+  const int64_t chunks = (n + chunk_elems - 1) / chunk_elems;
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t chunk = next_chunk.fetch_add(1, std::memory_order_relaxed); chunk < chunks;
+           chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t first = chunk * chunk_elems;
+        f(chunk, first, std::min(chunk_elems, n - first));
+      }
+    }
+  });
 }
 
 // The one CPU loop. Tiles are grouped into chunks of `chunk_tiles` tiles; a chunk is
@@ -138,31 +256,19 @@ FASTREG_TARGET_CLONES void apply_keep(const scalar_t* in, scalar_t* out,
 // then `apply(chunk, first, count, keep)` for elements first .. first+count-1. Flags
 // past the end are zero so that the last mask word has no stray bits.
 //
-// Threads claim chunks from a shared counter rather than each taking a fixed share: on
-// a machine shared with other work a thread that is descheduled no longer leaves the
-// others idle at the end of the loop (with fixed shares 2 threads ran slower than 1).
+// Chunks are claimed as in for_each_chunk.
 template <typename KeepFn, typename Sink, typename Apply>
 void for_each_tile(int64_t n, int64_t chunk_tiles, const KeepFn& keep_fn, const Sink& sink,
                    const Apply& apply) {
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
-  std::atomic<int64_t> next_chunk{0};
-  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  for_each_chunk(n, chunk_tiles, [&](int64_t chunk, int64_t chunk_first, int64_t chunk_count) {
     alignas(64) uint8_t keep[kTile];
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t chunk = next_chunk.fetch_add(1, std::memory_order_relaxed); chunk < chunks;
-           chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
-        const int64_t last = std::min(tiles, (chunk + 1) * chunk_tiles);
-        for (int64_t tile = chunk * chunk_tiles; tile < last; ++tile) {
-          const int64_t first = tile * kTile;
-          const int64_t count = std::min(kTile, n - first);
-          keep_fn(tile, count, keep);
-          std::fill(keep + count, keep + kTile, uint8_t{0});
-          sink(tile, count, keep);
-          apply(chunk, first, count, static_cast<const uint8_t*>(keep));
-        }
-      }
+    for (int64_t first = chunk_first; first < chunk_first + chunk_count; first += kTile) {
+      const int64_t tile = first / kTile;
+      const int64_t count = std::min(kTile, n - first);
+      keep_fn(tile, count, keep);
+      std::fill(keep + count, keep + kTile, uint8_t{0});
+      sink(tile, count, keep);
+      apply(chunk, first, count, static_cast<const uint8_t*>(keep));
     }
   });
 }

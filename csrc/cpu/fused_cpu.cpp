@@ -77,11 +77,11 @@ FASTREG_TARGET_CLONES void forward_run(const scalar_t* x, const at::opmath_type<
                                        at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t e = 0; e < len; ++e) {
-    opmath_t z = static_cast<opmath_t>(x[e]);
+    opmath_t z = load_op(x[e]);
     if constexpr (kBias) z = add_rn(z, bias[e]);
     opmath_t t = masked(mul_rn(Act<A>::forward(z), scale), keep[e]);
-    if constexpr (kResidual) t = add_rn(static_cast<opmath_t>(residual[e]), t);
-    out[e] = static_cast<scalar_t>(t);
+    if constexpr (kResidual) t = add_rn(load_op(residual[e]), t);
+    out[e] = store_op<scalar_t>(t);
   }
 }
 
@@ -161,13 +161,13 @@ FASTREG_TARGET_CLONES void backward_run(const scalar_t* grad, const scalar_t* x,
                                         int64_t len, at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t e = 0; e < len; ++e) {
-    opmath_t v = mul_rn(static_cast<opmath_t>(grad[e]), scale);
+    opmath_t v = mul_rn(load_op(grad[e]), scale);
     if constexpr (A != Activation::None) {
-      opmath_t z = static_cast<opmath_t>(x[e]);
+      opmath_t z = load_op(x[e]);
       if constexpr (kBias) z = add_rn(z, bias[e]);
       v = Act<A>::backward(z, v);
     }
-    grad_input[e] = static_cast<scalar_t>(masked(v, keep[e]));
+    grad_input[e] = store_op<scalar_t>(masked(v, keep[e]));
   }
 }
 
@@ -178,10 +178,10 @@ FASTREG_TARGET_CLONES void accumulate_run(const scalar_t* v, int64_t len,
                                           at::opmath_type<scalar_t>* acc, bool contiguous) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (contiguous) {
-    for (int64_t e = 0; e < len; ++e) acc[e] += static_cast<opmath_t>(v[e]);
+    for (int64_t e = 0; e < len; ++e) acc[e] += load_op(v[e]);
   } else {
     opmath_t sum = 0;
-    for (int64_t e = 0; e < len; ++e) sum += static_cast<opmath_t>(v[e]);
+    for (int64_t e = 0; e < len; ++e) sum += load_op(v[e]);
     acc[0] += sum;
   }
 }

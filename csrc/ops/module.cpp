@@ -2,11 +2,14 @@
 // tells what the binary was built with.
 #include <torch/extension.h>
 
+#include "cpu/cpu_features.h"
+
 #define FASTREG_STR_(x) #x
 #define FASTREG_STR(x) FASTREG_STR_(x)
 
 PYBIND11_MODULE(_C, m) {
   m.attr("built_with_torch") = FASTREG_STR(FASTREG_BUILT_WITH_TORCH);  // set by setup.py
+  m.attr("cpu_clone") = fastreg::cpu_clone();  // the CPU kernels' clone on this CPU
 #ifdef FASTREG_WITH_CUDA
   m.attr("cuda_kernels") = true;
 #else
