@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
 #define FASTREG_X86_CLONES 1
@@ -29,6 +30,17 @@ namespace fastreg {
 // baseline) or "portable" (no clones on this compiler or architecture). Same dispatch
 // rules as FASTREG_TARGET_CLONES (defined in dropout_cpu.cpp).
 const char* cpu_clone();
+
+// The Philox code path of the CPU kernels (PhiloxKeep in dropout_tiles.h): hand-written
+// AVX-512 (16 blocks a vector) or AVX2 (8 blocks), or the portable round-by-round loop
+// that the compiler vectorizes. Chosen once from the CPU (FASTREG_CPU_PHILOX=portable,
+// avx2 or avx512 in the environment overrides it); set_philox_isa switches it at run
+// time, for tests that compare the paths bit for bit. All give the same bits.
+enum class PhiloxIsa : int { Portable = 0, Avx2 = 1, Avx512 = 2 };
+PhiloxIsa philox_isa();
+const char* philox_isa_name(PhiloxIsa isa);
+// False (and no change) when the CPU lacks the instructions or the name is unknown.
+bool set_philox_isa(const std::string& name);
 
 // Loads a value into its op-math type and rounds one back. For float16 this goes through
 // the compiler's _Float16 (IEEE round-to-nearest-even, as c10's conversion) rather than

@@ -3,6 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "cpu/dropout_tiles.h"
 
 namespace fastreg {
@@ -81,6 +84,56 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, c10::IntArrayRef size, 
 }
 
 }  // namespace
+
+namespace {
+PhiloxIsa best_philox_isa() {
+#if FASTREG_X86_CLONES
+  if (__builtin_cpu_supports("avx512f")) return PhiloxIsa::Avx512;
+  if (__builtin_cpu_supports("avx2")) return PhiloxIsa::Avx2;
+#endif
+  return PhiloxIsa::Portable;
+}
+
+bool philox_isa_supported(PhiloxIsa isa) {
+  return static_cast<int>(isa) <= static_cast<int>(best_philox_isa());
+}
+
+PhiloxIsa initial_philox_isa() {
+  PhiloxIsa isa = best_philox_isa();
+  if (const char* env = std::getenv("FASTREG_CPU_PHILOX")) {
+    const std::string name(env);
+    for (PhiloxIsa c : {PhiloxIsa::Portable, PhiloxIsa::Avx2, PhiloxIsa::Avx512}) {
+      if (name == philox_isa_name(c) && philox_isa_supported(c)) isa = c;
+    }
+  }
+  return isa;
+}
+
+std::atomic<int> g_philox_isa{static_cast<int>(initial_philox_isa())};
+}  // namespace
+
+PhiloxIsa philox_isa() {
+  return static_cast<PhiloxIsa>(g_philox_isa.load(std::memory_order_relaxed));
+}
+
+const char* philox_isa_name(PhiloxIsa isa) {
+  switch (isa) {
+    case PhiloxIsa::Avx512: return "avx512";
+    case PhiloxIsa::Avx2: return "avx2";
+    case PhiloxIsa::Portable: break;
+  }
+  return "portable";
+}
+
+bool set_philox_isa(const std::string& name) {
+  for (PhiloxIsa c : {PhiloxIsa::Portable, PhiloxIsa::Avx2, PhiloxIsa::Avx512}) {
+    if (name == philox_isa_name(c) && philox_isa_supported(c)) {
+      g_philox_isa.store(static_cast<int>(c), std::memory_order_relaxed);
+      return true;
+    }
+  }
+  return false;
+}
 
 #if FASTREG_X86_CLONES
 namespace {

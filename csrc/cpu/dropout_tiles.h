@@ -34,13 +34,119 @@ constexpr int64_t kGrainTiles = 16;
 
 // ---- Where the keep flags of a tile come from (one byte per element, 0 or 1) ----
 
+#if FASTREG_X86_CLONES
+// 1 where word >= threshold (unsigned: max(word, threshold) == word), else 0.
+__attribute__((target("avx2"))) inline __m256i keep_flag_avx2(__m256i c, __m256i thr, __m256i one) {
+  return _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(c, thr), c), one);
+}
+
+__attribute__((target("avx512f"))) inline __m512i keep_flag_avx512(__m512i c, __m512i thr,
+                                                                   __m512i one) {
+  return _mm512_maskz_mov_epi32(_mm512_cmp_epu32_mask(c, thr, _MM_CMPINT_NLT), one);
+}
+
+// The contract's Philox4x32-10 for a tile's 64 blocks, 8 blocks a vector (AVX2). The
+// 32x32->64 products: vpmuludq on the even lanes and on the odd lanes shifted down, the
+// high and low halves blended back into lane order. The keep flags of block b are the
+// bytes of 32-bit lane b of k0 | k1 << 8 | k2 << 16 | k3 << 24: keep[4b + i] in memory.
+// q0 is a multiple of 64, so the counter's low word never carries within a vector.
+__attribute__((target("avx2"))) inline void philox_tile_avx2(uint64_t q0, RngState rng,
+                                                              KeepRule rule, uint8_t* keep) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i thr = _mm256_set1_epi32(static_cast<int>(rule.threshold));
+  const __m256i one = _mm256_set1_epi32(1);
+  for (int g = 0; g < kTileBlocks / 8; ++g) {
+    const uint64_t q = q0 + 8 * g;
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32)));
+    __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
+    __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
+    uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const __m256i e0 = _mm256_mul_epu32(c0, m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+      const __m256i e1 = _mm256_mul_epu32(c2, m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
+      const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
+      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
+      const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
+      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
+      philox_bump_key(k0, k1);
+    }
+    const __m256i bytes = _mm256_or_si256(
+        _mm256_or_si256(keep_flag_avx2(c0, thr, one), _mm256_slli_epi32(keep_flag_avx2(c1, thr, one), 8)),
+        _mm256_or_si256(_mm256_slli_epi32(keep_flag_avx2(c2, thr, one), 16),
+                        _mm256_slli_epi32(keep_flag_avx2(c3, thr, one), 24)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + 32 * g), bytes);
+  }
+}
+
+// The same with AVX-512F: 16 blocks a vector.
+__attribute__((target("avx512f"))) inline void philox_tile_avx512(uint64_t q0, RngState rng,
+                                                                  KeepRule rule, uint8_t* keep) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(rule.threshold));
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int g = 0; g < kTileBlocks / 16; ++g) {
+    const uint64_t q = q0 + 16 * g;
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))),
+                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32)));
+    __m512i c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
+    __m512i c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
+    uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const __m512i e0 = _mm512_mul_epu32(c0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
+      const __m512i e1 = _mm512_mul_epu32(c2, m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+      const __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(e0, 32), o0);
+      const __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, e0, _mm512_slli_epi64(o0, 32));
+      const __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(e1, 32), o1);
+      const __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, e1, _mm512_slli_epi64(o1, 32));
+      const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
+      philox_bump_key(k0, k1);
+    }
+    const __m512i bytes = _mm512_or_si512(
+        _mm512_or_si512(keep_flag_avx512(c0, thr, one), _mm512_slli_epi32(keep_flag_avx512(c1, thr, one), 8)),
+        _mm512_or_si512(_mm512_slli_epi32(keep_flag_avx512(c2, thr, one), 16),
+                        _mm512_slli_epi32(keep_flag_avx512(c3, thr, one), 24)));
+    _mm512_storeu_si512(keep + 64 * g, bytes);
+  }
+}
+#endif
+
 struct PhiloxKeep {
   RngState rng;
   KeepRule rule;
 
+  void operator()(int64_t tile, int64_t count, uint8_t* keep) const {
+#if FASTREG_X86_CLONES
+    if (!rule.drop_all) {
+      const uint64_t q0 = static_cast<uint64_t>(tile) * kTileBlocks;
+      switch (philox_isa()) {
+        case PhiloxIsa::Avx512: return philox_tile_avx512(q0, rng, rule, keep);
+        case PhiloxIsa::Avx2: return philox_tile_avx2(q0, rng, rule, keep);
+        case PhiloxIsa::Portable: break;
+      }
+    }
+#endif
+    portable(tile, count, keep);
+  }
+
   // The contract's Philox4x32-10, run round by round over the tile's 64 blocks held in
-  // planar arrays, so each round is one loop the compiler vectorizes (8 lanes on AVX2).
-  FASTREG_TARGET_CLONES void operator()(int64_t tile, int64_t /*count*/, uint8_t* keep) const {
+  // planar arrays, so each round is one loop the compiler vectorizes.
+  FASTREG_TARGET_CLONES void portable(int64_t tile, int64_t /*count*/, uint8_t* keep) const {
     uint32_t c0[kTileBlocks], c1[kTileBlocks], c2[kTileBlocks], c3[kTileBlocks];
     const uint64_t q0 = static_cast<uint64_t>(tile) * kTileBlocks;
     for (int64_t b = 0; b < kTileBlocks; ++b) {
