@@ -48,7 +48,7 @@ def _is_dense(t):
 def _apply_inplace(input, p, rng_state, mask):
     # A non-dense input (a strided view) cannot be its own output: its elements are not
     # one block of memory in the contract's order. The out-of-place kernel plus a copy.
-    if not _ops.has_kernels(input.device) or not _is_dense(input):
+    if not _ops.has_inplace_dropout(input.device) or not _is_dense(input):
         return input.copy_(_apply(input, p, rng_state, mask))
     if torch.is_grad_enabled() and input.requires_grad:
         return _DropoutInplace.apply(input, p, rng_state, mask)[0]

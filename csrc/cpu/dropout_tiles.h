@@ -192,11 +192,31 @@ struct BoolKeep {
 
 // ---- What the forward keeps for backward ----
 
+#if FASTREG_X86_CLONES
+// 32 flags (bytes 0 or 1) to a word: each flag shifted into its byte's top bit, vpmovmskb.
+__attribute__((target("avx2"))) inline void pack_bits_avx2(const uint8_t* keep, uint32_t* w,
+                                                            int64_t words) {
+  for (int64_t i = 0; i < words; ++i) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep + 32 * i));
+    w[i] = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_slli_epi16(b, 7)));
+  }
+}
+#endif
+
 struct BitsSink {
   uint32_t* words;
 
-  FASTREG_TARGET_CLONES void operator()(int64_t tile, int64_t count,
-                                        const uint8_t* __restrict keep) const {
+  void operator()(int64_t tile, int64_t count, const uint8_t* __restrict keep) const {
+#if FASTREG_X86_CLONES
+    if (philox_isa() != PhiloxIsa::Portable) {  // the CPU has AVX2
+      return pack_bits_avx2(keep, words + tile * kTileWords, (count + 31) / 32);
+    }
+#endif
+    portable(tile, count, keep);
+  }
+
+  FASTREG_TARGET_CLONES void portable(int64_t tile, int64_t count,
+                                      const uint8_t* __restrict keep) const {
     uint32_t* w = words + tile * kTileWords;
     for (int64_t word = 0; word < (count + 31) / 32; ++word) {
       uint32_t bits = 0;
