@@ -1,7 +1,7 @@
 """Interleaved CPU timing of fastreg's dropout against F.dropout (docs/cpu-kernels.md).
 
-Each round times every variant once (native, then each fastreg mode, in turn), each
-timing the median of `reps` calls; the figure of a variant is the median over rounds of
+Each round times every variant once (native and each fastreg mode, in an order that
+rotates from round to round), each timing the median of `reps` calls; the figure of a variant is the median over rounds of
 its per-round ratio native / variant, with the spread (min and max of the per-round
 ratios) beside it. The load average before and after is printed with the figures, and
 a large Tensor.copy_ in the same run gives the copy bandwidth the kernels are set against.
@@ -90,13 +90,17 @@ def main():
             fn()
         ratios = {name: [] for name in fns if name != "native"}
         times = {name: [] for name in fns}
-        for _ in range(args.rounds):
-            t_native = time_once(fns["native"], args.reps)
-            times["native"].append(t_native)
+        names = list(fns)
+        for r in range(args.rounds):
+            # The order rotates from round to round: whatever one variant leaves behind
+            # (freed memory that the next one's allocation faults in again, a cold
+            # cache) does not always land on the same successor.
+            t_round = {}
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                t_round[name] = time_once(fns[name], args.reps)
+                times[name].append(t_round[name])
             for name in ratios:
-                t = time_once(fns[name], args.reps)
-                times[name].append(t)
-                ratios[name].append(t_native / t)
+                ratios[name].append(t_round["native"] / t_round[name])
         gbs, t_copy = copy_bandwidth(n, dtype, args.reps * 3)
         cells = []
         for name, r in ratios.items():

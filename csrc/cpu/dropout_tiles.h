@@ -248,11 +248,6 @@ template <> struct UnsignedOfSize<8> { using type = uint64_t; };
 // conversions (each is one scalar vcvtph2ps / vcvtps2ph), so the float16 loops of
 // apply_keep and apply_bits have these hand-written forms, used where the CPU has
 // AVX2 and F16C. Same rounding as the scalar loops (round to nearest even, imm 0).
-inline bool have_f16c() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return yes;
-}
-
 __attribute__((target("avx2,f16c"))) inline __m128i half8_scaled(const c10::Half* in,
                                                                  __m256 scale) {
   const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));

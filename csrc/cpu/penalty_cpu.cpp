@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/cpu_features.h"
 #include "ops/penalty.h"
@@ -86,11 +87,30 @@ FASTREG_TARGET_CLONES void abs_sq_sums(const scalar_t* x, int64_t n, acc_t* s1, 
   constexpr int L = kLanes<acc_t>;
   acc_t a[L] = {}, q[L] = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    for (int l = 0; l < L; ++l) {
-      const acc_t v = load_op(x[i + l]);
-      a[l] += std::abs(v);
-      q[l] += v * v;
+  bool done = false;
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    // gcc does not vectorize float16 conversions: 32 at a time with F16C, then the lanes
+    if (have_f16c()) {
+      alignas(64) float v[L];
+      for (; i + L <= n; i += L) {
+        half_to_float_f16c(x + i, v, L);
+        for (int l = 0; l < L; ++l) {
+          a[l] += std::abs(v[l]);
+          q[l] += v[l] * v[l];
+        }
+      }
+      done = true;
+    }
+  }
+#endif
+  if (!done) {
+    for (; i + L <= n; i += L) {
+      for (int l = 0; l < L; ++l) {
+        const acc_t v = load_op(x[i + l]);
+        a[l] += std::abs(v);
+        q[l] += v * v;
+      }
     }
   }
   for (int l = 0; i + l < n; ++l) {
