@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/dropout_tiles.h"
@@ -85,6 +86,29 @@ FASTREG_TARGET_CLONES void forward_run(const scalar_t* x, const at::opmath_type<
   }
 }
 
+// float16 where the CPU has F16C: the run's inputs converted to float (exactly), the
+// float loop (the same float operations as the float16 one), the result rounded once to
+// float16 (round to nearest even, as store_op): the same bits, in vectors.
+template <typename scalar_t, Activation A, bool kResidual, bool kBias>
+void forward_dispatch(const scalar_t* x, const at::opmath_type<scalar_t>* bias,
+                      const scalar_t* residual, scalar_t* out, const uint8_t* keep, int64_t len,
+                      at::opmath_type<scalar_t> scale) {
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (have_f16c() && len <= kTile) {
+      alignas(64) float xf[kTile], rf[kTile], of[kTile];
+      half_to_float_n(x, xf, len);
+      if constexpr (kResidual) half_to_float_n(residual, rf, len);
+      forward_run<float, A, kResidual, kBias>(xf, bias, kResidual ? rf : nullptr, of, keep, len,
+                                             scale);
+      float_to_half_n(of, out, len);
+      return;
+    }
+  }
+#endif
+  forward_run<scalar_t, A, kResidual, kBias>(x, bias, residual, out, keep, len, scale);
+}
+
 template <typename scalar_t, Activation A, bool kResidual>
 struct ForwardStep {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -97,7 +121,7 @@ struct ForwardStep {
 
   void operator()(int64_t /*chunk*/, int64_t first, int64_t count, const uint8_t* keep) const {
     if (bias == nullptr) {
-      forward_run<scalar_t, A, kResidual, false>(x + first, nullptr,
+      forward_dispatch<scalar_t, A, kResidual, false>(x + first, nullptr,
                                                  kResidual ? residual + first : nullptr,
                                                  out + first, keep, count, scale);
       return;
@@ -105,7 +129,7 @@ struct ForwardStep {
     alignas(64) opmath_t row[kTile];
     for_each_bias_run(first, count, layout, [&](int64_t off, int64_t len, int64_t j, bool contiguous) {
       const int64_t e = first + off;
-      forward_run<scalar_t, A, kResidual, true>(x + e, bias_of_run(bias, j, contiguous, len, row),
+      forward_dispatch<scalar_t, A, kResidual, true>(x + e, bias_of_run(bias, j, contiguous, len, row),
                                                 kResidual ? residual + e : nullptr, out + e,
                                                 keep + off, len, scale);
     });
@@ -171,6 +195,27 @@ FASTREG_TARGET_CLONES void backward_run(const scalar_t* grad, const scalar_t* x,
   }
 }
 
+// float16 with F16C, as forward_dispatch.
+template <typename scalar_t, Activation A, bool kBias>
+void backward_dispatch(const scalar_t* grad, const scalar_t* x,
+                       const at::opmath_type<scalar_t>* bias, scalar_t* grad_input,
+                       const uint8_t* keep, int64_t len, at::opmath_type<scalar_t> scale) {
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (have_f16c() && len <= kTile) {
+      alignas(64) float gf[kTile], xf[kTile], of[kTile];
+      half_to_float_n(grad, gf, len);
+      if constexpr (A != Activation::None) half_to_float_n(x, xf, len);
+      backward_run<float, A, kBias>(gf, A != Activation::None ? xf : nullptr, bias, of, keep, len,
+                                    scale);
+      float_to_half_n(of, grad_input, len);
+      return;
+    }
+  }
+#endif
+  backward_run<scalar_t, A, kBias>(grad, x, bias, grad_input, keep, len, scale);
+}
+
 // Adds a run of the input gradient (its dtype values, in op-math) to the chunk's partial
 // bias-gradient row at acc: element k to acc[k] for a contiguous run, all to acc[0] else.
 template <typename scalar_t>
@@ -199,7 +244,7 @@ struct BackwardStep {
 
   void operator()(int64_t chunk, int64_t first, int64_t count, const uint8_t* keep) const {
     if (bias == nullptr && partials == nullptr) {
-      backward_run<scalar_t, A, false>(grad + first, x ? x + first : nullptr, nullptr,
+      backward_dispatch<scalar_t, A, false>(grad + first, x ? x + first : nullptr, nullptr,
                                        grad_input + first, keep, count, scale);
       return;
     }
@@ -208,10 +253,10 @@ struct BackwardStep {
     for_each_bias_run(first, count, layout, [&](int64_t off, int64_t len, int64_t j, bool contiguous) {
       const int64_t e = first + off;
       if (bias != nullptr) {
-        backward_run<scalar_t, A, true>(grad + e, x + e, bias_of_run(bias, j, contiguous, len, row),
+        backward_dispatch<scalar_t, A, true>(grad + e, x + e, bias_of_run(bias, j, contiguous, len, row),
                                         grad_input + e, keep + off, len, scale);
       } else {
-        backward_run<scalar_t, A, false>(grad + e, x ? x + e : nullptr, nullptr, grad_input + e,
+        backward_dispatch<scalar_t, A, false>(grad + e, x ? x + e : nullptr, nullptr, grad_input + e,
                                          keep + off, len, scale);
       }
       if (acc != nullptr) accumulate_run(grad_input + e, len, acc + j, contiguous);
