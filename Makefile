@@ -32,12 +32,14 @@ test: build
 # The CUDA kernels on the CUDA simulator (docs/cuda-simulator.md): the simulator's own tests
 # and the kernel test modules once in each block order, the property and error tests in
 # random order; grids capped at 3 resident blocks, so that the grid-stride loops iterate.
-CUDASIM_TESTS := tests/test_cudasim.py tests/test_dropout.py tests/test_fused.py tests/test_penalty.py
+CUDASIM_TESTS := tests/test_cudasim.py tests/test_dropout.py tests/test_inplace.py tests/test_fused.py \
+	tests/test_penalty.py
 CUDASIM_ONCE := tests/test_properties.py tests/test_errors.py
 CUDASIM_ENV := FASTREG_BACKEND=cudasim FASTREG_CUDASIM_BLOCKS=3
 
+# (FASTREG_BACKEND=reference: building the simulator needs no fastreg._C)
 cudasim: setup
-	$(PY) -m fastreg._cudasim
+	FASTREG_BACKEND=reference $(PY) -m fastreg._cudasim
 
 test-cudasim: cudasim
 	for order in forward reverse random; do \
@@ -49,7 +51,7 @@ test-cudasim: cudasim
 # The simulator built with AddressSanitizer and UndefinedBehaviorSanitizer (random order).
 ASAN_RUNTIME = $(shell $${CXX:-c++} -print-file-name=libasan.so)
 test-cudasim-sanitized: setup
-	$(PY) -m fastreg._cudasim --sanitize
+	FASTREG_BACKEND=reference $(PY) -m fastreg._cudasim --sanitize
 	LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FASTREG_CUDASIM_SANITIZE=1 \
 	  $(CUDASIM_ENV) FASTREG_CUDASIM_ORDER=random \

@@ -291,11 +291,12 @@ def check_not_recomputing():
         "generator (generator=None) or pass seed= inside checkpointed regions.")
 
 
-def dropout_front(apply, input, p, training, inplace, mask, seed, generator):
+def dropout_front(apply, input, p, training, inplace, mask, seed, generator, apply_=None):
     """Everything F.dropout does around the kernel: checks, the identity cases, the RNG
-    draw and in-place semantics. `apply(input, p, rng_state, mask)` returns the output.
-    p = 1 draws nothing and runs no kernel, as torch's (fastreg._modules.script_dropout is
-    the same for TorchScript)."""
+    draw and in-place semantics. `apply(input, p, rng_state, mask)` returns the output;
+    `apply_`, when given, does the same into `input` for inplace=True (else the output is
+    copied into `input`). p = 1 draws nothing and runs no kernel, as torch's
+    (fastreg._modules.script_dropout is the same for TorchScript)."""
     p = check_probability(p)
     check_dropout_input(input)
     check_training(training, "dropout")
@@ -309,7 +310,10 @@ def dropout_front(apply, input, p, training, inplace, mask, seed, generator):
         if inplace:
             return input.zero_()
         return all_dropped(input)
-    out = apply(input, p, rng_state(input.device, seed, generator), mask)
+    state = rng_state(input.device, seed, generator)
+    if inplace and apply_ is not None:
+        return apply_(input, p, state, mask)
+    out = apply(input, p, state, mask)
     return input.copy_(out) if inplace else out
 
 

@@ -59,6 +59,17 @@ def has_kernels(device):
     return kind in ("cpu", "meta") or (kind == "cuda" and _C.cuda_kernels)
 
 
+def has_inplace_dropout(device):
+    """Whether the in-place dropout operator (fastreg::dropout_fwd_) has a kernel for
+    `device` (a build whose CUDA side predates it has none on CUDA)."""
+    if not has_kernels(device):
+        return False
+    kind = torch.device(device).type
+    if kind in ("cpu", "meta"):
+        return True
+    return torch._C._dispatch_has_kernel_for_dispatch_key("fastreg::dropout_fwd_", kind.upper())
+
+
 def with_strides(tensor, stride):
     """`tensor`, copied into the dense layout `stride` unless it has it already."""
     if tensor.stride() == tuple(stride):
@@ -74,6 +85,12 @@ def _register_dropout():
     def _(input, p, rng_state, mode):
         out = torch.empty_like(input)
         return out, fake_mask(out, mode)
+
+    # In place: the input is the output; the mask has the layout that dropout_fwd's output
+    # would have (the input's, when it is dense).
+    @torch.library.register_fake("fastreg::dropout_fwd_")
+    def _(input, p, rng_state, mask_mode):
+        return fake_mask(torch.empty_like(input), mask_mode)
 
     @torch.library.register_fake("fastreg::dropout_bwd")
     def _(grad, mask, p, rng_state, mode):

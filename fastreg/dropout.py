@@ -7,6 +7,49 @@ from fastreg import _args, _ops, fused, reference
 from fastreg._modules import DropoutModule, dropout_apply as _apply
 
 
+class _DropoutInplace(torch.autograd.Function):
+    """fastreg::dropout_fwd_ with autograd told of the mutation (mark_dirty): the custom op
+    is mutable, which torch.library.register_autograd does not accept."""
+
+    @staticmethod
+    def forward(ctx, input, p, rng_state, mode):
+        mask = torch.ops.fastreg.dropout_fwd_(input, p, rng_state, mode)
+        ctx.mark_dirty(input)
+        ctx.mark_non_differentiable(mask)
+        ctx.save_for_backward(mask, rng_state)
+        ctx.p, ctx.mode, ctx.stride = p, mode, input.stride()
+        return input, mask
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mask):
+        mask, rng_state = ctx.saved_tensors
+        grad = _ops.with_strides(grad, ctx.stride)
+        return torch.ops.fastreg.dropout_bwd(grad, mask, ctx.p, rng_state, ctx.mode), None, None, None
+
+
+def _is_dense(t):
+    """Non-overlapping and dense: the elements fill one block of memory, in some order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _apply_inplace(input, p, rng_state, mask):
+    # A non-dense input (a strided view) cannot be its own output: its elements are not
+    # one block of memory in the contract's order. The out-of-place kernel plus a copy.
+    if not _ops.has_inplace_dropout(input.device) or not _is_dense(input):
+        return input.copy_(_apply(input, p, rng_state, mask))
+    if torch.is_grad_enabled() and input.requires_grad:
+        return _DropoutInplace.apply(input, p, rng_state, mask)[0]
+    torch.ops.fastreg.dropout_fwd_(input, p, rng_state, mask)
+    return input
+
+
 def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
             generator=None):
     """Inverted dropout, a drop-in for ``torch.nn.functional.dropout``.
@@ -19,7 +62,9 @@ def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=Non
         input: a float16, bfloat16, float32 or float64 tensor, any layout.
         p: probability of an element to be zeroed, in [0, 1].
         training: apply dropout if True, else return ``input`` unchanged.
-        inplace: write the result into ``input`` and return it.
+        inplace: write the result into ``input`` and return it. A dense input (any
+            strides without gaps) is its own output: no temporary of its size; a strided
+            view goes through a temporary that is copied back.
         mask: what is kept for backward: ``"bits"`` (1 bit per element), ``"bool"``
             (1 byte per element, like native CUDA dropout) or ``"recompute"`` (only the
             seed and offset; backward regenerates the mask).
@@ -30,7 +75,8 @@ def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=Non
 
     Dropped elements are exactly 0, also where ``input`` is NaN or infinite.
     """
-    return _args.dropout_front(_apply, input, p, training, inplace, mask, seed, generator)
+    return _args.dropout_front(_apply, input, p, training, inplace, mask, seed, generator,
+                               apply_=_apply_inplace)
 
 
 def dropout_mask(shape, p, seed, offset=0, *, device=None):

@@ -3,6 +3,9 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "cpu/dropout_tiles.h"
 
 namespace fastreg {
@@ -24,12 +27,38 @@ std::tuple<at::Tensor, at::Tensor> dropout_fwd_cpu(const at::Tensor& input, doub
   return {b.out, b.mask};
 }
 
+// dropout_fwd_: the same kernel with the input as its output; returns the mask.
+at::Tensor dropout_fwd_inplace_cpu(at::Tensor& input, double p, const at::Tensor& rng_state,
+                                   c10::string_view mode_name) {
+  const DropoutForward f = prepare_dropout_forward_inplace(input, p, rng_state, mode_name);
+  const ForwardBuffers& b = f.buffers;
+  const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd_", [&] {
+    scalar_t* data = b.out.mutable_data_ptr<scalar_t>();
+    visit_sink(f.mode, b.mask, [&](const auto& sink) {
+      dropout_tiles(static_cast<const scalar_t*>(data), data, input.numel(), p, philox, sink);
+    });
+  });
+  finish_inplace(input, b);
+  return b.mask;
+}
+
 at::Tensor dropout_bwd_cpu(const at::Tensor& grad, const at::Tensor& mask, double p,
                            const at::Tensor& rng_state, c10::string_view mode_name) {
   const MaskMode mode = prepare_dropout_backward(grad, mask, p, rng_state, mode_name);
   at::Tensor grad_input = at::empty_like(grad);
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::dropout_bwd", [&] {
+    if (mode == MaskMode::Bits) {  // no byte flags: the bits applied directly
+      const scalar_t* in = grad.const_data_ptr<scalar_t>();
+      scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.const_data_ptr<int32_t>());
+      const auto scale = dropout_scale<at::opmath_type<scalar_t>>(p);
+      for_each_chunk(grad.numel(), kGrainTiles, [&](int64_t, int64_t first, int64_t count) {
+        apply_bits(in + first, out + first, words + first / 32, count, scale);
+      });
+      return;
+    }
     visit_keep(mode, mask, philox, [&](const auto& keep_fn) {
       dropout_tiles(grad.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
                     grad.numel(), p, keep_fn, NoSink{});
@@ -47,8 +76,74 @@ at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, c10::IntArrayRef size, 
 
 }  // namespace
 
+namespace {
+PhiloxIsa best_philox_isa() {
+#if FASTREG_X86_CLONES
+  if (__builtin_cpu_supports("avx512f")) return PhiloxIsa::Avx512;
+  if (__builtin_cpu_supports("avx2")) return PhiloxIsa::Avx2;
+#endif
+  return PhiloxIsa::Portable;
+}
+
+bool philox_isa_supported(PhiloxIsa isa) {
+  return static_cast<int>(isa) <= static_cast<int>(best_philox_isa());
+}
+
+PhiloxIsa initial_philox_isa() {
+  PhiloxIsa isa = best_philox_isa();
+  if (const char* env = std::getenv("FASTREG_CPU_PHILOX")) {
+    const std::string name(env);
+    for (PhiloxIsa c : {PhiloxIsa::Portable, PhiloxIsa::Avx2, PhiloxIsa::Avx512}) {
+      if (name == philox_isa_name(c) && philox_isa_supported(c)) isa = c;
+    }
+  }
+  return isa;
+}
+
+std::atomic<int> g_philox_isa{static_cast<int>(initial_philox_isa())};
+}  // namespace
+
+PhiloxIsa philox_isa() {
+  return static_cast<PhiloxIsa>(g_philox_isa.load(std::memory_order_relaxed));
+}
+
+const char* philox_isa_name(PhiloxIsa isa) {
+  switch (isa) {
+    case PhiloxIsa::Avx512: return "avx512";
+    case PhiloxIsa::Avx2: return "avx2";
+    case PhiloxIsa::Portable: break;
+  }
+  return "portable";
+}
+
+bool set_philox_isa(const std::string& name) {
+  for (PhiloxIsa c : {PhiloxIsa::Portable, PhiloxIsa::Avx2, PhiloxIsa::Avx512}) {
+    if (name == philox_isa_name(c) && philox_isa_supported(c)) {
+      g_philox_isa.store(static_cast<int>(c), std::memory_order_relaxed);
+      return true;
+    }
+  }
+  return false;
+}
+
+#if FASTREG_X86_CLONES
+namespace {
+// C++ function multiversioning with the clones' targets: the loader's choice among them
+// follows the same rules as for target_clones (macros such as __AVX2__ are per file, not
+// per clone, so one body cannot tell).
+__attribute__((target("default"))) const char* clone_name() { return "x86-64"; }
+__attribute__((target("arch=x86-64-v3"))) const char* clone_name() { return "x86-64-v3"; }
+__attribute__((target("arch=x86-64-v4"))) const char* clone_name() { return "x86-64-v4"; }
+}  // namespace
+
+const char* cpu_clone() { return clone_name(); }
+#else
+const char* cpu_clone() { return "portable"; }
+#endif
+
 TORCH_LIBRARY_IMPL(fastreg, CPU, m) {
   m.impl("dropout_fwd", &dropout_fwd_cpu);
+  m.impl("dropout_fwd_", &dropout_fwd_inplace_cpu);
   m.impl("dropout_bwd", &dropout_bwd_cpu);
   m.impl("dropout_mask", &dropout_mask_cpu);
 }

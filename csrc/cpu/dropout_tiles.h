@@ -15,6 +15,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "cpu/cpu_features.h"
 #include "ops/dropout.h"
@@ -29,13 +34,119 @@ constexpr int64_t kGrainTiles = 16;
 
 // ---- Where the keep flags of a tile come from (one byte per element, 0 or 1) ----
 
+#if FASTREG_X86_CLONES
+// 1 where word >= threshold (unsigned: max(word, threshold) == word), else 0.
+__attribute__((target("avx2"))) inline __m256i keep_flag_avx2(__m256i c, __m256i thr, __m256i one) {
+  return _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(c, thr), c), one);
+}
+
+__attribute__((target("avx512f"))) inline __m512i keep_flag_avx512(__m512i c, __m512i thr,
+                                                                   __m512i one) {
+  return _mm512_maskz_mov_epi32(_mm512_cmp_epu32_mask(c, thr, _MM_CMPINT_NLT), one);
+}
+
+// The contract's Philox4x32-10 for a tile's 64 blocks, 8 blocks a vector (AVX2). The
+// 32x32->64 products: vpmuludq on the even lanes and on the odd lanes shifted down, the
+// high and low halves blended back into lane order. The keep flags of block b are the
+// bytes of 32-bit lane b of k0 | k1 << 8 | k2 << 16 | k3 << 24: keep[4b + i] in memory.
+// q0 is a multiple of 64, so the counter's low word never carries within a vector.
+__attribute__((target("avx2"))) inline void philox_tile_avx2(uint64_t q0, RngState rng,
+                                                              KeepRule rule, uint8_t* keep) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m256i thr = _mm256_set1_epi32(static_cast<int>(rule.threshold));
+  const __m256i one = _mm256_set1_epi32(1);
+  for (int g = 0; g < kTileBlocks / 8; ++g) {
+    const uint64_t q = q0 + 8 * g;
+    __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    __m256i c1 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32)));
+    __m256i c2 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
+    __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
+    uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const __m256i e0 = _mm256_mul_epu32(c0, m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+      const __m256i e1 = _mm256_mul_epu32(c2, m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+      const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
+      const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
+      const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
+      const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
+      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
+      philox_bump_key(k0, k1);
+    }
+    const __m256i bytes = _mm256_or_si256(
+        _mm256_or_si256(keep_flag_avx2(c0, thr, one), _mm256_slli_epi32(keep_flag_avx2(c1, thr, one), 8)),
+        _mm256_or_si256(_mm256_slli_epi32(keep_flag_avx2(c2, thr, one), 16),
+                        _mm256_slli_epi32(keep_flag_avx2(c3, thr, one), 24)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + 32 * g), bytes);
+  }
+}
+
+// The same with AVX-512F: 16 blocks a vector.
+__attribute__((target("avx512f"))) inline void philox_tile_avx512(uint64_t q0, RngState rng,
+                                                                  KeepRule rule, uint8_t* keep) {
+  const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+  const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+  const __m512i thr = _mm512_set1_epi32(static_cast<int>(rule.threshold));
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int g = 0; g < kTileBlocks / 16; ++g) {
+    const uint64_t q = q0 + 16 * g;
+    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))),
+                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32)));
+    __m512i c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
+    __m512i c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
+    uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
+    for (int round = 0; round < kPhiloxRounds; ++round) {
+      const __m512i e0 = _mm512_mul_epu32(c0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
+      const __m512i e1 = _mm512_mul_epu32(c2, m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+      const __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(e0, 32), o0);
+      const __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, e0, _mm512_slli_epi64(o0, 32));
+      const __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(e1, 32), o1);
+      const __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, e1, _mm512_slli_epi64(o1, 32));
+      const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      c0 = n0;
+      c1 = lo1;
+      c2 = n2;
+      c3 = lo0;
+      philox_bump_key(k0, k1);
+    }
+    const __m512i bytes = _mm512_or_si512(
+        _mm512_or_si512(keep_flag_avx512(c0, thr, one), _mm512_slli_epi32(keep_flag_avx512(c1, thr, one), 8)),
+        _mm512_or_si512(_mm512_slli_epi32(keep_flag_avx512(c2, thr, one), 16),
+                        _mm512_slli_epi32(keep_flag_avx512(c3, thr, one), 24)));
+    _mm512_storeu_si512(keep + 64 * g, bytes);
+  }
+}
+#endif
+
 struct PhiloxKeep {
   RngState rng;
   KeepRule rule;
 
+  void operator()(int64_t tile, int64_t count, uint8_t* keep) const {
+#if FASTREG_X86_CLONES
+    if (!rule.drop_all) {
+      const uint64_t q0 = static_cast<uint64_t>(tile) * kTileBlocks;
+      switch (philox_isa()) {
+        case PhiloxIsa::Avx512: return philox_tile_avx512(q0, rng, rule, keep);
+        case PhiloxIsa::Avx2: return philox_tile_avx2(q0, rng, rule, keep);
+        case PhiloxIsa::Portable: break;
+      }
+    }
+#endif
+    portable(tile, count, keep);
+  }
+
   // The contract's Philox4x32-10, run round by round over the tile's 64 blocks held in
-  // planar arrays, so each round is one loop the compiler vectorizes (8 lanes on AVX2).
-  FASTREG_TARGET_CLONES void operator()(int64_t tile, int64_t /*count*/, uint8_t* keep) const {
+  // planar arrays, so each round is one loop the compiler vectorizes.
+  FASTREG_TARGET_CLONES void portable(int64_t tile, int64_t /*count*/, uint8_t* keep) const {
     uint32_t c0[kTileBlocks], c1[kTileBlocks], c2[kTileBlocks], c3[kTileBlocks];
     const uint64_t q0 = static_cast<uint64_t>(tile) * kTileBlocks;
     for (int64_t b = 0; b < kTileBlocks; ++b) {
@@ -81,11 +192,31 @@ struct BoolKeep {
 
 // ---- What the forward keeps for backward ----
 
+#if FASTREG_X86_CLONES
+// 32 flags (bytes 0 or 1) to a word: each flag shifted into its byte's top bit, vpmovmskb.
+__attribute__((target("avx2"))) inline void pack_bits_avx2(const uint8_t* keep, uint32_t* w,
+                                                            int64_t words) {
+  for (int64_t i = 0; i < words; ++i) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep + 32 * i));
+    w[i] = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_slli_epi16(b, 7)));
+  }
+}
+#endif
+
 struct BitsSink {
   uint32_t* words;
 
-  FASTREG_TARGET_CLONES void operator()(int64_t tile, int64_t count,
-                                        const uint8_t* __restrict keep) const {
+  void operator()(int64_t tile, int64_t count, const uint8_t* __restrict keep) const {
+#if FASTREG_X86_CLONES
+    if (philox_isa() != PhiloxIsa::Portable) {  // the CPU has AVX2
+      return pack_bits_avx2(keep, words + tile * kTileWords, (count + 31) / 32);
+    }
+#endif
+    portable(tile, count, keep);
+  }
+
+  FASTREG_TARGET_CLONES void portable(int64_t tile, int64_t count,
+                                      const uint8_t* __restrict keep) const {
     uint32_t* w = words + tile * kTileWords;
     for (int64_t word = 0; word < (count + 31) / 32; ++word) {
       uint32_t bits = 0;
@@ -112,6 +243,53 @@ template <> struct UnsignedOfSize<2> { using type = uint16_t; };
 template <> struct UnsignedOfSize<4> { using type = uint32_t; };
 template <> struct UnsignedOfSize<8> { using type = uint64_t; };
 
+#if FASTREG_X86_CLONES
+// float16 with F16C, eight elements at a time: gcc does not vectorize _Float16
+// conversions (each is one scalar vcvtph2ps / vcvtps2ph), so the float16 loops of
+// apply_keep and apply_bits have these hand-written forms, used where the CPU has
+// AVX2 and F16C. Same rounding as the scalar loops (round to nearest even, imm 0).
+__attribute__((target("avx2,f16c"))) inline __m128i half8_scaled(const c10::Half* in,
+                                                                 __m256 scale) {
+  const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
+  return _mm256_cvtps_ph(_mm256_mul_ps(v, scale), _MM_FROUND_TO_NEAREST_INT);
+}
+
+__attribute__((target("avx2,f16c"))) void apply_keep_f16c(const c10::Half* in, c10::Half* out,
+                                                          const uint8_t* keep, int64_t count,
+                                                          float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  int64_t e = 0;
+  for (; e + 8 <= count; e += 8) {
+    const __m128i k = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + e)));
+    const __m128i lanes = _mm_sub_epi16(_mm_setzero_si128(), k);  // 0 or 0xffff
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + e), _mm_and_si128(half8_scaled(in + e, s), lanes));
+  }
+  for (; e < count; ++e) {
+    const uint16_t h = _cvtss_sh(_cvtsh_ss(in[e].x) * scale, _MM_FROUND_TO_NEAREST_INT);
+    out[e].x = static_cast<uint16_t>(h & -static_cast<uint16_t>(keep[e]));
+  }
+}
+
+__attribute__((target("avx2,f16c"))) void apply_bits_f16c(const c10::Half* in, c10::Half* out,
+                                                          const uint32_t* words, int64_t count,
+                                                          float scale) {
+  const __m256 s = _mm256_set1_ps(scale);
+  const __m128i bit = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t e = 0;
+  for (; e + 8 <= count; e += 8) {
+    const int byte = static_cast<int>((words[e / 32] >> (e % 32)) & 0xffu);
+    const __m128i b = _mm_and_si128(_mm_set1_epi16(static_cast<int16_t>(byte)), bit);
+    const __m128i lanes = _mm_cmpeq_epi16(b, bit);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + e), _mm_and_si128(half8_scaled(in + e, s), lanes));
+  }
+  for (; e < count; ++e) {
+    const uint16_t h = _cvtss_sh(_cvtsh_ss(in[e].x) * scale, _MM_FROUND_TO_NEAREST_INT);
+    const uint16_t k = (words[e / 32] >> (e % 32)) & 1u;
+    out[e].x = static_cast<uint16_t>(h & -k);
+  }
+}
+#endif
+
 // Branch-free so it vectorizes (gcc will not if-convert `keep ? x * scale : 0`): the
 // product is rounded for every element, then its bits are ANDed with all-ones or zero,
 // so dropped elements are +0 also where the input is NaN or infinite. `keep` is the
@@ -120,15 +298,76 @@ template <typename scalar_t>
 FASTREG_TARGET_CLONES void apply_keep(const scalar_t* in, scalar_t* out,
                                       const uint8_t* __restrict keep, int64_t count,
                                       at::opmath_type<scalar_t> scale) {
-  using opmath_t = at::opmath_type<scalar_t>;
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (have_f16c()) return apply_keep_f16c(in, out, keep, count, scale);
+  }
+#endif
   using bits_t = typename UnsignedOfSize<sizeof(scalar_t)>::type;
   for (int64_t e = 0; e < count; ++e) {
-    const scalar_t kept = static_cast<scalar_t>(static_cast<opmath_t>(in[e]) * scale);
+    const scalar_t kept = store_op<scalar_t>(load_op(in[e]) * scale);
     bits_t bits;
     std::memcpy(&bits, &kept, sizeof(bits));
     bits &= static_cast<bits_t>(-static_cast<bits_t>(keep[e]));
     std::memcpy(out + e, &bits, sizeof(bits));
   }
+}
+
+// Backward from a bits mask without the byte flags: each bit becomes its element's lane
+// mask directly (shift, and, negate: vectorized across a word's 32 elements), in the same
+// pass as the scale. `words` holds the mask from the run's first element (a multiple of 32).
+template <typename scalar_t>
+FASTREG_TARGET_CLONES void apply_bits(const scalar_t* in, scalar_t* out,
+                                      const uint32_t* __restrict words, int64_t count,
+                                      at::opmath_type<scalar_t> scale) {
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (have_f16c()) return apply_bits_f16c(in, out, words, count, scale);
+  }
+#endif
+  using bits_t = typename UnsignedOfSize<sizeof(scalar_t)>::type;
+  const int64_t full = count / 32;
+  for (int64_t w = 0; w < full; ++w) {
+    const uint32_t word = words[w];
+    const scalar_t* src = in + 32 * w;
+    scalar_t* dst = out + 32 * w;
+    for (int j = 0; j < 32; ++j) {
+      const scalar_t kept = store_op<scalar_t>(load_op(src[j]) * scale);
+      bits_t bits;
+      std::memcpy(&bits, &kept, sizeof(bits));
+      bits &= static_cast<bits_t>(-static_cast<bits_t>((word >> j) & 1u));
+      std::memcpy(dst + j, &bits, sizeof(bits));
+    }
+  }
+  for (int64_t e = 32 * full; e < count; ++e) {
+    const scalar_t kept = store_op<scalar_t>(load_op(in[e]) * scale);
+    bits_t bits;
+    std::memcpy(&bits, &kept, sizeof(bits));
+    bits &= static_cast<bits_t>(-static_cast<bits_t>((words[e / 32] >> (e % 32)) & 1u));
+    std::memcpy(out + e, &bits, sizeof(bits));
+  }
+}
+
+// Runs f(chunk, first, count) over chunks of `chunk_tiles` tiles (elements first ..
+// first+count-1). Threads claim chunks from a shared counter rather than each taking a
+// fixed share: on a machine shared with other work a thread that is descheduled no
+// longer leaves the others idle at the end of the loop (with fixed shares 2 threads ran
+// slower than 1).
+template <typename F>
+void for_each_chunk(int64_t n, int64_t chunk_tiles, const F& f) {
+  const int64_t chunk_elems = chunk_tiles * kTile;
+  const int64_t chunks = (n + chunk_elems - 1) / chunk_elems;
+  std::atomic<int64_t> next_chunk{0};
+  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t chunk = next_chunk.fetch_add(1, std::memory_order_relaxed); chunk < chunks;
+           chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t first = chunk * chunk_elems;
+        f(chunk, first, std::min(chunk_elems, n - first));
+      }
+    }
+  });
 }
 
 // The one CPU loop. Tiles are grouped into chunks of `chunk_tiles` tiles; a chunk is
@@ -138,31 +377,19 @@ FASTREG_TARGET_CLONES void apply_keep(const scalar_t* in, scalar_t* out,
 // then `apply(chunk, first, count, keep)` for elements first .. first+count-1. Flags
 // past the end are zero so that the last mask word has no stray bits.
 //
-// Threads claim chunks from a shared counter rather than each taking a fixed share: on
-// a machine shared with other work a thread that is descheduled no longer leaves the
-// others idle at the end of the loop (with fixed shares 2 threads ran slower than 1).
+// Chunks are claimed as in for_each_chunk.
 template <typename KeepFn, typename Sink, typename Apply>
 void for_each_tile(int64_t n, int64_t chunk_tiles, const KeepFn& keep_fn, const Sink& sink,
                    const Apply& apply) {
-  const int64_t tiles = (n + kTile - 1) / kTile;
-  const int64_t chunks = (tiles + chunk_tiles - 1) / chunk_tiles;
-  std::atomic<int64_t> next_chunk{0};
-  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  for_each_chunk(n, chunk_tiles, [&](int64_t chunk, int64_t chunk_first, int64_t chunk_count) {
     alignas(64) uint8_t keep[kTile];
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t chunk = next_chunk.fetch_add(1, std::memory_order_relaxed); chunk < chunks;
-           chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
-        const int64_t last = std::min(tiles, (chunk + 1) * chunk_tiles);
-        for (int64_t tile = chunk * chunk_tiles; tile < last; ++tile) {
-          const int64_t first = tile * kTile;
-          const int64_t count = std::min(kTile, n - first);
-          keep_fn(tile, count, keep);
-          std::fill(keep + count, keep + kTile, uint8_t{0});
-          sink(tile, count, keep);
-          apply(chunk, first, count, static_cast<const uint8_t*>(keep));
-        }
-      }
+    for (int64_t first = chunk_first; first < chunk_first + chunk_count; first += kTile) {
+      const int64_t tile = first / kTile;
+      const int64_t count = std::min(kTile, n - first);
+      keep_fn(tile, count, keep);
+      std::fill(keep + count, keep + kTile, uint8_t{0});
+      sink(tile, count, keep);
+      apply(chunk, first, count, static_cast<const uint8_t*>(keep));
     }
   });
 }

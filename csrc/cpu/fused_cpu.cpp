@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/dropout_tiles.h"
@@ -77,12 +78,35 @@ FASTREG_TARGET_CLONES void forward_run(const scalar_t* x, const at::opmath_type<
                                        at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t e = 0; e < len; ++e) {
-    opmath_t z = static_cast<opmath_t>(x[e]);
+    opmath_t z = load_op(x[e]);
     if constexpr (kBias) z = add_rn(z, bias[e]);
     opmath_t t = masked(mul_rn(Act<A>::forward(z), scale), keep[e]);
-    if constexpr (kResidual) t = add_rn(static_cast<opmath_t>(residual[e]), t);
-    out[e] = static_cast<scalar_t>(t);
+    if constexpr (kResidual) t = add_rn(load_op(residual[e]), t);
+    out[e] = store_op<scalar_t>(t);
   }
+}
+
+// float16 where the CPU has F16C: the run's inputs converted to float (exactly), the
+// float loop (the same float operations as the float16 one), the result rounded once to
+// float16 (round to nearest even, as store_op): the same bits, in vectors.
+template <typename scalar_t, Activation A, bool kResidual, bool kBias>
+void forward_dispatch(const scalar_t* x, const at::opmath_type<scalar_t>* bias,
+                      const scalar_t* residual, scalar_t* out, const uint8_t* keep, int64_t len,
+                      at::opmath_type<scalar_t> scale) {
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (have_f16c() && len <= kTile) {
+      alignas(64) float xf[kTile], rf[kTile], of[kTile];
+      half_to_float_n(x, xf, len);
+      if constexpr (kResidual) half_to_float_n(residual, rf, len);
+      forward_run<float, A, kResidual, kBias>(xf, bias, kResidual ? rf : nullptr, of, keep, len,
+                                             scale);
+      float_to_half_n(of, out, len);
+      return;
+    }
+  }
+#endif
+  forward_run<scalar_t, A, kResidual, kBias>(x, bias, residual, out, keep, len, scale);
 }
 
 template <typename scalar_t, Activation A, bool kResidual>
@@ -97,7 +121,7 @@ struct ForwardStep {
 
   void operator()(int64_t /*chunk*/, int64_t first, int64_t count, const uint8_t* keep) const {
     if (bias == nullptr) {
-      forward_run<scalar_t, A, kResidual, false>(x + first, nullptr,
+      forward_dispatch<scalar_t, A, kResidual, false>(x + first, nullptr,
                                                  kResidual ? residual + first : nullptr,
                                                  out + first, keep, count, scale);
       return;
@@ -105,7 +129,7 @@ struct ForwardStep {
     alignas(64) opmath_t row[kTile];
     for_each_bias_run(first, count, layout, [&](int64_t off, int64_t len, int64_t j, bool contiguous) {
       const int64_t e = first + off;
-      forward_run<scalar_t, A, kResidual, true>(x + e, bias_of_run(bias, j, contiguous, len, row),
+      forward_dispatch<scalar_t, A, kResidual, true>(x + e, bias_of_run(bias, j, contiguous, len, row),
                                                 kResidual ? residual + e : nullptr, out + e,
                                                 keep + off, len, scale);
     });
@@ -161,14 +185,35 @@ FASTREG_TARGET_CLONES void backward_run(const scalar_t* grad, const scalar_t* x,
                                         int64_t len, at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t e = 0; e < len; ++e) {
-    opmath_t v = mul_rn(static_cast<opmath_t>(grad[e]), scale);
+    opmath_t v = mul_rn(load_op(grad[e]), scale);
     if constexpr (A != Activation::None) {
-      opmath_t z = static_cast<opmath_t>(x[e]);
+      opmath_t z = load_op(x[e]);
       if constexpr (kBias) z = add_rn(z, bias[e]);
       v = Act<A>::backward(z, v);
     }
-    grad_input[e] = static_cast<scalar_t>(masked(v, keep[e]));
+    grad_input[e] = store_op<scalar_t>(masked(v, keep[e]));
   }
+}
+
+// float16 with F16C, as forward_dispatch.
+template <typename scalar_t, Activation A, bool kBias>
+void backward_dispatch(const scalar_t* grad, const scalar_t* x,
+                       const at::opmath_type<scalar_t>* bias, scalar_t* grad_input,
+                       const uint8_t* keep, int64_t len, at::opmath_type<scalar_t> scale) {
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (have_f16c() && len <= kTile) {
+      alignas(64) float gf[kTile], xf[kTile], of[kTile];
+      half_to_float_n(grad, gf, len);
+      if constexpr (A != Activation::None) half_to_float_n(x, xf, len);
+      backward_run<float, A, kBias>(gf, A != Activation::None ? xf : nullptr, bias, of, keep, len,
+                                    scale);
+      float_to_half_n(of, grad_input, len);
+      return;
+    }
+  }
+#endif
+  backward_run<scalar_t, A, kBias>(grad, x, bias, grad_input, keep, len, scale);
 }
 
 // Adds a run of the input gradient (its dtype values, in op-math) to the chunk's partial
@@ -178,10 +223,10 @@ FASTREG_TARGET_CLONES void accumulate_run(const scalar_t* v, int64_t len,
                                           at::opmath_type<scalar_t>* acc, bool contiguous) {
   using opmath_t = at::opmath_type<scalar_t>;
   if (contiguous) {
-    for (int64_t e = 0; e < len; ++e) acc[e] += static_cast<opmath_t>(v[e]);
+    for (int64_t e = 0; e < len; ++e) acc[e] += load_op(v[e]);
   } else {
     opmath_t sum = 0;
-    for (int64_t e = 0; e < len; ++e) sum += static_cast<opmath_t>(v[e]);
+    for (int64_t e = 0; e < len; ++e) sum += load_op(v[e]);
     acc[0] += sum;
   }
 }
@@ -199,7 +244,7 @@ struct BackwardStep {
 
   void operator()(int64_t chunk, int64_t first, int64_t count, const uint8_t* keep) const {
     if (bias == nullptr && partials == nullptr) {
-      backward_run<scalar_t, A, false>(grad + first, x ? x + first : nullptr, nullptr,
+      backward_dispatch<scalar_t, A, false>(grad + first, x ? x + first : nullptr, nullptr,
                                        grad_input + first, keep, count, scale);
       return;
     }
@@ -208,10 +253,10 @@ struct BackwardStep {
     for_each_bias_run(first, count, layout, [&](int64_t off, int64_t len, int64_t j, bool contiguous) {
       const int64_t e = first + off;
       if (bias != nullptr) {
-        backward_run<scalar_t, A, true>(grad + e, x + e, bias_of_run(bias, j, contiguous, len, row),
+        backward_dispatch<scalar_t, A, true>(grad + e, x + e, bias_of_run(bias, j, contiguous, len, row),
                                         grad_input + e, keep + off, len, scale);
       } else {
-        backward_run<scalar_t, A, false>(grad + e, x ? x + e : nullptr, nullptr, grad_input + e,
+        backward_dispatch<scalar_t, A, false>(grad + e, x ? x + e : nullptr, nullptr, grad_input + e,
                                          keep + off, len, scale);
       }
       if (acc != nullptr) accumulate_run(grad_input + e, len, acc + j, contiguous);

@@ -10,7 +10,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/cpu_features.h"
 #include "ops/penalty.h"
@@ -45,17 +47,28 @@ void for_each_piece(const std::vector<Segment>& segments, int64_t lo, int64_t hi
   }
 }
 
-// Runs body(chunk, segment, first, count) over the pieces of every chunk; threads take
-// whole chunks.
+// Runs body(chunk, segment, first, count) over the pieces of every chunk. Threads claim
+// groups of kGrainChunks chunks from a shared counter rather than each taking a fixed
+// share: on a busy machine a descheduled thread leaves its unclaimed groups to the others.
+// Which thread runs a chunk never changes what the chunk computes.
 template <typename Body>
 void parallel_chunks(const std::vector<Segment>& segments, int64_t total, const Body& body) {
   const int64_t chunks = (total + kChunk - 1) / kChunk;
-  at::parallel_for(0, chunks, kGrainChunks, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      for_each_piece(segments, c * kChunk, std::min(total, (c + 1) * kChunk),
-                     [&](const Segment& s, int64_t first, int64_t count) {
-                       body(c, s, first, count);
-                     });
+  const int64_t groups = (chunks + kGrainChunks - 1) / kGrainChunks;
+  const int64_t workers = std::min<int64_t>(groups, at::get_num_threads());
+  std::atomic<int64_t> next_group{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t g = next_group.fetch_add(1, std::memory_order_relaxed); g < groups;
+           g = next_group.fetch_add(1, std::memory_order_relaxed)) {
+        const int64_t last = std::min(chunks, (g + 1) * kGrainChunks);
+        for (int64_t c = g * kGrainChunks; c < last; ++c) {
+          for_each_piece(segments, c * kChunk, std::min(total, (c + 1) * kChunk),
+                         [&](const Segment& s, int64_t first, int64_t count) {
+                           body(c, s, first, count);
+                         });
+        }
+      }
     }
   });
 }
@@ -74,15 +87,34 @@ FASTREG_TARGET_CLONES void abs_sq_sums(const scalar_t* x, int64_t n, acc_t* s1, 
   constexpr int L = kLanes<acc_t>;
   acc_t a[L] = {}, q[L] = {};
   int64_t i = 0;
-  for (; i + L <= n; i += L) {
-    for (int l = 0; l < L; ++l) {
-      const acc_t v = static_cast<acc_t>(x[i + l]);
-      a[l] += std::abs(v);
-      q[l] += v * v;
+  bool done = false;
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    // gcc does not vectorize float16 conversions: 32 at a time with F16C, then the lanes
+    if (have_f16c()) {
+      alignas(64) float v[L];
+      for (; i + L <= n; i += L) {
+        half_to_float_f16c(x + i, v, L);
+        for (int l = 0; l < L; ++l) {
+          a[l] += std::abs(v[l]);
+          q[l] += v[l] * v[l];
+        }
+      }
+      done = true;
+    }
+  }
+#endif
+  if (!done) {
+    for (; i + L <= n; i += L) {
+      for (int l = 0; l < L; ++l) {
+        const acc_t v = load_op(x[i + l]);
+        a[l] += std::abs(v);
+        q[l] += v * v;
+      }
     }
   }
   for (int l = 0; i + l < n; ++l) {
-    const acc_t v = static_cast<acc_t>(x[i + l]);
+    const acc_t v = load_op(x[i + l]);
     a[l] += std::abs(v);
     q[l] += v * v;
   }
@@ -145,8 +177,8 @@ template <typename scalar_t, bool kL1, bool kL2, typename acc_t = at::opmath_typ
 FASTREG_TARGET_CLONES void grad_loop(const scalar_t* w, scalar_t* out, int64_t n, acc_t g,
                                      acc_t l1, acc_t two_l2) {
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t slope = penalty_slope(static_cast<acc_t>(w[i]), l1, two_l2, kL1, kL2);
-    out[i] = static_cast<scalar_t>(mul_rn(g, slope));
+    const acc_t slope = penalty_slope(load_op(w[i]), l1, two_l2, kL1, kL2);
+    out[i] = store_op<scalar_t>(mul_rn(g, slope));
   }
 }
 
@@ -154,8 +186,8 @@ template <typename scalar_t, bool kL1, bool kL2, typename acc_t = at::opmath_typ
 FASTREG_TARGET_CLONES void add_grad_loop(const scalar_t* w, scalar_t* out, int64_t n,
                                          acc_t l1, acc_t two_l2) {
   for (int64_t i = 0; i < n; ++i) {
-    const acc_t slope = penalty_slope(static_cast<acc_t>(w[i]), l1, two_l2, kL1, kL2);
-    out[i] = static_cast<scalar_t>(add_rn(static_cast<acc_t>(out[i]), slope));
+    const acc_t slope = penalty_slope(load_op(w[i]), l1, two_l2, kL1, kL2);
+    out[i] = store_op<scalar_t>(add_rn(load_op(out[i]), slope));
   }
 }
 
@@ -163,7 +195,7 @@ FASTREG_TARGET_CLONES void add_grad_loop(const scalar_t* w, scalar_t* out, int64
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 FASTREG_TARGET_CLONES void prox_loop(scalar_t* w, int64_t n, acc_t t) {
   for (int64_t i = 0; i < n; ++i) {
-    w[i] = static_cast<scalar_t>(soft_threshold(static_cast<acc_t>(w[i]), t));
+    w[i] = store_op<scalar_t>(soft_threshold(load_op(w[i]), t));
   }
 }
 

@@ -39,6 +39,23 @@ std::tuple<at::Tensor, at::Tensor> dropout_fwd_cuda(const at::Tensor& input, dou
   return {b.out, b.mask};
 }
 
+// dropout_fwd_: the same kernel with the input as its output; returns the mask.
+at::Tensor dropout_fwd_inplace_cuda(at::Tensor& input, double p, const at::Tensor& rng_state,
+                                    c10::string_view mode_name) {
+  const DeviceGuard guard(input.device());
+  const DropoutForward f = prepare_dropout_forward_inplace(input, p, rng_state, mode_name);
+  const ForwardBuffers& b = f.buffers;
+  const device::PhiloxBits philox = make_philox(rng_state, p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd_", [&] {
+    scalar_t* data = b.out.mutable_data_ptr<scalar_t>();
+    visit_sink(f.mode, b.mask, [&](const auto& sink) {
+      launch_dropout(static_cast<const scalar_t*>(data), data, input.numel(), p, philox, sink);
+    });
+  });
+  finish_inplace(input, b);
+  return b.mask;
+}
+
 at::Tensor dropout_bwd_cuda(const at::Tensor& grad, const at::Tensor& mask, double p,
                             const at::Tensor& rng_state, c10::string_view mode_name) {
   const DeviceGuard guard(grad.device());
@@ -66,6 +83,7 @@ at::Tensor dropout_mask_cuda(const at::Tensor& rng_state, c10::IntArrayRef size,
 
 FASTREG_CUDA_IMPL(m) {
   m.impl("dropout_fwd", &dropout_fwd_cuda);
+  m.impl("dropout_fwd_", &dropout_fwd_inplace_cuda);
   m.impl("dropout_bwd", &dropout_bwd_cuda);
   m.impl("dropout_mask", &dropout_mask_cuda);
 }

@@ -9,7 +9,7 @@
 #include "sim/runtime.h"
 #endif
 
-#if defined(__CUDACC__) || defined(FASTREG_CUDA_SIM)
+#if defined(__CUDACC__)
 #define FASTREG_HD __host__ __device__ __forceinline__
 #else
 #define FASTREG_HD inline __attribute__((always_inline))

@@ -63,6 +63,19 @@ struct ForwardBuffers {
   at::Tensor mask;
 };
 
+// What the forward keeps for backward, for an output `out` (bool masks take its strides).
+inline at::Tensor make_mask(const at::Tensor& out, MaskMode mode) {
+  switch (mode) {
+    case MaskMode::Bits:
+      return at::empty({mask_words(out.numel())}, out.options().dtype(at::kInt));
+    case MaskMode::Bool:
+      return at::empty_like(out, out.options().dtype(at::kBool));
+    case MaskMode::Recompute:
+      break;
+  }
+  return at::empty({0}, out.options().dtype(at::kInt));
+}
+
 inline ForwardBuffers make_forward_buffers(const at::Tensor& input, MaskMode mode) {
   ForwardBuffers b;
   b.out = at::empty_like(input);
@@ -71,18 +84,29 @@ inline ForwardBuffers make_forward_buffers(const at::Tensor& input, MaskMode mod
     b.out.copy_(input);
     b.src = b.out;
   }
-  switch (mode) {
-    case MaskMode::Bits:
-      b.mask = at::empty({mask_words(input.numel())}, input.options().dtype(at::kInt));
-      break;
-    case MaskMode::Bool:
-      b.mask = at::empty_like(b.out, b.out.options().dtype(at::kBool));
-      break;
-    case MaskMode::Recompute:
-      b.mask = at::empty({0}, input.options().dtype(at::kInt));
-      break;
-  }
+  b.mask = make_mask(b.out, mode);
   return b;
+}
+
+// In-place forward (dropout_fwd_): a dense input is its own output, so the kernel runs with
+// src == out == input and nothing of the input's size is allocated. A non-dense input is
+// gathered into the buffer that the out-of-place forward would return (same strides, so
+// the same mask), run in place there, and copied back by finish_inplace.
+inline ForwardBuffers make_inplace_buffers(const at::Tensor& input, MaskMode mode) {
+  ForwardBuffers b;
+  if (input.is_non_overlapping_and_dense()) {
+    b.out = input;
+  } else {
+    b.out = at::empty_like(input);
+    b.out.copy_(input);
+  }
+  b.src = b.out;
+  b.mask = make_mask(b.out, mode);
+  return b;
+}
+
+inline void finish_inplace(at::Tensor& input, const ForwardBuffers& b) {
+  if (!b.out.is_same(input)) input.copy_(b.out);
 }
 
 // Backward applies the forward's mask to a gradient that the Python layer has already
@@ -127,6 +151,16 @@ inline DropoutForward prepare_dropout_forward(const at::Tensor& input, double p,
   check_rng_state(rng_state, input);
   const MaskMode mode = parse_mask_mode(mode_name);
   return {mode, make_forward_buffers(input, mode)};
+}
+
+// The checked arguments and buffers of dropout_fwd_ (in place: see make_inplace_buffers).
+inline DropoutForward prepare_dropout_forward_inplace(const at::Tensor& input, double p,
+                                                      const at::Tensor& rng_state,
+                                                      c10::string_view mode_name) {
+  check_dropout_args(input, p);
+  check_rng_state(rng_state, input);
+  const MaskMode mode = parse_mask_mode(mode_name);
+  return {mode, make_inplace_buffers(input, mode)};
 }
 
 // The checked mask mode of a backward (dropout_bwd, bias_act_dropout_bwd).

@@ -7,6 +7,10 @@ TORCH_LIBRARY(fastreg, m) {
   // rng_state is an int64 tensor (seed, offset) on the input's device. mode is what
   // the forward keeps for backward: 'bits', 'bool' or 'recompute'.
   m.def("dropout_fwd(Tensor input, float p, Tensor rng_state, str mode) -> (Tensor, Tensor)");
+  // In place: input becomes the output (as dropout_fwd's, bit for bit); returns the mask.
+  // `mask_mode`, not `mode`: torch.compile's auto_functionalize passes a mutable op's
+  // arguments by name to a function whose own first parameter is called `mode`.
+  m.def("dropout_fwd_(Tensor(a!) input, float p, Tensor rng_state, str mask_mode) -> Tensor");
   m.def("dropout_bwd(Tensor grad, Tensor mask, float p, Tensor rng_state, str mode) -> Tensor");
   m.def("dropout_mask(Tensor rng_state, int[] size, float p) -> Tensor");
 
