@@ -32,7 +32,7 @@ BUGS = [
      "  if (lane == 0) warp_sums[warp] = v;\n  __syncthreads();\n",
      "  if (lane == 0) warp_sums[warp] = v;\n"),
     ("off-by-one tail: a lane with one element left skips it", "csrc/device/dropout_kernel.cuh",
-     "    if (kFull || e0 < n) {", "    if (kFull || e0 + 1 < n) {"),
+     "      if (e0 < n) {", "      if (e0 + 1 < n) {"),
     ("bool mask loaded as a vector from any address", "csrc/cuda/dropout_launch.h",
      "aligned_to(device::lane_elements<scalar_t>(), {m})", "true"),
 ]

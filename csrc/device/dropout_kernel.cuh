@@ -185,49 +185,32 @@ __device__ __forceinline__ uint32_t gather_word(uint32_t bits, int lane, int ste
   return word;
 }
 
-// The steps of one chunk: the keep bits of each lane's E elements from `source`, handed to
-// the epilogue and recorded by the sink. kFull: every element of the chunk lies before n,
-// so the lanes pass their own end (e0 + E) as the end and the compiler drops the tail
-// paths; only the last chunk of a tensor can be partial.
-template <int E, bool kFull, typename Source, typename Sink, typename Epilogue>
-__device__ __forceinline__ void dropout_chunk(int64_t chunk, int64_t n, int lane,
-                                              const Source& source, const Sink& sink,
-                                              const Epilogue& epilogue) {
-  constexpr int kSteps = kDropoutChunk / (kWarp * E);
-  uint32_t word = 0;
-#pragma unroll
-  for (int step = 0; step < kSteps; ++step) {
-    const int64_t e0 = chunk * kDropoutChunk + static_cast<int64_t>(step * kWarp + lane) * E;
-    uint32_t bits = 0;
-    if (kFull || e0 < n) {
-      const int64_t end = kFull ? e0 + E : n;
-      bits = source.template get<E>(e0, end) & valid_bits<E>(end - e0);
-      epilogue.template apply<E>(e0, end, bits);
-      sink.template store_lane<E>(e0, end, bits);
-    }
-    if constexpr (Sink::kPacksWords) word |= gather_word<E>(bits, lane, step);
-  }
-  sink.store_word(chunk * kWarp + lane, word);
-}
-
 // The one kernel of the dropout family: keep bits from `source`, recorded by `sink`,
 // handed to `epilogue.apply<E>(e0, n, bits)` for elements e0 .. e0+E-1 (bit r: element
 // e0 + r, 0 past the end). A grid-stride loop over the chunks, one warp per chunk.
 template <int E, typename Source, typename Sink, typename Epilogue>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     dropout_kernel(int64_t n, Source source, Sink sink, Epilogue epilogue) {
+  constexpr int kSteps = kDropoutChunk / (kWarp * E);
   const Source src = source.prepared();
   const int lane = threadIdx.x % kWarp;
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
   const int64_t chunks = (n + kDropoutChunk - 1) / kDropoutChunk;
-  const int64_t full_chunks = n / kDropoutChunk;
   for (int64_t chunk = warp; chunk < chunks; chunk += warps) {
-    if (chunk < full_chunks) {  // the same for the whole warp: its collectives stay converged
-      dropout_chunk<E, true>(chunk, n, lane, src, sink, epilogue);
-    } else {
-      dropout_chunk<E, false>(chunk, n, lane, src, sink, epilogue);
+    uint32_t word = 0;
+#pragma unroll
+    for (int step = 0; step < kSteps; ++step) {
+      const int64_t e0 = chunk * kDropoutChunk + static_cast<int64_t>(step * kWarp + lane) * E;
+      uint32_t bits = 0;
+      if (e0 < n) {
+        bits = src.template get<E>(e0, n) & valid_bits<E>(n - e0);
+        epilogue.template apply<E>(e0, n, bits);
+        sink.template store_lane<E>(e0, n, bits);
+      }
+      if constexpr (Sink::kPacksWords) word |= gather_word<E>(bits, lane, step);
     }
+    sink.store_word(chunk * kWarp + lane, word);
   }
 }
 

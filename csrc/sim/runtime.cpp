@@ -37,6 +37,7 @@
 #endif
 
 #if defined(FASTREG_SIM_ASAN)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
 #endif
 
@@ -320,6 +321,10 @@ void run_block(Launch& l) {
     t.idx.y = static_cast<unsigned>(i) / l.block_dim.x % l.block_dim.y;
     t.idx.z = static_cast<unsigned>(i) / (l.block_dim.x * l.block_dim.y);
     if (!t.started) {
+#if defined(FASTREG_SIM_ASAN)
+      // A fiber abandoned by a failed launch left its frames' redzones poisoned.
+      __asan_unpoison_memory_region(stacks()[i]->bottom(), kStackBytes);
+#endif
       getcontext(&t.start);
       t.start.uc_stack.ss_sp = stacks()[i]->bottom();
       t.start.uc_stack.ss_size = kStackBytes;
