@@ -274,6 +274,10 @@ class Penalty(nn.Module):
             _args.check_exclude(exclude, nn.Module(), type(self).__name__)
         self.exclude = exclude
 
+    # Not compiled by TorchScript (it takes a Module or an iterable of tensors, which
+    # TorchScript cannot pass): a scripted model may hold a penalty module; calling it from
+    # scripted code raises (docs/torchscript.md).
+    @torch.jit.unused
     def forward(self, params):
         return penalty(params, self.l1, self.l2, exclude=self.exclude)
 
@@ -287,6 +291,7 @@ class L1Penalty(Penalty):
     def __init__(self, weight, *, exclude=None):
         super().__init__(l1=_args.check_coefficient(weight, "weight", "L1Penalty"), exclude=exclude)
 
+    @torch.jit.unused
     def forward(self, params):
         return l1_penalty(params, self.l1, exclude=self.exclude)
 
@@ -297,5 +302,6 @@ class L2Penalty(Penalty):
     def __init__(self, weight, *, exclude=None):
         super().__init__(l2=_args.check_coefficient(weight, "weight", "L2Penalty"), exclude=exclude)
 
+    @torch.jit.unused
     def forward(self, params):
         return l2_penalty(params, self.l2, exclude=self.exclude)
