@@ -49,10 +49,12 @@ test-cudasim: cudasim
 	$(CUDASIM_ENV) FASTREG_CUDASIM_ORDER=random $(PY) -m pytest -q $(CUDASIM_ONCE)
 
 # The simulator built with AddressSanitizer and UndefinedBehaviorSanitizer (random order).
-ASAN_RUNTIME = $(shell $${CXX:-c++} -print-file-name=libasan.so)
+# Python is not instrumented: the ASan runtime is preloaded, with libstdc++ so that ASan's
+# __cxa_throw interceptor finds the real one (the simulator throws when a launch fails).
+ASAN_RUNTIME = $(shell $${CXX:-c++} -print-file-name=libasan.so) $(shell $${CXX:-c++} -print-file-name=libstdc++.so)
 test-cudasim-sanitized: setup
 	FASTREG_BACKEND=reference $(PY) -m fastreg._cudasim --sanitize
-	LD_PRELOAD=$(ASAN_RUNTIME) ASAN_OPTIONS=detect_leaks=0 \
+	LD_PRELOAD="$(ASAN_RUNTIME)" ASAN_OPTIONS=detect_leaks=0 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FASTREG_CUDASIM_SANITIZE=1 \
 	  $(CUDASIM_ENV) FASTREG_CUDASIM_ORDER=random \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/test_cudasim.py tests/test_dropout.py tests/test_penalty.py

@@ -83,10 +83,12 @@ def load(sanitize=None, verbose=None):
 
 
 def asan_preload():
-    """The AddressSanitizer runtime that a sanitized simulator needs preloaded (LD_PRELOAD):
-    the Python executable itself is not instrumented."""
+    """What a sanitized simulator needs preloaded (LD_PRELOAD): the AddressSanitizer runtime,
+    since the Python executable is not instrumented, and libstdc++, so that ASan's
+    __cxa_throw interceptor finds the real one (a failed launch throws)."""
     cxx = os.environ.get("CXX", "c++")
-    return subprocess.check_output([cxx, "-print-file-name=libasan.so"], text=True).strip()
+    return " ".join(subprocess.check_output([cxx, f"-print-file-name={lib}"], text=True).strip()
+                    for lib in ("libasan.so", "libstdc++.so"))
 
 
 def main(argv=None):

@@ -110,7 +110,7 @@ def test_the_budget_would_recompute_the_draw_without_fastregs_tag(monkeypatch):
     recomputed in the backward graph under a memory budget and the masks differ."""
     from fastreg import _args
 
-    monkeypatch.setattr(_args, "_saved_draw", lambda device: _args._draw(device))
+    monkeypatch.setattr(_args, "_saved_draw", lambda device: _args.draw_rng_state(device, None))
     SETTING.update(mask="recompute", impl="fastreg")
     _, forward_keep, backward_keep = step("memory-budget", "aot_eager")
     assert not torch.equal(forward_keep, backward_keep)
