@@ -14,6 +14,17 @@ requires_extension = pytest.mark.skipif(not _ops.HAVE_EXTENSION,
                                         reason="needs the compiled extension")
 
 
+# Hugging Face transformers, offline (the tests build models from configs), or a skip.
+@pytest.fixture(scope="module")
+def transformers():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")  # configs only: nothing may be downloaded
+        module = pytest.importorskip("transformers")
+        if not module.utils.is_torch_available():  # transformers 5 needs torch >= 2.6
+            pytest.skip(f"transformers {module.__version__} disables torch {torch.__version__}")
+        yield module
+
+
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param

@@ -324,15 +324,6 @@ def test_replace_dropout_functional_deepcopies_and_pickles():
 
 # ---- real models -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def transformers():
-    import os
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    module = pytest.importorskip("transformers")
-    if not module.utils.is_torch_available():
-        pytest.skip(f"transformers {module.__version__} disables torch {torch.__version__}")
-    return module
-
 
 class AttentionWithWeights(nn.Module):
     """nn.MultiheadAttention asked for its weights: its dropout is an F.dropout call."""

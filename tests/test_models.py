@@ -113,16 +113,6 @@ def gpt2_case(transformers, attention, upcast=False):
     return Case(make, {"input_ids": ids}, ids, next_token_loss, {nn.Dropout: 7}, idle)
 
 
-@pytest.fixture(scope="module")
-def transformers():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HUB_OFFLINE", "1")  # configs only: nothing may be downloaded
-        module = pytest.importorskip("transformers")
-        if not module.utils.is_torch_available():  # transformers 5 needs torch >= 2.6
-            pytest.skip(f"transformers {module.__version__} disables torch {torch.__version__}")
-        yield module
-
-
 CASES = ["transformer_encoder", "cnn", "bert-eager", "bert-sdpa", "gpt2-eager", "gpt2-sdpa",
          "gpt2-eager-upcast"]
 

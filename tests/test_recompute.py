@@ -165,15 +165,6 @@ def test_a_seed_under_checkpoint_keeps_one_mask(use_reentrant):
 
 # ---- a real model: Hugging Face GPT-2 with gradient checkpointing, functional routing ----
 
-@pytest.fixture(scope="module")
-def transformers():
-    import os
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    module = pytest.importorskip("transformers")
-    if not module.utils.is_torch_available():
-        pytest.skip(f"transformers {module.__version__} disables torch {torch.__version__}")
-    return module
-
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("mask", MASK_MODES)
