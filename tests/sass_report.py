@@ -28,7 +28,8 @@ import sys
 # 64 registers per thread: a block of 256 threads then takes 16K of an SM's 64K registers, so
 # 4 blocks (1024 threads, half the SM's thread slots) stay resident: enough 16-byte loads in
 # flight for a streaming kernel (the kernels keep E = 4 or 8 elements per lane in registers,
-# plus Philox's state). Measured on nvcc 13.0 for sm_90: 45-64 before any tuning.
+# plus Philox's state). Measured on nvcc 13.0 for sm_90: 45-64 before any tuning. The kernels'
+# __launch_bounds__(256, kMinBlocksPerSm = 4) make nvcc hold to it (csrc/device/common.h).
 MAX_REGISTERS = 64
 
 INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)")

@@ -189,7 +189,7 @@ __device__ __forceinline__ uint32_t gather_word(uint32_t bits, int lane, int ste
 // handed to `epilogue.apply<E>(e0, n, bits)` for elements e0 .. e0+E-1 (bit r: element
 // e0 + r, 0 past the end). A grid-stride loop over the chunks, one warp per chunk.
 template <int E, typename Source, typename Sink, typename Epilogue>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSm)
     dropout_kernel(int64_t n, Source source, Sink sink, Epilogue epilogue) {
   constexpr int kSteps = kDropoutChunk / (kWarp * E);
   const Source src = source.prepared();
@@ -199,9 +199,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   const int64_t chunks = (n + kDropoutChunk - 1) / kDropoutChunk;
   for (int64_t chunk = warp; chunk < chunks; chunk += warps) {
     uint32_t word = 0;
-#pragma unroll
+    const int64_t lane_first = chunk * kDropoutChunk + lane * E;
+    // Not unrolled: the 4 or 8 copies of a step's Philox and epilogue made the kernels
+    // (and the extension) 6x larger and took registers; unrolling would not put two
+    // steps' loads in flight anyway, since `in` may be `out` and a step stores before the
+    // next one loads. The SM's other warps hide the latency.
+#pragma unroll 1
     for (int step = 0; step < kSteps; ++step) {
-      const int64_t e0 = chunk * kDropoutChunk + static_cast<int64_t>(step * kWarp + lane) * E;
+      const int64_t e0 = lane_first + step * kWarp * E;
       uint32_t bits = 0;
       if (e0 < n) {
         bits = src.template get<E>(e0, n) & valid_bits<E>(n - e0);

@@ -168,7 +168,7 @@ __device__ double chunk_value(const void* data, int64_t first, int64_t count, do
   return value;
 }
 
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSm)
     penalty_reduce_kernel(ReduceTable table, double* partials) {
   const int64_t chunks = table.chunk_begin[table.n];
   for (int64_t c = blockIdx.x; c < chunks; c += gridDim.x) {
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
 
 // One block: the partials in a fixed order (per-thread strided sums, then the tree).
 template <typename out_t>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSm)
     penalty_final_kernel(const double* partials, int64_t n, out_t* out) {
   double sum = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kThreadsPerBlock) sum += partials[i];
@@ -222,7 +222,7 @@ __device__ void elementwise_chunk(const void* in_data, void* out_data, int64_t f
 
 // grad_out (Grad mode only) is the penalty's 0-dim incoming gradient, float32 or float64.
 template <ElementwiseMode kMode>
-__global__ void __launch_bounds__(kThreadsPerBlock)
+__global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSm)
     penalty_elementwise_kernel(ElementwiseTable table, const void* grad_out,
                                bool grad_out_double) {
   double g = 1.0;
