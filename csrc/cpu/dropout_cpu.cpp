@@ -11,36 +11,34 @@
 namespace fastreg {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> dropout_fwd_cpu(const at::Tensor& input, double p,
-                                                   const at::Tensor& rng_state,
-                                                   c10::string_view mode_name) {
-  const DropoutForward f = prepare_dropout_forward(input, p, rng_state, mode_name);
-  const MaskMode mode = f.mode;
+// dropout_fwd, or dropout_fwd_ with `inplace`: the same tile loop run from src into out.
+DropoutForward dropout_forward_cpu(const at::Tensor& input, double p, const at::Tensor& rng_state,
+                                   c10::string_view mode_name, bool inplace) {
+  const DropoutForward f = prepare_dropout_forward(input, p, rng_state, mode_name, inplace);
   const ForwardBuffers& b = f.buffers;
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd", [&] {
-    visit_sink(mode, b.mask, [&](const auto& sink) {
+    visit_sink(f.mode, b.mask, [&](const auto& sink) {
       dropout_tiles(b.src.const_data_ptr<scalar_t>(), b.out.mutable_data_ptr<scalar_t>(),
                     input.numel(), p, philox, sink);
     });
   });
-  return {b.out, b.mask};
+  return f;
 }
 
-// dropout_fwd_: the same kernel with the input as its output; returns the mask.
+std::tuple<at::Tensor, at::Tensor> dropout_fwd_cpu(const at::Tensor& input, double p,
+                                                   const at::Tensor& rng_state,
+                                                   c10::string_view mode_name) {
+  const DropoutForward f = dropout_forward_cpu(input, p, rng_state, mode_name, false);
+  return {f.buffers.out, f.buffers.mask};
+}
+
+// dropout_fwd_ returns the mask; the input holds the output.
 at::Tensor dropout_fwd_inplace_cpu(at::Tensor& input, double p, const at::Tensor& rng_state,
                                    c10::string_view mode_name) {
-  const DropoutForward f = prepare_dropout_forward_inplace(input, p, rng_state, mode_name);
-  const ForwardBuffers& b = f.buffers;
-  const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd_", [&] {
-    scalar_t* data = b.out.mutable_data_ptr<scalar_t>();
-    visit_sink(f.mode, b.mask, [&](const auto& sink) {
-      dropout_tiles(static_cast<const scalar_t*>(data), data, input.numel(), p, philox, sink);
-    });
-  });
-  finish_inplace(input, b);
-  return b.mask;
+  const DropoutForward f = dropout_forward_cpu(input, p, rng_state, mode_name, true);
+  finish_inplace(input, f.buffers);
+  return f.buffers.mask;
 }
 
 at::Tensor dropout_bwd_cpu(const at::Tensor& grad, const at::Tensor& mask, double p,

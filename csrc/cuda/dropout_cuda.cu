@@ -23,11 +23,11 @@ void launch_dropout(const scalar_t* in, scalar_t* out, int64_t n, double p, cons
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> dropout_fwd_cuda(const at::Tensor& input, double p,
-                                                    const at::Tensor& rng_state,
-                                                    c10::string_view mode_name) {
+// dropout_fwd, or dropout_fwd_ with `inplace`: the same kernel run from src into out.
+DropoutForward dropout_forward_cuda(const at::Tensor& input, double p, const at::Tensor& rng_state,
+                                    c10::string_view mode_name, bool inplace) {
   const DeviceGuard guard(input.device());
-  const DropoutForward f = prepare_dropout_forward(input, p, rng_state, mode_name);
+  const DropoutForward f = prepare_dropout_forward(input, p, rng_state, mode_name, inplace);
   const ForwardBuffers& b = f.buffers;
   const device::PhiloxBits philox = make_philox(rng_state, p);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd", [&] {
@@ -36,24 +36,22 @@ std::tuple<at::Tensor, at::Tensor> dropout_fwd_cuda(const at::Tensor& input, dou
                      input.numel(), p, philox, sink);
     });
   });
-  return {b.out, b.mask};
+  return f;
 }
 
-// dropout_fwd_: the same kernel with the input as its output; returns the mask.
+std::tuple<at::Tensor, at::Tensor> dropout_fwd_cuda(const at::Tensor& input, double p,
+                                                    const at::Tensor& rng_state,
+                                                    c10::string_view mode_name) {
+  const DropoutForward f = dropout_forward_cuda(input, p, rng_state, mode_name, false);
+  return {f.buffers.out, f.buffers.mask};
+}
+
+// dropout_fwd_ returns the mask; the input holds the output.
 at::Tensor dropout_fwd_inplace_cuda(at::Tensor& input, double p, const at::Tensor& rng_state,
                                     c10::string_view mode_name) {
-  const DeviceGuard guard(input.device());
-  const DropoutForward f = prepare_dropout_forward_inplace(input, p, rng_state, mode_name);
-  const ForwardBuffers& b = f.buffers;
-  const device::PhiloxBits philox = make_philox(rng_state, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd_", [&] {
-    scalar_t* data = b.out.mutable_data_ptr<scalar_t>();
-    visit_sink(f.mode, b.mask, [&](const auto& sink) {
-      launch_dropout(static_cast<const scalar_t*>(data), data, input.numel(), p, philox, sink);
-    });
-  });
-  finish_inplace(input, b);
-  return b.mask;
+  const DropoutForward f = dropout_forward_cuda(input, p, rng_state, mode_name, true);
+  finish_inplace(input, f.buffers);
+  return f.buffers.mask;
 }
 
 at::Tensor dropout_bwd_cuda(const at::Tensor& grad, const at::Tensor& mask, double p,

@@ -38,14 +38,18 @@ inline void check_rng_state(const at::Tensor& rng_state, const at::Tensor& like)
               ", but is on ", rng_state.device());
 }
 
+inline void check_probability(double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
+                    "dropout probability has to be between 0 and 1, but got ", p);
+}
+
 inline void check_dropout_args(const at::Tensor& input, double p) {
   TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()) &&
                        input.scalar_type() != at::kFloat8_e4m3fn &&
                        input.scalar_type() != at::kFloat8_e5m2,
                    "input must be float16, bfloat16, float32 or float64, but got ",
                    input.scalar_type());
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
-                    "dropout probability has to be between 0 and 1, but got ", p);
+  check_probability(p);
 }
 
 // scale = 1 / (1 - p), computed in double and rounded once to the op-math type.
@@ -54,11 +58,16 @@ opmath_t dropout_scale(double p) {
   return p >= 1.0 ? opmath_t(0) : static_cast<opmath_t>(1.0 / (1.0 - p));
 }
 
-// The forward's output has the input's layout when the input is dense (empty_like keeps
-// its strides); a non-dense input is first gathered into the output, and the kernel
-// then runs in place. Either way element i of the contract is out's i-th memory slot.
+// The forward's buffers. Out of place (dropout_fwd), the output has the input's layout when
+// the input is dense (empty_like keeps its strides); a non-dense input is first gathered
+// into the output, and the kernel then runs in place. In place (dropout_fwd_), a dense
+// input is its own output, so nothing of the input's size is allocated; a non-dense input
+// is gathered into the buffer that the out-of-place forward would return (same strides,
+// so the same mask), run in place there, and copied back by finish_inplace. Either way
+// element i of the contract is out's i-th memory slot, and src is out or dense with out's
+// strides.
 struct ForwardBuffers {
-  at::Tensor src;  // dense, with out's strides
+  at::Tensor src;
   at::Tensor out;
   at::Tensor mask;
 };
@@ -76,31 +85,15 @@ inline at::Tensor make_mask(const at::Tensor& out, MaskMode mode) {
   return at::empty({0}, out.options().dtype(at::kInt));
 }
 
-inline ForwardBuffers make_forward_buffers(const at::Tensor& input, MaskMode mode) {
+inline ForwardBuffers make_forward_buffers(const at::Tensor& input, MaskMode mode, bool inplace) {
+  const bool dense = input.is_non_overlapping_and_dense();
   ForwardBuffers b;
-  b.out = at::empty_like(input);
+  b.out = inplace && dense ? input : at::empty_like(input);
   b.src = input;
-  if (!input.is_non_overlapping_and_dense() || input.strides() != b.out.strides()) {
-    b.out.copy_(input);
+  if (!b.out.is_same(input) && (inplace || !dense || input.strides() != b.out.strides())) {
+    b.out.copy_(input);  // gathered: the kernel runs in place in out
     b.src = b.out;
   }
-  b.mask = make_mask(b.out, mode);
-  return b;
-}
-
-// In-place forward (dropout_fwd_): a dense input is its own output, so the kernel runs with
-// src == out == input and nothing of the input's size is allocated. A non-dense input is
-// gathered into the buffer that the out-of-place forward would return (same strides, so
-// the same mask), run in place there, and copied back by finish_inplace.
-inline ForwardBuffers make_inplace_buffers(const at::Tensor& input, MaskMode mode) {
-  ForwardBuffers b;
-  if (input.is_non_overlapping_and_dense()) {
-    b.out = input;
-  } else {
-    b.out = at::empty_like(input);
-    b.out.copy_(input);
-  }
-  b.src = b.out;
   b.mask = make_mask(b.out, mode);
   return b;
 }
@@ -133,12 +126,8 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& mask, 
 // ---- The ops' set-up, the same on every device ----
 // On CUDA the caller sets the device guard first, so that buffers land on the input's device.
 
-inline void check_probability(double p) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
-                    "dropout probability has to be between 0 and 1, but got ", p);
-}
-
-// The checked arguments and allocated buffers of dropout_fwd.
+// The checked arguments and allocated buffers of dropout_fwd, or of dropout_fwd_ with
+// `inplace` (see make_forward_buffers).
 struct DropoutForward {
   MaskMode mode;
   ForwardBuffers buffers;
@@ -146,21 +135,11 @@ struct DropoutForward {
 
 inline DropoutForward prepare_dropout_forward(const at::Tensor& input, double p,
                                               const at::Tensor& rng_state,
-                                              c10::string_view mode_name) {
+                                              c10::string_view mode_name, bool inplace = false) {
   check_dropout_args(input, p);
   check_rng_state(rng_state, input);
   const MaskMode mode = parse_mask_mode(mode_name);
-  return {mode, make_forward_buffers(input, mode)};
-}
-
-// The checked arguments and buffers of dropout_fwd_ (in place: see make_inplace_buffers).
-inline DropoutForward prepare_dropout_forward_inplace(const at::Tensor& input, double p,
-                                                      const at::Tensor& rng_state,
-                                                      c10::string_view mode_name) {
-  check_dropout_args(input, p);
-  check_rng_state(rng_state, input);
-  const MaskMode mode = parse_mask_mode(mode_name);
-  return {mode, make_inplace_buffers(input, mode)};
+  return {mode, make_forward_buffers(input, mode, inplace)};
 }
 
 // The checked mask mode of a backward (dropout_bwd, bias_act_dropout_bwd).
