@@ -108,8 +108,13 @@ def _register_dropout():
         result, mask = output if isinstance(output, tuple) else (output, inputs[1])
         ctx.save_for_backward(mask, rng_state)
         ctx.p, ctx.mode, ctx.stride = p, mode, result.stride()
+        # The mask output has no gradient: without this, autograd would fill a zero tensor
+        # of the mask's size for it in every backward (a full byte per element in bool mode).
+        ctx.set_materialize_grads(False)
 
     def apply_saved_mask(ctx, grad):
+        if grad is None:
+            return None
         mask, rng_state = ctx.saved_tensors
         return ops.dropout_bwd(with_strides(grad, ctx.stride), mask, ctx.p, rng_state, ctx.mode)
 

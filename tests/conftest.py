@@ -1,5 +1,6 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastreg import _ops
 
@@ -12,6 +13,18 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # reference): they skip on the reference backend (FASTREG_BACKEND=reference).
 requires_extension = pytest.mark.skipif(not _ops.HAVE_EXTENSION,
                                         reason="needs the compiled extension")
+
+
+class OpLog(TorchDispatchMode):
+    """The aten/fastreg operators run under it, by name (aten.copy_, fastreg.dropout_fwd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
 
 
 # Hugging Face transformers, offline (the tests build models from configs), or a skip.

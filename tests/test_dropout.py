@@ -11,7 +11,7 @@ from torch import nn
 
 import fastreg
 from fastreg import _ops, reference
-from conftest import FLOAT_DTYPES, MASK_MODES, requires_extension
+from conftest import FLOAT_DTYPES, MASK_MODES, OpLog, requires_extension
 
 
 
@@ -277,6 +277,21 @@ def test_bytes_kept_for_backward(mode):
         pytest.skip("the reference keeps what autograd keeps")
     assert per_element == {"bits": 0.125, "bool": 1.0, "recompute": 0.0}[mode]
     y.sum().backward()
+
+
+@requires_extension
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_backward_is_the_backward_operator_alone(mode):
+    """The mask output has no gradient and autograd is told not to make one: a backward
+    runs dropout_bwd and nothing else (it used to fill a zero tensor of the mask's size,
+    a byte per element in bool mode, in every backward)."""
+    x = torch.randn(1 << 12, requires_grad=True)
+    y = fastreg.dropout(x, 0.5, seed=3, mask=mode)
+    g = torch.randn_like(y)
+    with OpLog() as log:
+        (gx,) = torch.autograd.grad(y, x, g)
+    assert log.names == ["fastreg.dropout_bwd"], log.names
+    assert torch.equal(gx, fastreg.dropout(g, 0.5, seed=3, mask=mode))
 
 
 def test_module_is_a_drop_in(device):

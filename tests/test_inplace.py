@@ -4,10 +4,9 @@ with no temporary of the input's size, autograd told of the mutation, torch.comp
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastreg
-from conftest import FLOAT_DTYPES, MASK_MODES, requires_extension
+from conftest import FLOAT_DTYPES, MASK_MODES, OpLog, requires_extension
 
 pytestmark = requires_extension
 
@@ -29,18 +28,6 @@ def make_input(layout, dtype, seed=0):
     if layout == "offset":  # storage offset 1
         return randn(421)[1:].view(4, 105)
     return randn(4, 3, 5, 14)[..., ::2]  # every other column: not dense
-
-
-class OpLog(TorchDispatchMode):
-    """The aten/fastreg operators run under it, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
