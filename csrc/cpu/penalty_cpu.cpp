@@ -206,25 +206,63 @@ void visit_terms(bool use_l1, bool use_l2, F&& f) {
   return f(std::false_type{}, std::true_type{});  // the both-zero case never gets here
 }
 
+// One op over `count` elements of in and out (the same pointer for Prox).
+template <typename scalar_t>
+void elementwise_run(ElementwiseMode mode, double g, double a_, double b_, const scalar_t* in,
+                     scalar_t* out, int64_t count) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t a = static_cast<acc_t>(a_), b = static_cast<acc_t>(b_);
+  if (mode == ElementwiseMode::Prox) return prox_loop<scalar_t>(out, count, a);
+  if (a_ == 0.0 && b_ == 0.0) {  // only Grad gets tensors without a term: gradient 0
+    std::fill(out, out + count, static_cast<scalar_t>(0));
+    return;
+  }
+  visit_terms(a_ != 0.0, b_ != 0.0, [&](auto use_l1, auto use_l2) {
+    if (mode == ElementwiseMode::Grad) {
+      grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(in, out, count, static_cast<acc_t>(g), a, b);
+    } else {
+      add_grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(in, out, count, a, b);
+    }
+  });
+}
+
+#if FASTREG_X86_CLONES
+// float16 with F16C: gcc does not vectorize _Float16 conversions (each is one scalar
+// vcvtph2ps / vcvtps2ph), so a float16 piece runs in blocks converted to float, through
+// the float loop (float is float16's op-math type), and rounded back once: the same bits
+// as the float16 loop.
+void elementwise_run_f16c(ElementwiseMode mode, double g, double a, double b,
+                          const c10::Half* in, c10::Half* out, int64_t count) {
+  constexpr int64_t kBlock = 512;
+  alignas(64) float w[kBlock], o[kBlock];
+  for (int64_t i = 0; i < count; i += kBlock) {
+    const int64_t m = std::min(kBlock, count - i);
+    half_to_float_n(in + i, w, m);
+    if (mode == ElementwiseMode::AddGrad) half_to_float_n(out + i, o, m);
+    float* result = mode == ElementwiseMode::Prox ? w : o;
+    elementwise_run<float>(mode, g, a, b, w, result, m);
+    float_to_half_n(result, out + i, m);
+  }
+}
+#endif
+
+template <typename scalar_t>
+void elementwise_piece_of(ElementwiseMode mode, double g, const Segment& s, int64_t first,
+                          int64_t count) {
+  const scalar_t* in = static_cast<const scalar_t*>(s.in) + first;
+  scalar_t* out = static_cast<scalar_t*>(s.out) + first;
+#if FASTREG_X86_CLONES
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (have_f16c()) return elementwise_run_f16c(mode, g, s.a, s.b, in, out, count);
+  }
+#endif
+  elementwise_run<scalar_t>(mode, g, s.a, s.b, in, out, count);
+}
+
 void elementwise_piece(ElementwiseMode mode, double g, const Segment& s, int64_t first,
                        int64_t count) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.dtype, "fastreg::penalty_elementwise", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* in = static_cast<const scalar_t*>(s.in) + first;
-    scalar_t* out = static_cast<scalar_t*>(s.out) + first;
-    const acc_t a = static_cast<acc_t>(s.a), b = static_cast<acc_t>(s.b);
-    if (mode == ElementwiseMode::Prox) return prox_loop<scalar_t>(out, count, a);
-    if (s.a == 0.0 && s.b == 0.0) {  // only Grad gets tensors without a term: gradient 0
-      std::fill(out, out + count, static_cast<scalar_t>(0));
-      return;
-    }
-    visit_terms(s.a != 0.0, s.b != 0.0, [&](auto use_l1, auto use_l2) {
-      if (mode == ElementwiseMode::Grad) {
-        grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(in, out, count, static_cast<acc_t>(g), a, b);
-      } else {
-        add_grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(in, out, count, a, b);
-      }
-    });
+    elementwise_piece_of<scalar_t>(mode, g, s, first, count);
   });
 }
 
