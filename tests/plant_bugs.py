@@ -55,7 +55,7 @@ def run_suite(tree, tests, log_path):
                                 *tests], cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT)
     text = open(log_path).read()
     failed = [line.split(" ")[1] for line in text.splitlines() if line.startswith("FAILED ")]
-    return code == 0, (failed[0] if failed else text.strip().splitlines()[-1:] or ["?"])[0]
+    return code == 0, failed[0] if failed else (text.strip().splitlines()[-1:] or ["?"])[0]
 
 
 def main(argv=None):
