@@ -184,7 +184,7 @@ def main(argv=None):
     for short, regs, local, ldg, stg, ldl, stl in shown:
         print(f"{short[:width]:<{width}}  {regs:4}  {local:5}  {ldg:7}  {stg:7}  {ldl:3}  {stl:3}")
     regs = [r[1] for r in rows]
-    size_mb = os.path.getsize(library) / 2**20
+    size_mb = os.path.getsize(library) / 1e6  # MB, as README and benchmarks/compile_times.py
     print(f"sass report: {len(rows)} fastreg kernels, {min(regs)}-{max(regs)} registers, "
           f"{sum(1 for r in rows if r[5] or r[6])} with local memory, extension {size_mb:.1f} MB"
           + ("" if args.all else f" ({len(shown)} of {len(rows)} shown; --all for every one)"))
