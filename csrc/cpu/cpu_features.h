@@ -67,14 +67,6 @@ inline bool have_f16c() {
   return yes;
 }
 
-// n float16 values (n a multiple of 8) to float, eight at a time; only where have_f16c().
-__attribute__((target("avx2,f16c"))) inline void half_to_float_f16c(const c10::Half* in,
-                                                                     float* out, int n) {
-  for (int i = 0; i < n; i += 8) {
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
-  }
-}
-
 // n float16 values to float and back (round to nearest even), any n; only where have_f16c().
 __attribute__((target("avx2,f16c"))) inline void half_to_float_n(const c10::Half* in, float* out,
                                                                   int64_t n) {
