@@ -66,8 +66,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     work = args.keep or tempfile.mkdtemp(prefix="fastreg-plant-bugs-")
     tree = os.path.join(work, "tree")
-    if not os.path.exists(tree):
-        copy_tree(tree)
+    shutil.rmtree(tree, ignore_errors=True)  # a --keep folder's old copy would be stale
+    copy_tree(tree)
     start = time.time()
     ok, detail = run_suite(tree, args.tests, os.path.join(work, "clean.log"))
     print(f"clean copy: {'passes' if ok else 'FAILS: ' + detail} ({time.time() - start:.0f} s)",
