@@ -119,6 +119,33 @@ def test_inplace_leaf_is_refused_untouched():
     assert torch.equal(leaf.detach(), before)
 
 
+def test_inplace_bumps_the_version_counter_as_native_does():
+    # A tensor saved for backward and then dropped out in place (no_grad) must make the
+    # backward fail, as after torch's own in-place dropout, not use the changed values.
+    for drop in (fastreg.dropout, torch.nn.functional.dropout):
+        w = torch.randn(64, requires_grad=True)
+        x = torch.randn(64)
+        loss = (w * x).sum()  # saves x for w's gradient
+        with torch.no_grad():
+            version = x._version
+            drop(x, 0.5, inplace=True)
+        assert x._version > version, drop
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()
+
+
+def test_inplace_operator_refuses_an_input_that_requires_grad():
+    x = torch.randn(40, requires_grad=True) * 1  # not a leaf
+    before = x.detach().clone()
+    state = torch.tensor([5, 6], dtype=torch.int64)
+    with pytest.raises(RuntimeError, match=r"fastreg::dropout_fwd_: input requires grad"):
+        torch.ops.fastreg.dropout_fwd_(x, 0.3, state, "bits")
+    assert torch.equal(x.detach(), before)
+    with torch.no_grad():
+        torch.ops.fastreg.dropout_fwd_(x, 0.3, state, "bits")
+    assert not torch.equal(x.detach(), before)
+
+
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_opcheck_inplace_operator(mode):
     state = torch.tensor([5, 6], dtype=torch.int64)

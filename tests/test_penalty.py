@@ -173,6 +173,35 @@ def test_value_is_bitwise_repeatable_and_thread_independent(device):
         assert_bits_equal(v, values[0])
 
 
+@pytest.mark.skipif(_ops.BACKEND != "extension", reason="the CPU kernels' summation order")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_short_tensor_sums_follow_the_lane_tree(dtype):
+    # The CPU kernel sums element i of a tensor into lane i % L (L = 32 float32, 16 float64
+    # lanes) and combines the lanes by a pairwise tree; below L elements the tree starts at
+    # the first power of two >= n. That shortcut must give the full tree's bits.
+    lanes = 32 if dtype == torch.float32 else 16
+    g = torch.Generator().manual_seed(3)
+    for n in range(1, 2 * lanes + 2):
+        # magnitudes over 12 decades, so that the order of additions shows in the bits
+        x = torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(
+            -6, 6, (n,), generator=g)
+        x = x.to(dtype)
+        a = torch.zeros(lanes, dtype=dtype)
+        q = torch.zeros(lanes, dtype=dtype)
+        for i in range(n):
+            a[i % lanes] += x[i].abs()
+            q[i % lanes] += x[i] * x[i]
+        width = lanes // 2
+        while width:
+            a[:width] += a[width:2 * width].clone()
+            q[:width] += q[width:2 * width].clone()
+            width //= 2
+        for l1, l2, tree in ((1.0, 0.0, a[0]), (0.0, 1.0, q[0])):
+            expected = torch.tensor(tree.item(), dtype=torch.float32 if dtype == torch.float32
+                                    else torch.float64)
+            assert_bits_equal(torch.ops.fastreg.penalty([x], [l1], [l2]), expected)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_selections_give_zero(device):
     zero = fastreg.penalty([], l1=1.0, l2=1.0)

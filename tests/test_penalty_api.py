@@ -4,6 +4,7 @@ cache is rebuilt on every kind of change to a module's parameters, and the sharp
 (a used-up iterator, no coefficient, named parameters, tensor coefficients) raise or
 work as documented in fastreg/penalty.py."""
 
+import contextlib
 import gc
 import importlib
 import weakref
@@ -100,6 +101,44 @@ def test_fast_in_place_steps_match_reference():
     for a, b in zip(net.parameters(), twin.parameters()):
         assert_bits_equal(a.detach(), b.detach())
         assert_bits_equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("path", ["fast", "general"])
+def test_in_place_steps_bump_version_counters(path):
+    # As torch's in-place ops do: a backward that would read a weight written since it
+    # was saved is refused, not silently wrong (it used the thresholded weights).
+    net = Net()
+    params = list(net.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    loss = sum((p * p).sum() for p in params)  # saves every parameter
+    grad_versions = [p.grad._version for p in params]
+    versions = [p._version for p in params]
+    with _NoFast() if path == "general" else contextlib.nullcontext():
+        fastreg.penalty_grad_(params, l1=1e-2, l2=1e-2)
+        assert all(p.grad._version > v for p, v in zip(params, grad_versions))
+        fastreg.prox_l1_(params, 1e-3)
+    assert all(p._version > v for p, v in zip(params, versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@requires_extension
+def test_in_place_operators_refuse_tensors_that_require_grad():
+    w = torch.randn(6, requires_grad=True)
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match=r"fastreg::prox_l1_: params\[0\] requires grad"):
+        torch.ops.fastreg.prox_l1_([w], [0.1])
+    assert torch.equal(w.detach(), before)
+    g = torch.zeros(6).requires_grad_()
+    with pytest.raises(RuntimeError, match=r"fastreg::penalty_grad_: grads\[1\] requires grad"):
+        torch.ops.fastreg.penalty_grad_([torch.zeros(6), g], [before, before], [0.1, 0.1],
+                                        [0.0, 0.0])
+    assert torch.equal(g.detach(), torch.zeros(6))
+    with torch.no_grad():  # outside autograd, as fastreg.prox_l1_ calls it
+        torch.ops.fastreg.prox_l1_([w], [0.1])
+    assert torch.allclose(w.detach(), torch.sign(before) * (before.abs() - 0.1).clamp_min(0),
+                          rtol=0, atol=1e-7)
 
 
 @requires_extension

@@ -140,7 +140,14 @@ FASTREG_TARGET_CLONES void abs_sq_sums(const scalar_t* x, int64_t n, acc_t* s1, 
     a[l] += std::abs(v);
     q[l] += v * v;
   }
-  for (int width = L / 2; width > 0; width /= 2) {
+  // Below L elements the lanes from the first power of two >= n on are +0, and adding
+  // +0 to a lane (a sum of non-negative terms) leaves its bits: the tree starts there.
+  int top = L;
+  if (n < L) {
+    top = 1;
+    while (top < n) top *= 2;
+  }
+  for (int width = top / 2; width > 0; width /= 2) {
     for (int l = 0; l < width; ++l) {
       a[l] += a[l + width];
       q[l] += q[l + width];
@@ -171,9 +178,9 @@ at::Tensor penalty_cpu(at::TensorList params, c10::ArrayRef<double> l1,
   std::vector<Segment> segments;
   int64_t total = 0;
   for (const ReductionInput& input : inputs) {
-    segments.push_back({input.src.const_data_ptr(), nullptr, total, input.src.numel(), input.l1,
-                        input.l2, input.src.scalar_type()});
-    total += input.src.numel();
+    segments.push_back({input.src->const_data_ptr(), nullptr, total, input.src->numel(),
+                        input.l1, input.l2, input.src->scalar_type()});
+    total += input.src->numel();
   }
   std::vector<double> partials((total + kChunk - 1) / kChunk, 0.0);
   double* partial = partials.data();
@@ -292,9 +299,9 @@ void run_elementwise(const std::vector<ElementwiseJob>& jobs, ElementwiseMode mo
   std::vector<Segment> segments;
   int64_t total = 0;
   for (const ElementwiseJob& job : jobs) {
-    segments.push_back({job.in.const_data_ptr(), job.out.mutable_data_ptr(), total,
-                        job.in.numel(), job.a, job.b, job.in.scalar_type()});
-    total += job.in.numel();
+    segments.push_back({job.in->const_data_ptr(), job.out->mutable_data_ptr(), total,
+                        job.in->numel(), job.a, job.b, job.in->scalar_type()});
+    total += job.in->numel();
   }
   parallel_chunks(
       segments, total,

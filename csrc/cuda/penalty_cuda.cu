@@ -64,7 +64,7 @@ at::Tensor penalty_cuda(at::TensorList params, c10::ArrayRef<double> l1,
   const at::ScalarType result_type = penalty_result_type(params);
   at::Tensor out = at::empty({}, params[0].options().dtype(result_type));
   int64_t total_chunks = 0;
-  for (const ReductionInput& input : inputs) total_chunks += chunks_of(input.src.numel());
+  for (const ReductionInput& input : inputs) total_chunks += chunks_of(input.src->numel());
   if (total_chunks == 0) return out.zero_();
   at::Tensor partials = at::empty({total_chunks}, params[0].options().dtype(at::kDouble));
   double* slots = partials.mutable_data_ptr<double>();
@@ -73,10 +73,10 @@ at::Tensor penalty_cuda(at::TensorList params, c10::ArrayRef<double> l1,
   launch_in_tables<ReduceTable, device::kReduceSlots>(
       inputs,
       [](ReduceTable& table, int t, const ReductionInput& input) -> const at::Tensor& {
-        table.data[t] = input.src.const_data_ptr();
+        table.data[t] = input.src->const_data_ptr();
         table.l1[t] = input.l1;
         table.l2[t] = input.l2;
-        return input.src;
+        return *input.src;
       },
       [&](const ReduceTable& table, int64_t chunks) {
         launch(device::penalty_reduce_kernel, grid_size(chunks), kThreadsPerBlock, 0, stream,
@@ -105,11 +105,11 @@ void run_elementwise(const std::vector<ElementwiseJob>& jobs, const at::Tensor& 
   launch_in_tables<ElementwiseTable, device::kElementwiseSlots>(
       jobs,
       [](ElementwiseTable& table, int t, const ElementwiseJob& job) -> const at::Tensor& {
-        table.in[t] = job.in.const_data_ptr();
-        table.out[t] = job.out.mutable_data_ptr();
+        table.in[t] = job.in->const_data_ptr();
+        table.out[t] = job.out->mutable_data_ptr();
         table.a[t] = job.a;
         table.b[t] = job.b;
-        return job.in;
+        return *job.in;
       },
       [&](const ElementwiseTable& table, int64_t chunks) {
         launch(device::penalty_elementwise_kernel<kMode>, grid_size(chunks), kThreadsPerBlock, 0,

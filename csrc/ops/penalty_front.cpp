@@ -13,7 +13,6 @@
 // named_parameters) and hashes what a parameter selection depends on, so that
 // fastreg.penalty can keep a selection until the module changes (see penalty.py).
 #include <ATen/PythonTorchFunctionTLS.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/extension.h>
@@ -22,6 +21,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "ops/op_handles.h"
 #include "ops/penalty.h"
 
 namespace fastreg {
@@ -47,9 +47,37 @@ bool has_kernels(const c10::Device& device) {
   return false;
 }
 
+// The tensors of a Python list or tuple, borrowed: at::Tensor values that share the
+// Python objects' TensorImpls without taking a reference (c10::MaybeOwned's borrow), since
+// the first C++ reference to a tensor that has a Python object also takes a reference to
+// that object (under the GIL): 0.1 us a tensor, twice a call. The sequence, held by the
+// caller for the whole call, keeps them alive; nothing here runs Python code that could
+// change it. The operators take their own references where they keep a tensor (a saved
+// parameter, a temporary).
+class BorrowedTensors {
+ public:
+  BorrowedTensors() = default;
+  BorrowedTensors(const BorrowedTensors&) = delete;
+  BorrowedTensors& operator=(const BorrowedTensors&) = delete;
+  ~BorrowedTensors() {
+    for (at::Tensor& t : tensors_) c10::MaybeOwnedTraits<at::Tensor>::destroyBorrow(t);
+  }
+  void reserve(size_t n) { tensors_.reserve(n); }
+  void push_back(const at::Tensor& t) {
+    tensors_.push_back(c10::MaybeOwnedTraits<at::Tensor>::createBorrow(t));
+  }
+  size_t size() const { return tensors_.size(); }
+  const at::Tensor& operator[](size_t i) const { return tensors_[i]; }
+  at::Tensor& operator[](size_t i) { return tensors_[i]; }
+  at::TensorList list() const { return tensors_; }
+
+ private:
+  std::vector<at::Tensor> tensors_;
+};
+
 // The tensors of a list or tuple whose elements are all plain tensors or Parameters,
 // checked as the operators check them; false when the call is not for the fast path.
-bool unpack_tensors(PyObject* seq, std::vector<at::Tensor>& out) {
+bool unpack_tensors(PyObject* seq, BorrowedTensors& out) {
   if (!PyList_CheckExact(seq) && !PyTuple_CheckExact(seq)) return false;
   if (at::impl::torch_function_mode_enabled()) return false;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
@@ -90,24 +118,20 @@ bool coefficient(PyObject* obj, double& value) {
 
 pybind11::object penalty_fast(pybind11::handle params, pybind11::handle l1_obj,
                               pybind11::handle l2_obj) {
-  std::vector<at::Tensor> tensors;
+  BorrowedTensors tensors;
   double l1 = 0.0, l2 = 0.0;
   if (!coefficient(l1_obj.ptr(), l1) || !coefficient(l2_obj.ptr(), l2) ||
       !unpack_tensors(params.ptr(), tensors)) {
     return pybind11::none();
   }
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastreg::penalty", "")
-          .typed<at::Tensor(at::TensorList, c10::ArrayRef<double>, c10::ArrayRef<double>)>();
   const std::vector<double> l1s(tensors.size(), l1), l2s(tensors.size(), l2);
   return pybind11::reinterpret_steal<pybind11::object>(
-      THPVariable_Wrap(op.call(tensors, l1s, l2s)));
+      THPVariable_Wrap(op::penalty().call(tensors.list(), l1s, l2s)));
 }
 
 bool penalty_grad_fast(pybind11::handle params, pybind11::handle l1_obj,
                        pybind11::handle l2_obj) {
-  std::vector<at::Tensor> tensors;
+  BorrowedTensors tensors;
   double l1 = 0.0, l2 = 0.0;
   if (!coefficient(l1_obj.ptr(), l1) || !coefficient(l2_obj.ptr(), l2) ||
       !unpack_tensors(params.ptr(), tensors)) {
@@ -116,7 +140,8 @@ bool penalty_grad_fast(pybind11::handle params, pybind11::handle l1_obj,
   if (l1 == 0.0 && l2 == 0.0) return true;  // nothing to add, no gradient created
   // Gradients as the general path wants them (strided, plain, the parameter's shape,
   // dtype and device); all checked before any missing one is created.
-  for (const at::Tensor& t : tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
     const at::Tensor& g = t.grad();
     if (!g.defined()) continue;
     if (g.layout() != at::kStrided || g.key_set().has(c10::DispatchKey::Python) ||
@@ -126,33 +151,26 @@ bool penalty_grad_fast(pybind11::handle params, pybind11::handle l1_obj,
     }
   }
   at::NoGradGuard no_grad;
-  std::vector<at::Tensor> grads;
+  BorrowedTensors grads;  // each held by its parameter
   grads.reserve(tensors.size());
-  for (at::Tensor& t : tensors) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    at::Tensor& t = tensors[i];
     if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
     grads.push_back(t.grad());
   }
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastreg::penalty_grad_", "")
-                             .typed<void(at::TensorList, at::TensorList,
-                                         c10::ArrayRef<double>, c10::ArrayRef<double>)>();
   const std::vector<double> l1s(tensors.size(), l1), l2s(tensors.size(), l2);
-  op.call(grads, tensors, l1s, l2s);
+  op::penalty_grad_().call(grads.list(), tensors.list(), l1s, l2s);
   return true;
 }
 
 bool prox_l1_fast(pybind11::handle params, pybind11::handle threshold_obj) {
-  std::vector<at::Tensor> tensors;
+  BorrowedTensors tensors;
   double threshold = 0.0;
   if (!coefficient(threshold_obj.ptr(), threshold) || !unpack_tensors(params.ptr(), tensors)) {
     return false;
   }
   at::NoGradGuard no_grad;
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastreg::prox_l1_", "")
-          .typed<void(at::TensorList, c10::ArrayRef<double>)>();
-  op.call(tensors, std::vector<double>(tensors.size(), threshold));
+  op::prox_l1_().call(tensors.list(), std::vector<double>(tensors.size(), threshold));
   return true;
 }
 
