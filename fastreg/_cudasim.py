@@ -73,8 +73,8 @@ def load(sanitize=None, verbose=None):
     os.makedirs(build_dir, exist_ok=True)
     sources = ([os.path.join(CSRC, "sim", f) for f in ("runtime.cpp", "module.cpp", "selftest.cpp")]
                + [os.path.join(CSRC, "ops", f)
-                  for f in ("schema.cpp", "inplace_autograd.cpp", "penalty_autograd.cpp",
-                            "penalty_front.cpp")]
+                  for f in ("schema.cpp", "dropout_autograd.cpp", "inplace_autograd.cpp",
+                            "penalty_autograd.cpp", "penalty_front.cpp")]
                + _wrappers(build_dir))
     flags = FLAGS + (SANITIZER_FLAGS if sanitize else [])
     return cpp_extension.load(

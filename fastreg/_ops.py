@@ -100,34 +100,24 @@ def _register_dropout():
     def _(rng_state, size, p):
         return rng_state.new_empty(size, dtype=torch.bool)
 
-    # The forward keeps the mask (or nothing, in recompute mode), the rng_state and the
-    # output's strides; the gradient is given those strides before the mask is applied,
-    # since mask bit i belongs to the output's i-th memory slot.
-    def setup_mask_context(ctx, inputs, output):
-        p, rng_state, mode = inputs[-3:]
-        result, mask = output if isinstance(output, tuple) else (output, inputs[1])
+    # dropout_fwd's autograd is in C++ (csrc/ops/dropout_autograd.cpp: register_autograd's
+    # wrapper cost about 30 us a call). dropout_bwd's, the double backward, is here:
+    # dropout_bwd is linear in grad with the same mask, so its backward is itself. It
+    # keeps the mask, the rng_state and the output's strides; the gradient is given those
+    # strides before the mask is applied, since mask bit i belongs to the i-th memory slot.
+    def setup_bwd_context(ctx, inputs, output):
+        grad, mask, p, rng_state, mode = inputs
         ctx.save_for_backward(mask, rng_state)
-        ctx.p, ctx.mode, ctx.stride = p, mode, result.stride()
-        # The mask output has no gradient: without this, autograd would fill a zero tensor
-        # of the mask's size for it in every backward (a full byte per element in bool mode).
-        ctx.set_materialize_grads(False)
-
-    def apply_saved_mask(ctx, grad):
-        if grad is None:
-            return None
-        mask, rng_state = ctx.saved_tensors
-        return ops.dropout_bwd(with_strides(grad, ctx.stride), mask, ctx.p, rng_state, ctx.mode)
-
-    def dropout_fwd_backward(ctx, grad_out, _grad_mask):
-        return apply_saved_mask(ctx, grad_out), None, None, None
+        ctx.p, ctx.mode, ctx.stride = p, mode, output.stride()
 
     def dropout_bwd_backward(ctx, grad_grad):
-        return apply_saved_mask(ctx, grad_grad), None, None, None, None
+        mask, rng_state = ctx.saved_tensors
+        grad = ops.dropout_bwd(with_strides(grad_grad, ctx.stride), mask, ctx.p, rng_state,
+                               ctx.mode)
+        return grad, None, None, None, None
 
-    torch.library.register_autograd("fastreg::dropout_fwd", dropout_fwd_backward,
-                                    setup_context=setup_mask_context)
     torch.library.register_autograd("fastreg::dropout_bwd", dropout_bwd_backward,
-                                    setup_context=setup_mask_context)
+                                    setup_context=setup_bwd_context)
 
 
 def _register_penalty():

@@ -294,6 +294,68 @@ def test_backward_is_the_backward_operator_alone(mode):
     assert torch.equal(gx, fastreg.dropout(g, 0.5, seed=3, mask=mode))
 
 
+@requires_extension
+def test_grad_fn_is_the_native_node():
+    """dropout_fwd's autograd is a C++ node (csrc/ops/dropout_autograd.cpp), with the
+    input's gradient edge; the mask output is not differentiable."""
+    x = torch.randn(6, 5, requires_grad=True)
+    y = fastreg.dropout(x, 0.5, seed=3)
+    assert y.grad_fn.name() == "DropoutBackward0"
+    assert "grad_fn=<DropoutBackward0>" in repr(y)
+    assert len(y.grad_fn.next_functions) == 1
+    assert y.grad_fn.next_functions[0][0].variable is x  # x's AccumulateGrad
+    _, mask = torch.ops.fastreg.dropout_fwd(x, 0.5, torch.tensor([1, 2]), "bool")
+    assert not mask.requires_grad
+
+
+@requires_extension
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_backward_gives_the_gradient_the_output_layout(mode):
+    """The incoming gradient is copied into the output's exact strides (mask bit i is the
+    output's i-th memory slot; a bool mask wants the strides too), whatever its own: here
+    size-1 and size-0 dimensions with strides no contiguous tensor has."""
+    base = torch.randn(64)
+    for x in (base[:40].as_strided((5, 1, 8), (8, 3, 1)), base[:6].as_strided((6, 1), (1, 9)),
+              base.as_strided((0,), (2,)), base[:24].view(4, 6).t()):
+        x = x.detach().requires_grad_()
+        y = fastreg.dropout(x, 0.5, seed=7, mask=mode)
+        g = torch.randn(y.shape)
+        (gx,) = torch.autograd.grad(y, x, g)
+        (expected,) = torch.autograd.grad(reference.dropout(x, 0.5, seed=7, mask=mode), x, g)
+        assert torch.equal(gx, expected)
+
+
+@requires_extension
+def test_forward_mode_ad_is_refused():
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(torch.randn(10), torch.ones(10))
+        with pytest.raises(RuntimeError, match="fastreg::dropout_fwd: input has a forward-mode "
+                                               "tangent"):
+            fastreg.dropout(dual, 0.5, seed=1)
+        with pytest.raises(RuntimeError, match=r"fastreg::penalty: params\[1\] has a "
+                                               "forward-mode tangent"):
+            fastreg.penalty([torch.randn(3), dual], l2=1.0)
+
+
+@requires_extension
+@pytest.mark.skipif(not hasattr(torch._dynamo, "compiled_autograd"), reason="no compiled autograd")
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_compiled_autograd_of_an_eager_dropout(mode):
+    from torch._dynamo import compiled_autograd
+
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8):
+        pytest.skip("the node supports compiled autograd from torch 2.8")
+    x = torch.randn(16, 8, requires_grad=True)
+    y = fastreg.dropout(x.t(), 0.5, seed=5, mask=mode)  # a transposed output layout
+    loss = (y * y).sum()
+    (expected,) = torch.autograd.grad(loss, x, retain_graph=True)
+    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        loss.backward()
+    assert torch.equal(x.grad, expected)
+
+
 def test_module_is_a_drop_in(device):
     layer = fastreg.Dropout(0.2, inplace=False, mask="recompute")
     assert isinstance(layer, nn.Dropout)

@@ -9,23 +9,15 @@
 // The node is written out (not torch::autograd::Function<T>, whose CppNode<T> keeps
 // per-input metadata, a set of the inputs and boxed saved data: a microsecond or more per
 // tensor) and named PenaltyBackward0 (a CppNode's grad_fn prints as "<PenaltyFunction>>").
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
-#include <torch/version.h>
 
-#include <type_traits>
 #include <utility>
 #include <vector>
 
-// Compiled autograd (torch._dynamo.compiled_autograd) asks every node for its saved
-// state; the interface in this form (const compiled_args) is torch >= 2.8's.
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
-#define FASTREG_COMPILED_AUTOGRAD 1
-#include <torch/csrc/dynamo/compiled_autograd.h>
-#endif
+#include "ops/autograd_node.h"
+#include "ops/op_handles.h"
 
 namespace fastreg {
 namespace {
@@ -33,26 +25,6 @@ namespace {
 using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-
-at::Tensor call_penalty(at::TensorList params, c10::ArrayRef<double> l1,
-                        c10::ArrayRef<double> l2) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastreg::penalty", "")
-          .typed<at::Tensor(at::TensorList, c10::ArrayRef<double>, c10::ArrayRef<double>)>();
-  return op.call(params, l1, l2);
-}
-
-std::vector<at::Tensor> call_penalty_backward(const at::Tensor& grad_out, at::TensorList params,
-                                              c10::ArrayRef<double> l1,
-                                              c10::ArrayRef<double> l2) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastreg::penalty_backward", "")
-          .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList,
-                                         c10::ArrayRef<double>, c10::ArrayRef<double>)>();
-  return op.call(grad_out, params, l1, l2);
-}
 
 // d(penalty)/d(params[i]) = grad_out * slope_i(params[i]), for the parameters that
 // required grad in the forward (the node's next edges are all params, in order).
@@ -72,10 +44,10 @@ struct PenaltyBackward0 : public Node {
     std::vector<at::Tensor> computed;
     if (at::GradMode::is_enabled()) {
       // create_graph: through penalty_backward's autograd (the double backward)
-      computed = call_penalty_backward(grad_outputs[0], params, l1, l2);
+      computed = op::penalty_backward().call(grad_outputs[0], params, l1, l2);
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      computed = call_penalty_backward(grad_outputs[0], params, l1, l2);
+      computed = op::penalty_backward().call(grad_outputs[0], params, l1, l2);
     }
     for (size_t k = 0; k < wanted.size(); ++k) grads[wanted[k]] = std::move(computed[k]);
     return grads;
@@ -104,31 +76,19 @@ struct PenaltyBackward0 : public Node {
 #endif
 };
 
-// The node's pointer type: std::shared_ptr<Node> in older torch, c10::intrusive_ptr<Node>
-// in newer (whatever an Edge holds).
-using NodePtr = std::decay_t<decltype(std::declval<torch::autograd::Edge>().function)>;
-
-template <typename Ptr = NodePtr, typename N = PenaltyBackward0>
-Ptr make_node() {
-  if constexpr (std::is_same_v<Ptr, std::shared_ptr<Node>>) {
-    return Ptr(std::make_shared<N>());
-  } else {
-    return Ptr(c10::make_intrusive<N>());
-  }
-}
-
 at::Tensor penalty_autograd(at::TensorList params, c10::ArrayRef<double> l1,
                             c10::ArrayRef<double> l2) {
+  check_no_forward_grad(params, "fastreg::penalty", "params", true);
   at::Tensor result;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    result = call_penalty(params, l1, l2);
+    result = op::penalty().call(params, l1, l2);
   }
   if (!at::GradMode::is_enabled()) return result;
   bool any = false;
   for (const at::Tensor& p : params) any = any || p.requires_grad();
   if (!any) return result;
-  NodePtr node = make_node();
+  NodePtr node = make_node<PenaltyBackward0>();
   auto* backward = static_cast<PenaltyBackward0*>(node.get());
   backward->set_next_edges(torch::autograd::collect_next_edges(params));
   for (size_t i = 0; i < params.size(); ++i) {
