@@ -216,6 +216,31 @@ def test_selection_is_rebuilt_when_the_module_changes(change):
 
 
 @requires_extension
+class _ParametersOf(nn.Module):
+    """A proxy whose _parameters attribute is another module's, through __getattribute__
+    (named_parameters() reads it that way, so the key must too)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        object.__setattr__(self, "inner", inner)  # not a registered submodule
+
+    def __getattribute__(self, name):
+        if name == "_parameters":
+            return object.__getattribute__(self, "inner")._parameters
+        return super().__getattribute__(name)
+
+
+def test_module_key_honours_a_getattribute_override():
+    inner = nn.Linear(3, 2)
+    proxy = _ParametersOf(inner)
+    first = fastreg.penalty(proxy, l2=1.0)
+    assert torch.equal(first, reference.penalty(list(inner.parameters()), l2=1.0))
+    inner.weight = nn.Parameter(inner.weight.detach() * 2)  # the cached selection is stale
+    second = fastreg.penalty(proxy, l2=1.0)
+    assert torch.equal(second, reference.penalty(list(inner.parameters()), l2=1.0))
+    assert not torch.equal(first, second)
+
+
 def test_requires_grad_toggled_back_and_exclude_changes():
     net = Net()
     everything = fastreg.penalty(net, l2=1.0)

@@ -188,6 +188,14 @@ bool prox_l1_fast(pybind11::handle params, pybind11::handle threshold_obj) {
 // refers back to it); a new module at a dead one's address, of the same class, with the
 // same names and the same parameter objects, selects the same tensors. A tree deeper than
 // 512 or with more than a million entries is not keyed.
+// Whether `type` looks attributes up with object.__getattribute__ (no override).
+bool has_generic_getattribute(PyTypeObject* type) {
+  static PyObject* const name = PyUnicode_InternFromString("__getattribute__");
+  static PyObject* const generic =
+      _PyType_Lookup(&PyBaseObject_Type, name);  // object's slot wrapper, immortal
+  return _PyType_Lookup(type, name) == generic;
+}
+
 struct KeyWalk {
   uint64_t hash = 0x9e3779b97f4a7c15ULL;
   PyObject* refs = nullptr;  // a list, or null
@@ -209,9 +217,14 @@ struct KeyWalk {
     if (refs != nullptr && PyList_Append(refs, obj) != 0) ok = false;
   }
 
-  // module.<name> if it is a dict (borrowed: the module holds it), else null.
+  // module.<name> if it is a dict (borrowed: the module holds it), else null. A class
+  // with a __getattr__ (nn.Module has one) makes PyObject_GetAttr go through a Python-
+  // level __getattribute__ call: where the class keeps object's __getattribute__, the
+  // generic lookup is the same one without that call (0.1 us a module).
   PyObject* dict_attr(PyObject* module, PyObject* name) {
-    PyObject* value = PyObject_GetAttr(module, name);
+    PyObject* value = has_generic_getattribute(Py_TYPE(module))
+                          ? PyObject_GenericGetAttr(module, name)
+                          : PyObject_GetAttr(module, name);
     if (value == nullptr) {
       PyErr_Clear();
       return nullptr;
