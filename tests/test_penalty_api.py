@@ -215,7 +215,6 @@ def test_selection_is_rebuilt_when_the_module_changes(change):
     assert [id(p) for p in selected] == [id(p) for p in net.parameters() if p.requires_grad]
 
 
-@requires_extension
 class _ParametersOf(nn.Module):
     """A proxy whose _parameters attribute is another module's, through __getattribute__
     (named_parameters() reads it that way, so the key must too)."""
@@ -242,6 +241,7 @@ def test_module_key_honours_a_getattribute_override():
     assert not torch.equal(first, second)
 
 
+@requires_extension
 def test_requires_grad_toggled_back_and_exclude_changes():
     net = Net()
     everything = fastreg.penalty(net, l2=1.0)
