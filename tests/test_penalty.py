@@ -447,6 +447,62 @@ def test_prox_l1_matches_reference_and_gives_true_zeros(device):
     assert torch.equal(x[x != 0], (before - 0.5 * torch.sign(before))[x != 0])
 
 
+def float16_edge_values(n, seed):
+    """n float16 values: the special ones (nan, infinities, both zeros, the extremes, a
+    subnormal, values at and around the thresholds used below) among random ones."""
+    special = [math.nan, math.inf, -math.inf, -0.0, 0.0, 65504.0, -65504.0, 2.0 ** -24,
+               -(2.0 ** -24), 0.1, -0.1, 0.25, -0.25, 0.2500001, 1.0, -1.0]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    at = torch.randperm(n, generator=g)[:min(n, len(special))]
+    x[at] = torch.tensor(special[:len(at)], dtype=torch.float64)
+    return x.to(torch.float16)
+
+
+def assert_float16_bits_equal(actual, expected):
+    """Every bit, zeros' signs included; any nan matches any nan (torch's float16
+    rounding writes its own nan payload)."""
+    assert torch.equal(actual.isnan(), expected.isnan())
+    keep = ~expected.isnan()
+    assert torch.equal(actual[keep].view(torch.int16), expected[keep].view(torch.int16))
+
+
+# The float16 loops have their own vectors (F16C, 8 elements) and a scalar tail: lengths
+# below, at and above one vector, and a tensor that a chunk boundary (4096) cuts mid-vector.
+F16_LENGTHS = [1, 7, 8, 9, 31, 4096 + 4099]
+
+
+@pytest.mark.parametrize("terms", [(0.5, 0.0), (0.0, 10.0), (0.03, 0.25), (0.0, 0.0)])
+def test_float16_gradient_loops_match_reference_bit_for_bit(terms):
+    l1, l2 = terms
+    tensors = [float16_edge_values(n, seed=i).requires_grad_() for i, n in enumerate(F16_LENGTHS)]
+    starts = [float16_edge_values(n, seed=50 + i) for i, n in enumerate(F16_LENGTHS)]
+    for t, s in zip(tensors, starts):
+        t.grad = s.clone()
+    fastreg.penalty_grad_(tensors, l1=l1, l2=l2)
+    got = [t.grad.clone() for t in tensors]
+    for t, s in zip(tensors, starts):
+        t.grad = s.clone()
+    reference.penalty_grad_(tensors, l1=l1, l2=l2)
+    for g, t in zip(got, tensors):
+        assert_float16_bits_equal(g, t.grad)
+    if l1 == 0.0 and l2 == 0.0:
+        return  # no penalty to differentiate
+    expected = grads_of(reference.penalty(tensors, l1=l1, l2=l2) * 3.0, tensors)
+    for g, exp in zip(grads_of(fastreg.penalty(tensors, l1=l1, l2=l2) * 3.0, tensors), expected):
+        assert_float16_bits_equal(g, exp)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.1, 0.25, 1e5])
+def test_float16_prox_l1_matches_reference_bit_for_bit(threshold):
+    tensors = [float16_edge_values(n, seed=i) for i, n in enumerate(F16_LENGTHS)]
+    copies = [t.clone() for t in tensors]
+    fastreg.prox_l1_(tensors, threshold)
+    reference.prox_l1_(copies, threshold)
+    for t, c in zip(tensors, copies):
+        assert_float16_bits_equal(t, c)
+
+
 def test_prox_l1_on_modules_in_place():
     net = Net()
     weight = net.fc.weight
