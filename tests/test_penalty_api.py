@@ -104,6 +104,20 @@ def test_fast_in_place_steps_match_reference():
 
 
 @pytest.mark.parametrize("path", ["fast", "general"])
+def test_penalty_grad_of_a_non_leaf_warns_as_p_grad_does(path):
+    # The fast path reads gradients from the TensorImpl (no is_leaf call a tensor) and a
+    # missing one through Tensor.grad, whose warning about a non-leaf it then gives.
+    x = torch.randn(5, requires_grad=True)
+    y, with_grad = x * 2.0, x * 3.0
+    with_grad.grad = torch.ones(5)
+    with _NoFast() if path == "general" else contextlib.nullcontext():
+        with pytest.warns(UserWarning, match="not a leaf Tensor is being accessed"):
+            fastreg.penalty_grad_([y, with_grad], l2=0.5)
+    assert torch.equal(y.grad, y.detach())  # created as zeros, then + 2 * 0.5 * y
+    assert torch.equal(with_grad.grad, 1.0 + with_grad.detach())
+
+
+@pytest.mark.parametrize("path", ["fast", "general"])
 def test_in_place_steps_bump_version_counters(path):
     # As torch's in-place ops do: a backward that would read a weight written since it
     # was saved is refused, not silently wrong (it used the thresholded weights).

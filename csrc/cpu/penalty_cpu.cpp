@@ -176,6 +176,7 @@ at::Tensor penalty_cpu(at::TensorList params, c10::ArrayRef<double> l1,
   TORCH_CHECK_VALUE(!params.empty(), "params must not be empty (its device gives the result's)");
   const std::vector<ReductionInput> inputs = reduction_inputs(params, l1, l2);
   std::vector<Segment> segments;
+  segments.reserve(inputs.size());
   int64_t total = 0;
   for (const ReductionInput& input : inputs) {
     segments.push_back({input.src->const_data_ptr(), nullptr, total, input.src->numel(),
@@ -378,6 +379,7 @@ void elementwise_piece(ElementwiseMode mode, double g, const Segment& s, int64_t
 
 void run_elementwise(const std::vector<ElementwiseJob>& jobs, ElementwiseMode mode, double g) {
   std::vector<Segment> segments;
+  segments.reserve(jobs.size());
   int64_t total = 0;
   for (const ElementwiseJob& job : jobs) {
     segments.push_back({job.in->const_data_ptr(), job.out->mutable_data_ptr(), total,

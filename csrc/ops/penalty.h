@@ -126,7 +126,9 @@ inline std::vector<ElementwiseJob> backward_jobs(at::TensorList params,
                                                  c10::ArrayRef<double> l2,
                                                  std::vector<at::Tensor>& grads) {
   std::vector<ElementwiseJob> jobs;
+  jobs.reserve(params.size());
   grads.clear();
+  grads.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     grads.push_back(at::empty_like(p));
@@ -157,6 +159,7 @@ inline std::vector<ElementwiseJob> add_grad_jobs(at::TensorList grads, at::Tenso
   check_grads_length(grads, params);
   check_penalty_tensors(grads, "grads");
   std::vector<ElementwiseJob> jobs;
+  jobs.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
@@ -183,6 +186,7 @@ inline std::vector<ElementwiseJob> add_grad_jobs(at::TensorList grads, at::Tenso
 inline std::vector<ElementwiseJob> prox_jobs(at::TensorList params,
                                              c10::ArrayRef<double> threshold) {
   std::vector<ElementwiseJob> jobs;
+  jobs.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (p.numel() == 0 || threshold[i] == 0.0) continue;

@@ -139,11 +139,18 @@ bool penalty_grad_fast(pybind11::handle params, pybind11::handle l1_obj,
   }
   if (l1 == 0.0 && l2 == 0.0) return true;  // nothing to add, no gradient created
   // Gradients as the general path wants them (strided, plain, the parameter's shape,
-  // dtype and device); all checked before any missing one is created.
+  // dtype and device); all checked before any missing one is created. Read from the
+  // TensorImpl: Tensor::grad() also asks autograd whether the tensor is a leaf (for its
+  // warning about a non-leaf's missing gradient), a virtual call a tensor; a missing
+  // gradient is read through it below, so the warning is the one p.grad gives.
+  bool missing = false;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    const at::Tensor& g = t.grad();
-    if (!g.defined()) continue;
+    const at::Tensor& g = t.unsafeGetTensorImpl()->grad();
+    if (!g.defined()) {
+      missing = true;
+      continue;
+    }
     if (g.layout() != at::kStrided || g.key_set().has(c10::DispatchKey::Python) ||
         g.scalar_type() != t.scalar_type() || g.device() != t.device() ||
         g.sizes() != t.sizes()) {
@@ -151,12 +158,16 @@ bool penalty_grad_fast(pybind11::handle params, pybind11::handle l1_obj,
     }
   }
   at::NoGradGuard no_grad;
+  if (missing) {
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      at::Tensor& t = tensors[i];
+      if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
+    }
+  }
   BorrowedTensors grads;  // each held by its parameter
   grads.reserve(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
-    at::Tensor& t = tensors[i];
-    if (!t.grad().defined()) t.mutable_grad() = at::zeros_like(t);
-    grads.push_back(t.grad());
+    grads.push_back(tensors[i].unsafeGetTensorImpl()->grad());
   }
   const std::vector<double> l1s(tensors.size(), l1), l2s(tensors.size(), l2);
   op::penalty_grad_().call(grads.list(), tensors.list(), l1s, l2s);
