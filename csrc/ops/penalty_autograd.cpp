@@ -85,12 +85,17 @@ at::Tensor penalty_autograd(at::TensorList params, c10::ArrayRef<double> l1,
     result = op::penalty().call(params, l1, l2);
   }
   if (!at::GradMode::is_enabled()) return result;
-  bool any = false;
-  for (const at::Tensor& p : params) any = any || p.requires_grad();
-  if (!any) return result;
+  size_t wanted = 0;
+  for (const at::Tensor& p : params) wanted += p.requires_grad();
+  if (wanted == 0) return result;
   NodePtr node = make_node<PenaltyBackward0>();
   auto* backward = static_cast<PenaltyBackward0*>(node.get());
   backward->set_next_edges(torch::autograd::collect_next_edges(params));
+  // reserved: growing `saved` by reallocation moves and destroys SavedVariables
+  backward->saved.reserve(wanted);
+  backward->wanted.reserve(wanted);
+  backward->l1.reserve(wanted);
+  backward->l2.reserve(wanted);
   for (size_t i = 0; i < params.size(); ++i) {
     if (!params[i].requires_grad()) continue;
     backward->saved.emplace_back(params[i], /*is_output=*/false);
