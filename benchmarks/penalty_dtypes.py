@@ -19,14 +19,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 import fastreg
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from penalty_overhead import git_commit  # noqa: E402
+from penalty_overhead import git_commit, time_round  # noqa: E402
 
 
 def make_cases(dtype):
@@ -60,13 +59,6 @@ def make_cases(dtype):
     }
 
 
-def mean_call(fn, calls):
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -86,8 +78,8 @@ def main(argv=None):
         times = {"bf16": [], "f16": []}
         ratios = []
         for _ in range(args.rounds):
-            b = mean_call(bf16[name], args.calls)
-            f = mean_call(f16[name], args.calls)
+            b = time_round(bf16[name], args.calls)[0]
+            f = time_round(f16[name], args.calls)[0]
             times["bf16"].append(b * 1e3)
             times["f16"].append(f * 1e3)
             ratios.append(f / b)
