@@ -90,7 +90,7 @@ inline ForwardBuffers make_forward_buffers(const at::Tensor& input, MaskMode mod
   ForwardBuffers b;
   b.out = inplace && dense ? input : at::empty_like(input);
   b.src = input;
-  if (!b.out.is_same(input) && (inplace || !dense || input.strides() != b.out.strides())) {
+  if (!b.out.is_same(input) && (!dense || input.strides() != b.out.strides())) {
     b.out.copy_(input);  // gathered: the kernel runs in place in out
     b.src = b.out;
   }
