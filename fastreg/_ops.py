@@ -119,6 +119,13 @@ def _register_dropout():
     torch.library.register_autograd("fastreg::dropout_bwd", dropout_bwd_backward,
                                     setup_context=setup_bwd_context)
 
+    # grad_with_strides (the C++ node's layout copy under compiled autograd) is a copy:
+    # its gradient is the incoming one (create_graph through compiled autograd).
+    def grad_with_strides_backward(ctx, grad):
+        return grad, None
+
+    torch.library.register_autograd("fastreg::grad_with_strides", grad_with_strides_backward)
+
 
 def _register_penalty():
     @torch.library.register_fake("fastreg::penalty")

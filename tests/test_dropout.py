@@ -339,21 +339,57 @@ def test_forward_mode_ad_is_refused():
             fastreg.penalty([torch.randn(3), dual], l2=1.0)
 
 
+# Inputs whose dropout output is 1-d, 2-d transposed, 3-d with a size-1 dimension whose
+# stride is not the contiguous one, 3-d permuted, 4-d channels-last, and not dense.
+COMPILED_AUTOGRAD_INPUTS = {
+    "1d": lambda base: base[:24],
+    "2d transposed": lambda base: base[:128].view(8, 16).t(),
+    "3d size-1 stride": lambda base: base.as_strided((4, 1, 6), (6, 100, 1)),
+    "3d permuted": lambda base: base[:48].view(2, 4, 6).transpose(0, 1),
+    "4d channels_last": lambda base: base[:120].view(2, 3, 4, 5).contiguous(
+        memory_format=torch.channels_last),
+    "not dense": lambda base: base[:48].view(4, 12)[:, ::2],
+}
+
+
 @requires_extension
 @pytest.mark.skipif(not hasattr(torch._dynamo, "compiled_autograd"), reason="no compiled autograd")
+@pytest.mark.parametrize("layout", list(COMPILED_AUTOGRAD_INPUTS))
 @pytest.mark.parametrize("mode", MASK_MODES)
-def test_compiled_autograd_of_an_eager_dropout(mode):
+def test_compiled_autograd_of_an_eager_dropout(mode, layout):
+    # Compiled autograd traces the node with a 2-d placeholder gradient: until the layout
+    # copy became an operator (grad_with_strides), every output that was not 2-d failed.
     from torch._dynamo import compiled_autograd
 
     if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8):
         pytest.skip("the node supports compiled autograd from torch 2.8")
-    x = torch.randn(16, 8, requires_grad=True)
-    y = fastreg.dropout(x.t(), 0.5, seed=5, mask=mode)  # a transposed output layout
-    loss = (y * y).sum()
-    (expected,) = torch.autograd.grad(loss, x, retain_graph=True)
+    torch._dynamo.reset()
+    base = torch.randn(400, requires_grad=True)
+    y = fastreg.dropout(COMPILED_AUTOGRAD_INPUTS[layout](base), 0.5, seed=5, mask=mode)
+    weights = torch.arange(y.numel(), dtype=y.dtype).view(y.shape)  # every element its own
+    loss = (y * y * weights).sum()
+    (expected,) = torch.autograd.grad(loss, base, retain_graph=True)
     with compiled_autograd._enable(torch.compile(backend="aot_eager")):
         loss.backward()
-    assert torch.equal(x.grad, expected)
+    assert torch.equal(base.grad, expected)
+
+
+@requires_extension
+def test_grad_with_strides_operator():
+    ops = torch.ops.fastreg
+    g = torch.randn(4, 6).t()  # strides (1, 6)
+    for stride in ([1, 6], [4, 1]):
+        out = ops.grad_with_strides(g, stride)
+        assert out.stride() == tuple(stride) and torch.equal(out, g)
+        assert out.data_ptr() != g.data_ptr()  # a new tensor, as the schema says
+        torch.library.opcheck(ops.grad_with_strides, (g.clone().requires_grad_(), stride))
+    # compiled autograd's placeholder (another rank, no elements) is copied as it is
+    placeholder = torch.zeros([0, 123456789])
+    assert ops.grad_with_strides(placeholder, [1, 1, 1]).shape == placeholder.shape
+    with pytest.raises(RuntimeError, match="grad has 2 dimensions, but stride has 3"):
+        ops.grad_with_strides(g, [24, 6, 1])
+    with pytest.raises(RuntimeError, match="is not a dense, non-overlapping layout"):
+        ops.grad_with_strides(g, [1, 4])
 
 
 def test_module_is_a_drop_in(device):

@@ -9,8 +9,6 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <numeric>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -30,11 +28,9 @@ struct DropoutBackward0 : public Node {
   SavedVariable mask, rng_state;
   double p = 0.0;
   std::string mode;
-  // The output's layout: mask bit i belongs to the output's i-th memory slot, so the
-  // incoming gradient is given this layout before the mask is applied. `order` lists
-  // the output's dimensions from the outermost in memory to the innermost.
+  // The output's strides: mask bit i belongs to the output's i-th memory slot, so the
+  // incoming gradient is given this layout before the mask is applied.
   std::vector<c10::SymInt> stride;
-  std::vector<int64_t> order;
 
   std::string name() const override { return "DropoutBackward0"; }
 
@@ -43,17 +39,10 @@ struct DropoutBackward0 : public Node {
   }
 
   // The gradient in the output's layout (the bool mask also wants its exact strides).
-  // Compiled autograd traces the node with a placeholder gradient whose sizes and
-  // strides are not the real one's: there no size may be read from it, and the layout
-  // is made by permuting to the output's memory order, cloning and permuting back (the
-  // same memory order; a size-1 dimension's stride may differ, which the bool mode's
-  // check would refuse loudly), unconditionally.
+  // Under compiled autograd the copy is the operator grad_with_strides (see
+  // grad_with_strides_kernel below).
   at::Tensor in_output_layout(const at::Tensor& grad, bool compiled) const {
-    if (compiled) {
-      std::vector<int64_t> inverse(order.size());
-      for (size_t i = 0; i < order.size(); ++i) inverse[order[i]] = static_cast<int64_t>(i);
-      return grad.permute(order).clone(at::MemoryFormat::Contiguous).permute(inverse);
-    }
+    if (compiled) return op::grad_with_strides().call(grad, stride);
     if (grad.sym_strides() == c10::SymIntArrayRef(stride)) return grad;
     return at::empty_strided_symint(grad.sym_sizes(), stride, grad.options()).copy_(grad);
   }
@@ -84,7 +73,14 @@ struct DropoutBackward0 : public Node {
     args.collect(rng_state, false);
     args.collect(p);
     args.collect(mode);
-    args.collect(order);
+    // The strides as plain ints (collected SymInts would be the graph's size inputs):
+    // a node is made by an eager forward, whose strides are concrete.
+    for (const c10::SymInt& s : stride) {
+      const std::optional<int64_t> value = s.maybe_as_int();
+      TORCH_CHECK(value.has_value(), "fastreg::dropout_fwd: compiled autograd of an output "
+                  "with symbolic strides is not supported");
+      args.collect(*value);
+    }
   }
 
   variable_list apply_with_saved(const variable_list& inputs,
@@ -120,16 +116,36 @@ std::tuple<at::Tensor, at::Tensor> dropout_fwd_autograd(const at::Tensor& input,
   backward->mode = std::string(mode);
   const c10::SymIntArrayRef stride = out.sym_strides();
   backward->stride.assign(stride.begin(), stride.end());
-  backward->order.resize(stride.size());
-  std::iota(backward->order.begin(), backward->order.end(), 0);
-  std::stable_sort(backward->order.begin(), backward->order.end(),
-                   [&](int64_t a, int64_t b) { return stride[a] > stride[b]; });
   torch::autograd::set_history(out, node);
   return result;
+}
+
+// grad copied into a new tensor of its sizes and `stride`. Compiled autograd traces the
+// node with a placeholder for the incoming gradient (torch.zeros([0, 123456789]) in torch
+// 2.14), bound to the real gradient's place in the graph: what the node computes from the
+// placeholder's sizes would be recorded with them, and a layout made inline (a permute
+// by the output's dimension order, as before) failed on every output that is not 2-d. An
+// operator is recorded with its arguments and runs on the real gradient. On the
+// placeholder itself (no elements; its rank is not the output's) it returns a copy.
+at::Tensor grad_with_strides_kernel(const at::Tensor& grad, c10::SymIntArrayRef stride) {
+  if (grad.dim() != static_cast<int64_t>(stride.size())) {
+    TORCH_CHECK(grad.sym_numel() == 0, "fastreg::grad_with_strides: grad has ", grad.dim(),
+                " dimensions, but stride has ", stride.size());
+    return grad.clone();
+  }
+  at::Tensor out = at::empty_strided_symint(grad.sym_sizes(), stride, grad.options());
+  TORCH_CHECK(out.is_non_overlapping_and_dense(), "fastreg::grad_with_strides: stride ",
+              stride, " is not a dense, non-overlapping layout of grad's sizes ",
+              grad.sym_sizes());
+  return out.copy_(grad);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastreg, Autograd, m) { m.impl("dropout_fwd", &dropout_fwd_autograd); }
+
+TORCH_LIBRARY_IMPL(fastreg, CompositeExplicitAutograd, m) {
+  m.impl("grad_with_strides", &grad_with_strides_kernel);
+}
 
 }  // namespace fastreg

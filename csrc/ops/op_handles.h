@@ -57,6 +57,12 @@ inline const auto& dropout_bwd() {
   return handle;
 }
 
+inline const auto& grad_with_strides() {
+  static const auto handle =
+      find<at::Tensor(const at::Tensor&, c10::SymIntArrayRef)>("fastreg::grad_with_strides");
+  return handle;
+}
+
 inline const auto& dropout_fwd_() {
   static const auto handle =
       find<at::Tensor(at::Tensor&, double, const at::Tensor&, c10::string_view)>(

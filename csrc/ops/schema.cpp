@@ -13,6 +13,9 @@ TORCH_LIBRARY(fastreg, m) {
   m.def("dropout_fwd_(Tensor(a!) input, float p, Tensor rng_state, str mask_mode) -> Tensor");
   m.def("dropout_bwd(Tensor grad, Tensor mask, float p, Tensor rng_state, str mode) -> Tensor");
   m.def("dropout_mask(Tensor rng_state, int[] size, float p) -> Tensor");
+  // grad copied into the layout `stride` (dropout_fwd's output's): dropout_fwd's backward
+  // node calls it under compiled autograd (csrc/ops/dropout_autograd.cpp says why).
+  m.def("grad_with_strides(Tensor grad, SymInt[] stride) -> Tensor");
 
   // L1/L2 penalty over a list of tensors on one device, with per-tensor coefficients
   // (parameter groups cost nothing extra): sum_i l1[i] * sum|w_i| + l2[i] * sum w_i**2,
