@@ -24,6 +24,26 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
+// grad copied into a new tensor of its sizes and `stride`. Compiled autograd traces the
+// node with a placeholder for the incoming gradient (torch.zeros([0, 123456789]) in torch
+// 2.14), bound to the real gradient's place in the graph: what the node computes from the
+// placeholder's sizes would be recorded with them, and a layout made inline (a permute
+// by the output's dimension order, as before) failed on every output that is not 2-d. An
+// operator is recorded with its arguments and runs on the real gradient. On the
+// placeholder itself (no elements; its rank is not the output's) it returns a copy.
+at::Tensor grad_with_strides_kernel(const at::Tensor& grad, c10::SymIntArrayRef stride) {
+  if (grad.dim() != static_cast<int64_t>(stride.size())) {
+    TORCH_CHECK(grad.sym_numel() == 0, "fastreg::grad_with_strides: grad has ", grad.dim(),
+                " dimensions, but stride has ", stride.size());
+    return grad.clone();
+  }
+  at::Tensor out = at::empty_strided_symint(grad.sym_sizes(), stride, grad.options());
+  TORCH_CHECK(out.is_non_overlapping_and_dense(), "fastreg::grad_with_strides: stride ",
+              stride, " is not a dense, non-overlapping layout of grad's sizes ",
+              grad.sym_sizes());
+  return out.copy_(grad);
+}
+
 struct DropoutBackward0 : public Node {
   SavedVariable mask, rng_state;
   double p = 0.0;
@@ -39,12 +59,12 @@ struct DropoutBackward0 : public Node {
   }
 
   // The gradient in the output's layout (the bool mask also wants its exact strides).
-  // Under compiled autograd the copy is the operator grad_with_strides (see
-  // grad_with_strides_kernel below).
+  // Under compiled autograd the copy is recorded as the operator grad_with_strides
+  // (see grad_with_strides_kernel above); eagerly its kernel is called directly.
   at::Tensor in_output_layout(const at::Tensor& grad, bool compiled) const {
     if (compiled) return op::grad_with_strides().call(grad, stride);
     if (grad.sym_strides() == c10::SymIntArrayRef(stride)) return grad;
-    return at::empty_strided_symint(grad.sym_sizes(), stride, grad.options()).copy_(grad);
+    return grad_with_strides_kernel(grad, stride);
   }
 
   variable_list backward(variable_list&& grads, bool compiled) {
@@ -118,26 +138,6 @@ std::tuple<at::Tensor, at::Tensor> dropout_fwd_autograd(const at::Tensor& input,
   backward->stride.assign(stride.begin(), stride.end());
   torch::autograd::set_history(out, node);
   return result;
-}
-
-// grad copied into a new tensor of its sizes and `stride`. Compiled autograd traces the
-// node with a placeholder for the incoming gradient (torch.zeros([0, 123456789]) in torch
-// 2.14), bound to the real gradient's place in the graph: what the node computes from the
-// placeholder's sizes would be recorded with them, and a layout made inline (a permute
-// by the output's dimension order, as before) failed on every output that is not 2-d. An
-// operator is recorded with its arguments and runs on the real gradient. On the
-// placeholder itself (no elements; its rank is not the output's) it returns a copy.
-at::Tensor grad_with_strides_kernel(const at::Tensor& grad, c10::SymIntArrayRef stride) {
-  if (grad.dim() != static_cast<int64_t>(stride.size())) {
-    TORCH_CHECK(grad.sym_numel() == 0, "fastreg::grad_with_strides: grad has ", grad.dim(),
-                " dimensions, but stride has ", stride.size());
-    return grad.clone();
-  }
-  at::Tensor out = at::empty_strided_symint(grad.sym_sizes(), stride, grad.options());
-  TORCH_CHECK(out.is_non_overlapping_and_dense(), "fastreg::grad_with_strides: stride ",
-              stride, " is not a dense, non-overlapping layout of grad's sizes ",
-              grad.sym_sizes());
-  return out.copy_(grad);
 }
 
 }  // namespace
