@@ -145,43 +145,10 @@ def _register_penalty():
     def _(params, threshold):
         return None
 
-    # fastreg::penalty's autograd is in C++ (csrc/penalty_autograd.cpp): the wrapper of
-    # register_autograd would flatten its Tensor[] through pytree on every call, some
-    # microseconds per tensor. It calls penalty_backward, whose autograd (the double
-    # backward) is here.
-
-    # Double backward, for Hessian-vector products: out_i = g * slope_i(w_i) gives
-    # d/dg = sum_i <v_i, slope_i(w_i)> and d/dw_i = v_i * g * 2 * l2_i (sign' = 0).
-    # Plain torch ops in the op-math type; speed is not the point here.
-    def backward_setup(ctx, inputs, output):
-        grad_out, params, l1, l2 = inputs
-        ctx.save_for_backward(grad_out, *params)
-        ctx.l1, ctx.l2 = l1, l2
-        ctx.needs = grad_out.requires_grad, [p.requires_grad for p in params]
-
-    def backward_grad(ctx, grad_grads):
-        from fastreg import reference
-
-        grad_out, *params = ctx.saved_tensors
-        needs_grad_out, needs_params = ctx.needs
-        grad_grad_out = None
-        if needs_grad_out:
-            grad_grad_out = torch.zeros((), dtype=torch.float64, device=grad_out.device)
-            for v, p, l1, l2 in zip(grad_grads, params, ctx.l1, ctx.l2):
-                if v is not None and (l1 or l2):
-                    opmath = reference._opmath(p.dtype)
-                    slope = reference.penalty_slope(p.to(opmath), l1, l2)
-                    grad_grad_out = grad_grad_out + (v.to(opmath) * slope).sum(dtype=torch.float64)
-            grad_grad_out = grad_grad_out.to(grad_out.dtype).reshape(grad_out.shape)
-        grad_params = [None] * len(params)
-        for i, (v, p, l2) in enumerate(zip(grad_grads, params, ctx.l2)):
-            if needs_params[i] and v is not None and l2:
-                opmath = reference._opmath(p.dtype)
-                grad_params[i] = (v.to(opmath) * (grad_out.to(opmath) * (2.0 * l2))).to(p.dtype)
-        return grad_grad_out, grad_params, None, None
-
-    torch.library.register_autograd("fastreg::penalty_backward", backward_grad,
-                                    setup_context=backward_setup)
+    # The autograd of fastreg::penalty and of penalty_backward (the double backward) is
+    # in C++ (csrc/ops/penalty_autograd.cpp): register_autograd's wrapper would flatten
+    # the Tensor[] through pytree on every call, some microseconds per tensor, and
+    # torch.func's transforms refuse the autograd.Function it makes.
 
 
 def fake_mask(out, mode):

@@ -167,11 +167,16 @@ def penalty_backward(grad_out, tensors, l1s, l2s):
 
 
 class _PenaltyFunction(torch.autograd.Function):
+    # forward and setup_context apart: the form torch.func's transforms accept
     @staticmethod
-    def forward(ctx, l1s, l2s, *tensors):
+    def forward(l1s, l2s, *tensors):
+        return penalty_value(tensors, l1s, l2s)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        l1s, l2s, *tensors = inputs
         ctx.l1s, ctx.l2s = l1s, l2s
         ctx.save_for_backward(*tensors)
-        return penalty_value(tensors, l1s, l2s)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -279,6 +279,58 @@ def test_gradcheck_float64():
     assert torch.autograd.gradgradcheck(fn, tensors)
 
 
+@pytest.mark.parametrize("terms", [(0.01, 0.0), (0.0, 0.1), (0.01, 0.1), (0.0, 0.0)])
+def test_torch_func_grad(terms):
+    # torch.func.grad runs the backward with create_graph, through penalty_backward's
+    # autograd: the same bits as autograd.grad and the reference (a Python formula in a
+    # register_autograd Function failed there: torch.func refuses that Function)
+    l1, l2 = terms
+    tensors = sample_list("mixed")
+    n = len(tensors)
+    l1s, l2s = [l1] * n, [l2] * n
+
+    def loss(*ws):
+        return fastreg.penalty([{"params": list(ws), "l1": l1, "l2": l2}])
+
+    got = torch.func.grad(loss, argnums=tuple(range(n)))(*tensors)
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    eager = torch.autograd.grad(loss(*leaves), leaves, allow_unused=True)
+    expected = reference.penalty_backward(torch.tensor(1.0), tensors, l1s, l2s)
+    for g, e, r in zip(got, eager, expected):
+        assert_bits_equal(g, r)
+        if e is not None:
+            assert_bits_equal(g, e)
+
+
+def test_torch_func_second_derivative():
+    # d/dw of sum(grad) for l1 * |w| + l2 * w**2 is 2 * l2 (sign' = 0), through
+    # torch.func.grad twice and through create_graph
+    w = torch.randn(6, dtype=torch.float64)
+    inner = torch.func.grad(lambda u: fastreg.penalty([u], l1=0.2, l2=0.3))
+    outer = torch.func.grad(lambda v: inner(v).sum())(w)
+    assert torch.equal(outer, torch.full_like(w, 0.6))
+    leaf = w.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(fastreg.penalty([leaf], l1=0.2, l2=0.3), leaf,
+                                  create_graph=True)
+    (again,) = torch.autograd.grad(grad.sum(), leaf)
+    assert torch.equal(again, torch.full_like(w, 0.6))
+
+
+@requires_extension
+def test_penalty_backward_differentiable_checks_arguments():
+    # with an input that requires grad the gradients are tensor operations: the
+    # operator's argument checks still hold there
+    ops = torch.ops.fastreg
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="grad_out must hold one element"):
+        ops.penalty_backward(torch.ones(2), [x], [0.1], [0.0])
+    with pytest.raises(ValueError, match="l1 must give one value per tensor"):
+        ops.penalty_backward(torch.ones(()), [x], [0.1, 0.2], [0.0])
+    with pytest.raises(TypeError, match=r"params\[0\] must be float16"):
+        ops.penalty_backward(torch.ones((), requires_grad=True), [torch.arange(3)], [0.1],
+                             [0.0])
+
+
 # ---- Selection: modules, groups, exclusion ----
 
 class LlamaStyleRMSNorm(nn.Module):  # a custom norm, as in Hugging Face models

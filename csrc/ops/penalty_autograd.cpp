@@ -5,7 +5,8 @@
 // costs several microseconds per tensor: about 1.2 ms for a 100-tensor model, more
 // than the whole fused kernel, and the kernel's point is to replace a per-parameter
 // Python loop. A C++ autograd Function takes the list as one at::TensorList.
-// (penalty_backward's own autograd, the double backward, stays in fastreg/_ops.py.)
+// penalty_backward's own autograd (the double backward) is here too: see
+// penalty_backward_autograd.
 // The node is written out (not torch::autograd::Function<T>, whose CppNode<T> keeps
 // per-input metadata, a set of the inputs and boxed saved data: a microsecond or more per
 // tensor) and named PenaltyBackward0 (a CppNode's grad_fn prints as "<PenaltyFunction>>").
@@ -18,6 +19,7 @@
 
 #include "ops/autograd_node.h"
 #include "ops/op_handles.h"
+#include "ops/penalty.h"
 
 namespace fastreg {
 namespace {
@@ -43,7 +45,7 @@ struct PenaltyBackward0 : public Node {
     for (const SavedVariable& s : saved) params.push_back(s.unpack());
     std::vector<at::Tensor> computed;
     if (at::GradMode::is_enabled()) {
-      // create_graph: through penalty_backward's autograd (the double backward)
+      // create_graph: through penalty_backward's autograd (penalty_backward_autograd)
       computed = op::penalty_backward().call(grad_outputs[0], params, l1, l2);
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -107,8 +109,53 @@ at::Tensor penalty_autograd(at::TensorList params, c10::ArrayRef<double> l1,
   return result;
 }
 
+// penalty_backward with grad mode on and an input that requires grad (create_graph, or
+// torch.func.grad, which runs every backward so): the same gradients as differentiable
+// tensor operations, in fastreg/reference.py's order (penalty_backward, penalty_slope),
+// whose own autograd gives every higher derivative. A Python formula registered with
+// torch.library.register_autograd would not do: torch.func's transforms refuse the
+// autograd.Function it is wrapped in (pytorch/pytorch#168393), so torch.func.grad of a
+// loss with a penalty failed. Otherwise the kernels, below autograd.
+std::vector<at::Tensor> penalty_backward_autograd(const at::Tensor& grad_out,
+                                                  at::TensorList params,
+                                                  c10::ArrayRef<double> l1,
+                                                  c10::ArrayRef<double> l2) {
+  bool differentiable = grad_out.requires_grad();
+  for (const at::Tensor& p : params) differentiable = differentiable || p.requires_grad();
+  if (!at::GradMode::is_enabled() || !differentiable) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op::penalty_backward().call(grad_out, params, l1, l2);
+  }
+  check_penalty_args(params, l1, l2);
+  const at::Tensor g = penalty_grad_out(grad_out, params.empty() ? grad_out : params[0]);
+  std::vector<at::Tensor> grads;
+  grads.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& w = params[i];
+    if (l1[i] == 0.0 && l2[i] == 0.0) {
+      grads.push_back(at::zeros_like(w));
+      continue;
+    }
+    // l1 * sign(w) + 2 * l2 * w in the op-math type, a zero coefficient's term left out
+    const at::Tensor x = w.to(w.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+    at::Tensor slope;
+    if (l1[i] != 0.0 && l2[i] != 0.0) {
+      slope = x.sign() * l1[i] + x * (2.0 * l2[i]);
+    } else if (l1[i] != 0.0) {
+      slope = x.sign() * l1[i];
+    } else {
+      slope = x * (2.0 * l2[i]);
+    }
+    grads.push_back((g.to(x.scalar_type()) * slope).to(w.scalar_type()));
+  }
+  return grads;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastreg, Autograd, m) { m.impl("penalty", &penalty_autograd); }
+TORCH_LIBRARY_IMPL(fastreg, Autograd, m) {
+  m.impl("penalty", &penalty_autograd);
+  m.impl("penalty_backward", &penalty_backward_autograd);
+}
 
 }  // namespace fastreg
