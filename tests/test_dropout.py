@@ -541,3 +541,38 @@ def test_torch_compile_inductor_trains():
     compiled(x).sum().backward()
     hidden = model[1](model[0](x))
     assert model[0].weight.grad is not None and torch.any(hidden == 0)
+
+
+# ---- torch.func ----
+
+@pytest.mark.parametrize("mask", MASK_MODES)
+def test_torch_func_grad_and_vjp(mask):
+    # torch.func.grad runs the backward with create_graph: the same bits as autograd.grad
+    x = make_input((6, 33), torch.float32, "cpu", "transposed")
+    weight = torch.randn(6, 33)
+
+    def loss(v):
+        return (fastreg.dropout(v, 0.3, mask=mask, seed=5) * weight).sum()
+
+    got = torch.func.grad(loss)(x)
+    leaf = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(leaf), leaf)
+    assert torch.equal(got, expected)
+    out, vjp = torch.func.vjp(lambda v: fastreg.dropout(v, 0.3, mask=mask, seed=5), x)
+    assert torch.equal(vjp(weight)[0], expected)
+    assert torch.equal(out, fastreg.dropout(x, 0.3, mask=mask, seed=5))
+
+
+def test_vmap_randomness_as_torch():
+    # as F.dropout: refused in vmap's default randomness="error"; "different" draws each
+    # row's own mask, "same" one mask for all rows
+    x = torch.ones(8, 64)
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(lambda v: fastreg.dropout(v, 0.5))(x)
+    different = torch.func.vmap(lambda v: fastreg.dropout(v, 0.5), randomness="different")(x)
+    same = torch.func.vmap(lambda v: fastreg.dropout(v, 0.5), randomness="same")(x)
+    for y in (different, same):
+        assert ((y == 0) | (y == 2)).all()
+    # 8 rows of 64 fair draws: all equal to the first with probability 2**-448
+    assert not all(torch.equal(different[0], row) for row in different[1:])
+    assert all(torch.equal(same[0], row) for row in same[1:])
