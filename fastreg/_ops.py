@@ -1,5 +1,6 @@
 """Loading the compiled extension, choosing the backend, and the Python halves of the
-operators: fake (meta) kernels and autograd formulas, registered with torch.library.
+operators: fake (meta) kernels and autograd formulas, registered with torch.library (the
+formulas through register_autograd below, in a form torch.func accepts).
 
 The operators themselves are declared in csrc/ops/schema.cpp. FASTREG_BACKEND=reference
 skips the extension; FASTREG_BACKEND=cudasim loads the CUDA simulator instead (the CUDA
@@ -78,6 +79,66 @@ def with_strides(tensor, stride):
                                device=tensor.device).copy_(tensor)
 
 
+# The Python autograd formulas below (dropout_bwd's, grad_with_strides', the fused ops')
+# are the operators' Autograd kernels through register_autograd, not torch.library's:
+# the autograd.Function torch.library.register_autograd makes is refused by torch.func's
+# transforms (pytorch/pytorch#168393), so torch.func.grad through a fused op, or of a
+# dropout's gradient, failed. Inside an operator's Autograd kernel the transform has
+# already reached the operator (its tensors are the transform's level's), so the formulas
+# are applied there the way torch.func applies a Function at one level, as a
+# _SingleLevelFunction allowed by enable_single_level_autograd_function: a node made at
+# that level, as a C++ autograd kernel makes one. Both are private torch names (torch 2.0
+# and later); without them, torch.library.register_autograd, as before.
+try:
+    from torch._functorch.utils import enable_single_level_autograd_function
+    from torch.autograd.function import _SingleLevelFunction
+except ImportError:  # pragma: no cover - torch without them
+    _SingleLevelFunction = None
+
+_AUTOGRAD_LIB = None  # the Library that holds the Autograd kernels (alive with the module)
+
+
+def register_autograd(name, backward, setup_context):
+    """fastreg::<name>'s autograd: `setup_context(ctx, inputs, output)` and `backward(ctx,
+    *grads)` as for torch.library.register_autograd (tensor and scalar arguments only)."""
+    global _AUTOGRAD_LIB
+    if _SingleLevelFunction is None:
+        torch.library.register_autograd(f"fastreg::{name}", backward,
+                                        setup_context=setup_context)
+        return
+    op = getattr(torch.ops.fastreg, name).default
+
+    def below_autograd(*args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+
+    def forward(*args):
+        # apply() turns grad mode off; on again, as torch.func's own single-level forward
+        # does, so that an outer torch.func.grad level records the operator too (without
+        # it a second derivative through the output was silently zero)
+        with torch.enable_grad():
+            return below_autograd(*args)
+
+    function = type("".join(part.title() for part in name.split("_")), (_SingleLevelFunction,), {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+        # compiled autograd's key for the node, as torch.autograd.Function gives it
+        "_compiled_autograd_key": staticmethod(lambda ctx: (ctx._autograd_function_id,)),
+    })
+
+    def autograd_kernel(*args):
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
+                                           for a in args):
+            with enable_single_level_autograd_function():
+                return function.apply(*args)
+        return below_autograd(*args)
+
+    if _AUTOGRAD_LIB is None:
+        _AUTOGRAD_LIB = torch.library.Library("fastreg", "IMPL")
+    _AUTOGRAD_LIB.impl(name, autograd_kernel, "Autograd")
+
+
 def _register_dropout():
     ops = torch.ops.fastreg
 
@@ -116,15 +177,15 @@ def _register_dropout():
                                ctx.mode)
         return grad, None, None, None, None
 
-    torch.library.register_autograd("fastreg::dropout_bwd", dropout_bwd_backward,
-                                    setup_context=setup_bwd_context)
+    register_autograd("dropout_bwd", dropout_bwd_backward, setup_bwd_context)
 
     # grad_with_strides (the C++ node's layout copy under compiled autograd) is a copy:
     # its gradient is the incoming one (create_graph through compiled autograd).
     def grad_with_strides_backward(ctx, grad):
         return grad, None
 
-    torch.library.register_autograd("fastreg::grad_with_strides", grad_with_strides_backward)
+    register_autograd("grad_with_strides", grad_with_strides_backward,
+                      lambda ctx, inputs, output: None)
 
 
 def _register_penalty():
@@ -228,10 +289,8 @@ def _register_fused():
         return (grad_input if need_input else None, grad_bias if need_bias else None,
                 None, None, None, None)
 
-    torch.library.register_autograd("fastreg::bias_dropout_add_fwd", bias_dropout_add_backward,
-                                    setup_context=setup_bias_dropout_add)
-    torch.library.register_autograd("fastreg::bias_act_dropout_fwd", bias_act_dropout_backward,
-                                    setup_context=setup_bias_act_dropout)
+    register_autograd("bias_dropout_add_fwd", bias_dropout_add_backward, setup_bias_dropout_add)
+    register_autograd("bias_act_dropout_fwd", bias_act_dropout_backward, setup_bias_act_dropout)
 
 
 if HAVE_EXTENSION:

@@ -9,16 +9,22 @@ from fastreg._modules import DropoutModule, dropout_apply as _apply
 
 class _DropoutInplace(torch.autograd.Function):
     """fastreg::dropout_fwd_ with autograd told of the mutation (mark_dirty): the custom op
-    is mutable, which torch.library.register_autograd does not accept."""
+    is mutable, which torch.library.register_autograd does not accept. (forward and
+    setup_context apart: the form torch.func accepts.)"""
 
     @staticmethod
-    def forward(ctx, input, p, rng_state, mode):
+    def forward(input, p, rng_state, mode):
         mask = torch.ops.fastreg.dropout_fwd_(input, p, rng_state, mode)
+        return input, mask
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, p, rng_state, mode = inputs
+        mask = output[1]
         ctx.mark_dirty(input)
         ctx.mark_non_differentiable(mask)
         ctx.save_for_backward(mask, rng_state)
         ctx.p, ctx.mode, ctx.stride = p, mode, input.stride()
-        return input, mask
 
     @staticmethod
     def backward(ctx, grad, _grad_mask):

@@ -563,6 +563,30 @@ def test_torch_func_grad_and_vjp(mask):
     assert torch.equal(out, fastreg.dropout(x, 0.3, mask=mask, seed=5))
 
 
+@pytest.mark.parametrize("mask", MASK_MODES)
+def test_torch_func_grad_in_place_and_of_the_gradient(mask):
+    # in place on an intermediate (its autograd.Function in the form torch.func accepts),
+    # and the gradient of a gradient (dropout_bwd's formula): as autograd.grad gives them
+    x = make_input((5, 40), torch.float32, "cpu")
+    weight = torch.randn(5, 40)
+
+    def loss(v):
+        return (fastreg.dropout(v * 2, 0.3, inplace=True, mask=mask, seed=9) * weight).sum()
+
+    got = torch.func.grad(loss)(x)
+    leaf = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(loss(leaf), leaf)
+    assert torch.equal(got, expected)
+
+    def squared(v):
+        return fastreg.dropout(v, 0.3, mask=mask, seed=9).square().sum()
+
+    second = torch.func.grad(lambda v: torch.func.grad(squared)(v).mul(weight).sum())(x)
+    (first,) = torch.autograd.grad(squared(leaf), leaf, create_graph=True)
+    (expected_second,) = torch.autograd.grad(first.mul(weight).sum(), leaf)
+    assert torch.equal(second, expected_second)
+
+
 def test_vmap_randomness_as_torch():
     # as F.dropout: refused in vmap's default randomness="error"; "different" draws each
     # row's own mask, "same" one mask for all rows

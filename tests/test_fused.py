@@ -346,6 +346,62 @@ def test_gradcheck(device, mode, activation):
         assert torch.autograd.gradgradcheck(f, inputs)
 
 
+def fused_call(activation, mode):
+    if activation == "add":
+        return lambda x, b, r: fastreg.bias_dropout_add(x, b, r, 0.4, mask=mode, seed=11)
+    return lambda x, b, r: fastreg.bias_act_dropout(x, b, 0.4, activation, mask=mode, seed=11)
+
+
+@pytest.mark.parametrize("mode", MASK_MODES)
+@pytest.mark.parametrize("activation", ["add"] + ACTIVATIONS)
+def test_torch_func_grad(mode, activation):
+    # torch.func.grad runs the backward with create_graph: the same bits as autograd.grad
+    # with create_graph (the formulas as tensor ops), to second order. It failed while the
+    # formulas were registered with torch.library.register_autograd (torch.func refuses
+    # that Function).
+    x, b, r, w = sample("3d", torch.float32, "cpu")
+    f = fused_call(activation, mode)
+
+    def loss(x, b, r):  # squared: the gradient depends on the output (and so on x)
+        return (f(x, b, r).square() * w).sum()
+
+    got = torch.func.grad(loss, argnums=(0, 1, 2))(x, b, r)
+    leaves = [t.clone().requires_grad_() for t in (x, b, r)]
+    expected = torch.autograd.grad(loss(*leaves), leaves, create_graph=True, allow_unused=True)
+    for g, e in zip(got, expected):
+        if e is None:  # bias_act_dropout does not read the residual
+            assert torch.equal(g, torch.zeros_like(g))
+        else:
+            assert torch.equal(g, e)
+
+    def grad_sum(x):
+        return torch.func.grad(loss)(x, b, r).square().sum()
+
+    second = torch.func.grad(grad_sum)(x)
+    (leaf,) = leaves[:1]
+    (first,) = torch.autograd.grad(loss(leaf, b, r), leaf, create_graph=True)
+    (expected_second,) = torch.autograd.grad(first.square().sum(), leaf)
+    # the same terms, which the two ways may add in another order: float32 roundings
+    torch.testing.assert_close(second, expected_second)
+    assert second.abs().sum() > 0
+
+
+@requires_extension
+@pytest.mark.skipif(not hasattr(torch._dynamo, "compiled_autograd"), reason="no compiled autograd")
+@pytest.mark.parametrize("activation", ["add", "gelu"])
+def test_compiled_autograd_of_an_eager_fused_op(activation):
+    from torch._dynamo import compiled_autograd
+
+    torch._dynamo.reset()
+    x, b, r, w = (t.requires_grad_() if i < 3 else t
+                  for i, t in enumerate(sample("2d", torch.float32, "cpu")))
+    loss = (fused_call(activation, "bits")(x, b, r) * w).sum()
+    expected = torch.autograd.grad(loss, (x, b), retain_graph=True)
+    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        loss.backward()
+    assert torch.equal(x.grad, expected[0]) and torch.equal(b.grad, expected[1])
+
+
 # ---- errors ----------------------------------------------------------------------
 
 def test_errors_name_the_argument():
