@@ -51,6 +51,10 @@ def _apply_inplace(input, p, rng_state, mask):
     if not _ops.has_inplace_dropout(input.device) or not _is_dense(input):
         return input.copy_(_apply(input, p, rng_state, mask))
     if torch.is_grad_enabled() and input.requires_grad:
+        if input._base is not None:
+            # autograd lets a Function that modifies a view in place return one tensor
+            # only, and _DropoutInplace returns the mask too: the copy path, as above
+            return input.copy_(_apply(input, p, rng_state, mask))
         return _DropoutInplace.apply(input, p, rng_state, mask)[0]
     torch.ops.fastreg.dropout_fwd_(input, p, rng_state, mask)
     return input
@@ -70,7 +74,8 @@ def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=Non
         training: apply dropout if True, else return ``input`` unchanged.
         inplace: write the result into ``input`` and return it. A dense input (any
             strides without gaps) is its own output: no temporary of its size; a strided
-            view goes through a temporary that is copied back.
+            view, or any view that requires grad while autograd records, goes through a
+            temporary that is copied back.
         mask: what is kept for backward: ``"bits"`` (1 bit per element), ``"bool"``
             (1 byte per element, like native CUDA dropout) or ``"recompute"`` (only the
             seed and offset; backward regenerates the mask).

@@ -83,21 +83,25 @@ def test_memory_check_sees_the_out_of_place_output():
 
 
 @pytest.mark.parametrize("mode", MASK_MODES)
-@pytest.mark.parametrize("view", [False, True])
+@pytest.mark.parametrize("view", [None, "columns", "rows", "reshaped"])
 def test_inplace_gradients(mode, view):
+    """On the tensor, on a strided view of it, and on dense views ("rows", "reshaped"):
+    autograd refused those, a Function that modifies a view in place returning two
+    tensors."""
     w = torch.randn(6, 40, dtype=torch.float64, requires_grad=True)
     g = torch.randn(6, 40, dtype=torch.float64)
-    expected = torch.autograd.grad((fastreg.dropout(w * 2, 0.3, seed=9, mask=mode) * g).sum(), w)[0]
     h = w * 2
-    target = h[:, 8:] if view else h
+    target = {None: h, "columns": h[:, 8:], "rows": h[2:], "reshaped": h.view(3, 80)}[view]
+    region = {None: (slice(None), slice(None)), "columns": (slice(None), slice(8, None)),
+              "rows": (slice(2, None), slice(None)), "reshaped": (slice(None), slice(None))}[view]
     out = fastreg.dropout(target, 0.3, inplace=True, seed=9, mask=mode)
     assert out is target
     grad = torch.autograd.grad((h * g).sum(), w)[0]
-    if view:  # the first 8 columns were not dropped
-        ref = torch.autograd.grad((fastreg.dropout(w[:, 8:] * 2, 0.3, seed=9, mask=mode)
-                                   * g[:, 8:]).sum(), w)[0]
-        ref[:, :8] = 2 * g[:, :8]
-        expected = ref
+    # the region dropped out is target's, in target's shape; the rest of h passes through
+    expected = 2 * g
+    dropped = fastreg.dropout(w[region].reshape(target.shape) * 2, 0.3, seed=9, mask=mode)
+    expected[region] = torch.autograd.grad((dropped * g[region].reshape(target.shape)).sum(),
+                                           w)[0][region]
     assert torch.equal(grad, expected)
 
 
@@ -154,10 +158,11 @@ def test_opcheck_inplace_operator(mode):
         torch.library.opcheck(torch.ops.fastreg.dropout_fwd_, (x, 0.3, state, mode))
 
 
-def test_compile_fullgraph_inplace():
+@pytest.mark.parametrize("view", [False, True])
+def test_compile_fullgraph_inplace(view):
     def f(w):
         h = w * 2
-        fastreg.dropout(h, 0.4, inplace=True, seed=21)
+        fastreg.dropout(h[10:] if view else h, 0.4, inplace=True, seed=21)
         return (h * h).sum()
 
     w = torch.randn(300, requires_grad=True)
