@@ -40,6 +40,7 @@ def check_tensor(value, name, function):
 
 def check_dropout_input(input, function="dropout"):
     check_tensor(input, "input", function)
+    check_dropout_layout(input, "input", function)
     check_dropout_dtype(input, function)
 
 
@@ -57,6 +58,19 @@ def dtype_name(dtype: torch.dtype) -> str:
         if dtype == candidate:
             return name
     return f"dtype {dtype}"
+
+
+def check_dropout_layout(input: torch.Tensor, name: str, function: str) -> None:
+    """A strided tensor. Nested tensors, which torch's dropout takes, are a feature not
+    there (NotImplementedError); sparse layouts, which it refuses too, a TypeError."""
+    if input.is_nested:
+        raise NotImplementedError(f"{function}(): {name} is a nested tensor, which fastreg "
+                                  "does not support (dropout its values tensor instead)")
+    if input.layout != torch.strided:
+        got = str(input.layout)
+        if torch.jit.is_scripting():  # TorchScript holds a layout as an int
+            got = "a sparse layout"
+        raise TypeError(f"{function}(): {name} must be a strided (dense) tensor, but got {got}")
 
 
 def check_dropout_dtype(input: torch.Tensor, function: str) -> None:
@@ -557,9 +571,9 @@ def check_tensors(function, tensors, label, one_mesh=False):
         if tensor.dtype not in PENALTY_DTYPES:
             raise TypeError(f"{function}(): {label(i)} must be float16, bfloat16, float32 or "
                             f"float64, but got {tensor.dtype}")
-        if tensor.layout != torch.strided:
+        if tensor.layout != torch.strided or tensor.is_nested:
             raise TypeError(f"{function}(): {label(i)} must be a strided (dense) tensor, but "
-                            f"got {tensor.layout}")
+                            f"got {'a nested tensor' if tensor.is_nested else tensor.layout}")
         if tensor.device != device:
             raise RuntimeError(f"{function}(): all tensors must be on one device, but "
                                f"{label(0)} is on {device} and {label(i)} on {tensor.device}")
@@ -636,6 +650,7 @@ def check_activation(activation):
 
 def _check_like(value, name, input, function, shape, what):
     check_tensor(value, name, function)
+    check_dropout_layout(value, name, function)
     if value.shape != shape:
         raise RuntimeError(f"{function}(): {name} must have shape {tuple(shape)} ({what}), "
                            f"but got {tuple(value.shape)}")

@@ -72,6 +72,7 @@ def script_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool,
                    generator: Optional[torch.Generator]) -> torch.Tensor:
     """_args.dropout_front with apply=dropout_apply, for a module's arguments (no seed)."""
     _args.check_probability_value(p)
+    _args.check_dropout_layout(input, "input", "dropout")
     _args.check_dropout_dtype(input, "dropout")
     _args.check_mask_value(mask)
     if not training or p == 0.0:
@@ -91,6 +92,7 @@ def script_channel_dropout(input: torch.Tensor, p: float, training: bool, inplac
     """_args.channel_dropout_front with apply=channel_apply, for a module's arguments."""
     function = f"dropout{spatial}d"
     _args.check_probability_value(p)
+    _args.check_dropout_layout(input, "input", function)
     _args.check_dropout_dtype(input, function)
     _args.check_mask_value(mask)
     batched = _args.channel_rank_rules(input, spatial, 2)

@@ -14,7 +14,8 @@ import fastreg
 from fastreg import reference
 
 ERRORS_PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-ERRORS = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError}
+ERRORS = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError,
+          "NotImplementedError": NotImplementedError}
 
 
 def errors_page():
@@ -167,3 +168,34 @@ def test_errors_torch_raises_inside_an_operation(api):
         api.prox_l1_([torch.ones(1).expand(3)], 0.1)
     with pytest.raises(RuntimeError):  # 2**62 bytes: the allocator refuses
         api.dropout_mask((2**31, 2**31), 0.5, 1)
+
+
+def test_nested_and_sparse_inputs_are_refused_by_name():
+    """A strided-layout nested tensor has layout torch.strided: the penalty's fast path
+    and checks, which look at the layout, must see it is nested (it reached a kernel the
+    dispatcher has no NestedTensor entry for); the dropout modules, scripted too, refuse
+    nested and sparse inputs naming input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the strided nested layout is a prototype
+        nested = torch.nested.nested_tensor([torch.randn(3), torch.randn(2)])
+    assert nested.layout == torch.strided and nested.is_nested
+    model = torch.nn.Linear(2, 2)
+    for api in (fastreg, reference):
+        for call in (lambda: api.penalty([nested], l1=0.1), lambda: api.prox_l1_([nested], 0.1),
+                     lambda: api.penalty_grad_([torch.randn(2), nested], l2=0.1)):
+            with pytest.raises(TypeError, match=r"params\[\d\] must be a strided \(dense\) "
+                                                r"tensor, but got a nested tensor"):
+                call()
+    assert fastreg.penalty(model, l1=0.1).dim() == 0  # the fast path still taken
+    layers = [fastreg.Dropout(0.5), fastreg.Dropout2d(0.5)]
+    scripted = [torch.jit.script(layer) for layer in layers]
+    for layer in layers + scripted:
+        # TorchScript raises torch.jit.Error, naming the Python error in its message
+        script = layer in scripted
+        with pytest.raises(torch.jit.Error if script else NotImplementedError,
+                           match="NotImplementedError: dropout.?.?\\(\\): input is a nested"
+                           if script else "input is a nested tensor"):
+            layer(nested)
+        with pytest.raises(torch.jit.Error if script else TypeError,
+                           match="input must be a strided"):
+            layer(torch.randn(2, 3, 4).to_sparse())

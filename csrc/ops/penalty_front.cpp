@@ -90,7 +90,7 @@ bool unpack_tensors(PyObject* seq, BorrowedTensors& out) {
     PyTypeObject* type = Py_TYPE(items[i]);
     if (type != tensor && type != parameter) return false;
     const at::Tensor& t = THPVariable_Unpack(items[i]);
-    if (!is_penalty_dtype(t.scalar_type()) || t.layout() != at::kStrided ||
+    if (!is_penalty_dtype(t.scalar_type()) || t.layout() != at::kStrided || t.is_nested() ||
         t.key_set().has(c10::DispatchKey::Python)) {
       return false;
     }
