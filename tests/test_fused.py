@@ -402,6 +402,33 @@ def test_compiled_autograd_of_an_eager_fused_op(activation):
     assert torch.equal(x.grad, expected[0]) and torch.equal(b.grad, expected[1])
 
 
+@requires_extension
+def test_autograd_without_torchs_private_single_level_function():
+    """fastreg/_ops.py's register_autograd falls back to torch.library.register_autograd
+    where torch lacks the private names it uses: the gradients, first and second order,
+    of the fused ops and of dropout (dropout_bwd's formula) still hold there."""
+    import subprocess
+    import sys
+    code = (
+        "import torch._functorch.utils as utils\n"
+        "del utils.enable_single_level_autograd_function\n"
+        "import torch, fastreg\n"
+        "assert fastreg._ops._SingleLevelFunction is None\n"
+        "g = torch.Generator().manual_seed(3)\n"
+        "x, r = (torch.randn(4, 6, generator=g, dtype=torch.float64).requires_grad_()\n"
+        "        for _ in range(2))\n"
+        "b = torch.randn(6, generator=g, dtype=torch.float64).requires_grad_()\n"
+        "calls = [(lambda x, b, r: fastreg.bias_dropout_add(x, b, r, 0.4, seed=11), (x, b, r)),\n"
+        "         (lambda x, b: fastreg.bias_act_dropout(x, b, 0.4, 'gelu', seed=11), (x, b)),\n"
+        "         (lambda x: fastreg.dropout(x, 0.4, seed=11), (x,))]\n"
+        "for f, inputs in calls:\n"
+        "    assert torch.autograd.gradcheck(f, inputs)\n"
+        "    assert torch.autograd.gradgradcheck(f, inputs)\n"
+        "print('ok')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
 # ---- errors ----------------------------------------------------------------------
 
 def test_errors_name_the_argument():
