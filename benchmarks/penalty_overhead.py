@@ -18,6 +18,7 @@ Cases, for 148 tensors (GPT-2 small's parameter count, 4 elements each) and 1,00
   penalty(list) no_grad  the same under torch.no_grad(): no autograd node, no edges
   penalty(list) bwd   the same and .backward()  (not part of the target: for scale)
   Penalty(module)     a Penalty(l1=, l2=, exclude="bias_and_norm") module called on the model
+  Penalty(module) in step  the same on a model whose parameters are in a live graph
   penalty(module)     fastreg.penalty(model, l1=, l2=, exclude="bias_and_norm")
   penalty_grad_(list) fastreg.penalty_grad_(params, l1=, l2=), gradients present
   penalty_grad_(mod)  the same on the model with exclude="bias_and_norm"
@@ -101,12 +102,17 @@ def cases(n_tensors):
     # In a training step the parameters are in the forward's graph when the penalty is
     # taken, so their AccumulateGrad nodes exist: a graph over a twin model's parameters,
     # kept for the whole run, gives that case without changing the others.
-    stepped = list(model_with(n_tensors).parameters())
+    stepped_model = model_with(n_tensors)
+    stepped = list(stepped_model.parameters())
     forward_graph = sum(p.sum() for p in stepped)
 
     def in_step():
         assert forward_graph.grad_fn is not None
         return fastreg.penalty(stepped, l1=1e-5, l2=1e-4)
+
+    def module_in_step():
+        assert forward_graph.grad_fn is not None
+        return reg(stepped_model)
 
     # torch.cat wants tensors of one rank: the same count of 1-d tensors for both
     flat = [torch.zeros(4, requires_grad=True) for _ in params]
@@ -133,6 +139,7 @@ def cases(n_tensors):
         "penalty(list) no_grad": no_grad,
         "penalty(list) bwd": backward,
         "Penalty(module)": lambda: reg(model),
+        "Penalty(module) in step": module_in_step,
         "penalty(module)": lambda: fastreg.penalty(model, l1=1e-5, l2=1e-4,
                                                    exclude="bias_and_norm"),
         "penalty_grad_(list)": lambda: fastreg.penalty_grad_(params, l1=1e-5, l2=1e-4),
