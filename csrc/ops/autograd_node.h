@@ -39,7 +39,8 @@ Ptr make_node() {
 // argument's, indexed when it is a list.
 inline void check_no_forward_grad(at::TensorList tensors, const char* op, const char* name,
                                   bool indexed) {
-  if (!torch::autograd::ForwardADLevel::has_any_level()) return;
+  // try_get_by_idx, not has_any_level, which torch 2.11 does not have
+  if (!torch::autograd::ForwardADLevel::try_get_by_idx(/*idx=*/0)) return;
   for (size_t i = 0; i < tensors.size(); ++i) {
     TORCH_CHECK(!tensors[i]._fw_grad(/*level=*/0).defined(), op, ": ", name,
                 indexed ? "[" + std::to_string(i) + "]" : std::string(),

@@ -10,6 +10,7 @@
 //   with grad mode off; fastreg.penalty_grad_ and prox_l1_ run under no_grad).
 // Both are unboxed: torch's boxed fallbacks would convert each Tensor[] to IValues and
 // back on every call, a fifth of the penalty API's host time for 148 tensors.
+#include <ATen/core/LegacyTypeDispatch.h>  // at::AutoDispatchBelow*
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/variable.h>
