@@ -51,9 +51,13 @@ def _apply_inplace(input, p, rng_state, mask):
     if not _ops.has_inplace_dropout(input.device) or not _is_dense(input):
         return input.copy_(_apply(input, p, rng_state, mask))
     if torch.is_grad_enabled() and input.requires_grad:
-        if input._base is not None:
-            # autograd lets a Function that modifies a view in place return one tensor
-            # only, and _DropoutInplace returns the mask too: the copy path, as above
+        if input._base is not None or _args._compiling():
+            # The copy path, as above, for a view: autograd lets a Function that modifies
+            # a view in place return one tensor only, and _DropoutInplace returns the mask
+            # too. And under torch.compile: Dynamo before pytorch/pytorch#184267 (torch
+            # 2.11 has it not) drops mark_dirty when the Function's output is discarded,
+            # as `dropout(h, inplace=True)` used for its effect does, and gave a wrong
+            # gradient silently; copy_ into an intermediate it traces correctly.
             return input.copy_(_apply(input, p, rng_state, mask))
         return _DropoutInplace.apply(input, p, rng_state, mask)[0]
     torch.ops.fastreg.dropout_fwd_(input, p, rng_state, mask)
@@ -74,8 +78,8 @@ def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=Non
         training: apply dropout if True, else return ``input`` unchanged.
         inplace: write the result into ``input`` and return it. A dense input (any
             strides without gaps) is its own output: no temporary of its size; a strided
-            view, or any view that requires grad while autograd records, goes through a
-            temporary that is copied back.
+            view, or, while autograd records, a view that requires grad or any input that
+            requires grad under torch.compile, goes through a temporary that is copied back.
         mask: what is kept for backward: ``"bits"`` (1 bit per element), ``"bool"``
             (1 byte per element, like native CUDA dropout) or ``"recompute"`` (only the
             seed and offset; backward regenerates the mask).
