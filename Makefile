@@ -16,7 +16,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 
 SOURCES := setup.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: bench test test-reference test-cudasim test-cudasim-sanitized cudasim build setup clean gpu-check
+.PHONY: bench test test-reference test-cudasim test-cudasim-sanitized test-other-torch cudasim build setup clean gpu-check
 
 # The same property-test examples on every run (tests/conftest.py).
 export HYPOTHESIS_PROFILE ?= ci
@@ -64,6 +64,20 @@ test-cudasim-sanitized: setup
 test-reference: setup
 	FASTREG_BACKEND=reference $(PY) -m pytest -q tests
 
+# The suite against another torch: by default 2.11, the GPU machine's (fastreg supports
+# torch >= 2.4). CPU kernels only, built in a copy of the tracked files under
+# $(OTHER_DIR), so that its build and .venv's do not meet; FASTREG_BACKEND=extension makes
+# an extension that does not load an error rather than a quiet fallback to the reference.
+OTHER_TORCH ?= 2.11.0
+OTHER_DIR ?= .other-torch
+test-other-torch:
+	rm -rf $(OTHER_DIR)/src && mkdir -p $(OTHER_DIR)/src
+	git ls-files -z | xargs -0 cp --parents -t $(OTHER_DIR)/src
+	test -x $(OTHER_DIR)/venv/bin/python || $(PYTHON) -m venv $(OTHER_DIR)/venv
+	$(OTHER_DIR)/venv/bin/python -m pip install -q "torch==$(OTHER_TORCH)" $(TOOLS)
+	cd $(OTHER_DIR)/src && FASTREG_CPU_ONLY=1 ../venv/bin/python setup.py -q build_ext --inplace
+	cd $(OTHER_DIR)/src && FASTREG_BACKEND=extension ../venv/bin/python -m pytest -q -p no:cacheprovider tests
+
 build: $(VENV)/.built
 
 setup: $(VENV)/.installed
@@ -79,7 +93,7 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built
+	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built $(OTHER_DIR)/src
 
 # On the GPU machine (torch installed there, no .venv): build, CUDA tests, compute-sanitizer,
 # benchmark and memory report; logs in $(OUT) or ./gpu-out. See docs/gpu-check.md.
