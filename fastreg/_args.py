@@ -662,7 +662,8 @@ def _check_like(value, name, input, function, shape, what):
 
 
 def check_bias(bias, input, function):
-    """bias: None, or a real vector of input's last dimension and device (RuntimeError)."""
+    """bias: None, or a real, strided vector of input's last dimension and device
+    (RuntimeError)."""
     if bias is None:
         return
     if input.dim() == 0:
@@ -674,7 +675,8 @@ def check_bias(bias, input, function):
 
 
 def check_residual(residual, input, function):
-    """residual: a real tensor of input's shape and device (RuntimeError); any layout."""
+    """residual: a real, strided tensor of input's shape and device (RuntimeError); any
+    strides."""
     _check_like(residual, "residual", input, function, input.shape, "input's shape")
 
 

@@ -54,9 +54,9 @@ def _apply_inplace(input, p, rng_state, mask):
         if input._base is not None or _args._compiling():
             # The copy path, as above, for a view: autograd lets a Function that modifies
             # a view in place return one tensor only, and _DropoutInplace returns the mask
-            # too. And under torch.compile: Dynamo before pytorch/pytorch#184267 (torch
-            # 2.11 has it not) drops mark_dirty when the Function's output is discarded,
-            # as `dropout(h, inplace=True)` used for its effect does, and gave a wrong
+            # too. And under torch.compile: Dynamo without pytorch/pytorch#184267 (torch
+            # 2.11, for one) drops mark_dirty when the Function's output is discarded, as
+            # `dropout(h, inplace=True)` used for its effect does, and gave a wrong
             # gradient silently; copy_ into an intermediate it traces correctly.
             return input.copy_(_apply(input, p, rng_state, mask))
         return _DropoutInplace.apply(input, p, rng_state, mask)[0]
