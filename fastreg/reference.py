@@ -46,12 +46,7 @@ def keep_flat(numel: int, p: float, rng_state: torch.Tensor) -> torch.Tensor:
     return torch.ops.fastreg_reference.keep_flat(numel, p, rng_state)
 
 
-# Inductor would inline the ten Philox rounds into one pointwise expression whose
-# lowering re-expands shared subexpressions: compiling a model on the reference backend
-# then takes many minutes. As a custom operator the rounds stay opaque to the compiler
-# (torch.compile(fullgraph=True) still traces through) and run as the eager ops below.
-@torch.library.custom_op("fastreg_reference::keep_flat", mutates_args=())
-def _keep_flat(numel: int, p: float, rng_state: torch.Tensor) -> torch.Tensor:
+def _keep_flat_ops(numel: int, p: float, rng_state: torch.Tensor) -> torch.Tensor:
     device = rng_state.device
     if p >= 1.0:
         return torch.zeros(numel, dtype=torch.bool, device=device)
@@ -62,7 +57,20 @@ def _keep_flat(numel: int, p: float, rng_state: torch.Tensor) -> torch.Tensor:
     return (torch.stack(words, dim=1).reshape(-1)[:numel] >= keep_threshold(p))
 
 
-@_keep_flat.register_fake
+# Inductor would inline the ten Philox rounds into one pointwise expression whose
+# lowering re-expands shared subexpressions: compiling a model on the reference backend
+# then takes many minutes. As an operator the rounds stay opaque to the compiler
+# (torch.compile(fullgraph=True) still traces through) and run as the eager ops above.
+# Defined with torch.library.Library, not torch.library.custom_op: the output is bool (no
+# gradient), and torch 2.4's custom_op wraps every operator in an autograd.Function
+# without setup_context, which torch.func's transforms refuse (the recompute mode's
+# backward under torch.func.grad failed there).
+_LIB = torch.library.Library("fastreg_reference", "DEF")
+_LIB.define("keep_flat(SymInt numel, float p, Tensor rng_state) -> Tensor")
+_LIB.impl("keep_flat", _keep_flat_ops, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("fastreg_reference::keep_flat")
 def _(numel, p, rng_state):
     return rng_state.new_empty((numel,), dtype=torch.bool)
 
