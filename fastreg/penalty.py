@@ -70,6 +70,8 @@ from torch import nn
 
 from fastreg import _args, _ops, reference
 
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
 
 def _penalty_apply(tensors, l1s, l2s):
     if _ops.has_kernels(tensors[0].device):
@@ -77,15 +79,36 @@ def _penalty_apply(tensors, l1s, l2s):
     return reference.penalty_apply(tensors, l1s, l2s)
 
 
+def _compiles_list_writes():
+    """Whether torch.compile can trace an operator that writes a Tensor[] argument
+    (penalty_grad_, prox_l1_): torch 2.4's functionalization cannot (a
+    BackendCompilerFailed); there, while compiling, they run as the reference's tensor ops
+    (the same bits)."""
+    if not _ops.HAVE_EXTENSION:
+        return True
+    try:
+        from torch._higher_order_ops.auto_functionalize import can_auto_functionalize
+    except ImportError:  # pragma: no cover - a torch that moved it
+        return True
+    return can_auto_functionalize(torch.ops.fastreg.prox_l1_.default)
+
+
+_COMPILES_LIST_WRITES = _compiles_list_writes()
+
+
+def _in_place_kernels(device):
+    return _ops.has_kernels(device) and (_COMPILES_LIST_WRITES or not _is_compiling())
+
+
 def _penalty_grad_apply(grads, tensors, l1s, l2s):
-    if _ops.has_kernels(tensors[0].device):
+    if _in_place_kernels(tensors[0].device):
         torch.ops.fastreg.penalty_grad_(grads, tensors, l1s, l2s)
     else:
         reference.penalty_grad_apply(grads, tensors, l1s, l2s)
 
 
 def _prox_l1_apply(tensors, thresholds):
-    if _ops.has_kernels(tensors[0].device):
+    if _in_place_kernels(tensors[0].device):
         torch.ops.fastreg.prox_l1_(tensors, thresholds)
     else:
         reference.prox_l1_apply(tensors, thresholds)
@@ -109,8 +132,6 @@ def _prox_l1_apply(tensors, thresholds):
 # on the same tensors and coefficients.
 
 _FAST = _ops._C if _ops.HAVE_EXTENSION and hasattr(_ops._C, "penalty_fast") else None
-
-_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
 
 
 class _Selection:
