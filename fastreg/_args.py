@@ -10,6 +10,8 @@ import torch
 
 from fastreg import _distributed
 
+# (major, minor) of the running torch, for behaviour that differs by release
+TORCH_VERSION = tuple(int(v) for v in torch.__version__.split(".")[:2])
 DROPOUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MASK_MODES = ("bits", "bool", "recompute")
 
@@ -256,7 +258,9 @@ def _compiling():
 # too once activation_memory_budget < 1 (where native dropout goes wrong), and a redrawn
 # rng_state gives another mask. So under torch.compile the draw runs inside a selective-
 # checkpoint region whose policy is MUST_SAVE: its node is tagged so, and the partitioner
-# never recomputes a MUST_SAVE node (it saves the 16 bytes instead).
+# never recomputes a MUST_SAVE node (it saves the 16 bytes instead). Where torch has no
+# selective checkpointing (2.4) or its partitioner still recomputed the node (2.5, 2.6),
+# a budget below 1 is refused.
 
 def _must_save(ctx, op, *args, **kwargs):
     return torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
@@ -266,25 +270,49 @@ def _must_save_contexts():
     return torch.utils.checkpoint.create_selective_checkpoint_contexts(_must_save)
 
 
-def _saved_draw(device):
-    """The draw, as a node the partitioner must save (see above)."""
+# The first torch whose partitioner, under a memory budget, was seen to keep the tagged
+# draw: torch 2.5.1 and 2.6.0 recomputed it (another mask in the backward, silently),
+# 2.8.0 did not (2.7 was not tried).
+BUDGET_KEEPS_THE_DRAW_FROM = (2, 8)
+
+
+def _have_selective_checkpointing():
     import torch.utils.checkpoint  # noqa: F401  (the submodule, for torch.utils.checkpoint.*)
 
-    if not hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts"):
-        check_no_memory_budget()  # torch < 2.4: no selective checkpointing to tag with
+    return hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts")
+
+
+def memory_budget_refusal():
+    """Why fastreg refuses activation_memory_budget < 1 under torch.compile with this torch,
+    or None where it does not."""
+    if not _have_selective_checkpointing():  # torch < 2.5
+        return "has no selective activation checkpointing to keep the partitioner from"
+    if TORCH_VERSION < BUDGET_KEEPS_THE_DRAW_FROM:
+        return "has a partitioner that does not keep a MUST_SAVE node (seen on 2.5, 2.6) from"
+    return None
+
+
+def _saved_draw(device):
+    """The draw, as a node the partitioner must save (see above)."""
+    refusal = memory_budget_refusal()
+    if refusal is not None:
+        check_no_memory_budget(refusal)
+    if not _have_selective_checkpointing():
         return draw_rng_state(device, None)
     return torch.utils.checkpoint.checkpoint(draw_rng_state, device, None, use_reentrant=False,
                                              context_fn=_must_save_contexts)
 
 
-def check_no_memory_budget():
+def check_no_memory_budget(refusal):
     budget = getattr(torch._functorch.config, "activation_memory_budget", 1.0)
     if budget < 1.0:
+        first = ".".join(map(str, BUDGET_KEEPS_THE_DRAW_FROM))
         raise RuntimeError(
             f"dropout(): torch._functorch.config.activation_memory_budget is {budget}, and "
-            f"this torch ({torch.__version__}) has no selective activation checkpointing to "
-            "keep the partitioner from recomputing the dropout's random draw in the backward "
-            "pass (the backward would apply another mask). Use a budget of 1.0 or torch >= 2.4.")
+            f"this torch ({torch.__version__}) {refusal} recomputing the dropout's random "
+            "draw in the backward pass (the backward would apply another mask). Use a "
+            f"budget of 1.0 or torch >= {first}.")
+    return budget
 
 
 def _graph_task_running():
@@ -425,8 +453,10 @@ def module_params(module, exclude):
     if exclude == "bias_and_norm":
         for prefix, child in module.named_modules():
             if is_norm_module(child):
-                norm_params.update(f"{prefix}.{name}" if prefix else name
-                                   for name, _ in child.named_parameters(recurse=False))
+                # a loop, not set.update(generator): Dynamo in torch 2.4 takes that for
+                # a dict update and fails to trace it
+                for name, _ in child.named_parameters(recurse=False):
+                    norm_params.add(f"{prefix}.{name}" if prefix else name)
     selected = []
     for name, param in module.named_parameters():
         if not param.requires_grad:

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 
 import fastreg
-from conftest import MASK_MODES
+from conftest import MASK_MODES, TORCH_VERSION
+from fastreg import _args
 
 P = 0.5
 SETTING = {"mask": "bits", "impl": "fastreg"}
@@ -49,6 +50,13 @@ def _sac_save():
     return cp.create_selective_checkpoint_contexts(_save_policy)
 
 
+# Selective activation checkpointing (torch >= 2.5): the SAC schemes, and fastreg's
+# MUST_SAVE tag under a memory budget. Where the tag is missing or does not hold (torch
+# 2.4, 2.5), fastreg refuses a budget below 1.
+HAVE_SAC = hasattr(cp, "create_selective_checkpoint_contexts")
+NO_SAC = "torch < 2.5: no selective activation checkpointing"
+BUDGET_REFUSED = _args.memory_budget_refusal() is not None
+
 SCHEMES = {
     "none": block,
     "reentrant": lambda x: cp.checkpoint(block, x, use_reentrant=True),
@@ -77,12 +85,28 @@ def step(scheme, backend=None, seed=0):
 
 def check_one_mask(scheme, backend, mask, impl="fastreg"):
     SETTING.update(mask=mask, impl=impl)
+    if scheme.startswith("sac") and not HAVE_SAC:
+        pytest.skip(NO_SAC)
+    if scheme == "memory-budget" and impl == "fastreg" and BUDGET_REFUSED:
+        check_budget_refused(lambda: step(scheme, backend))
+        return
     expected, _, _ = step("none", backend)
     grad, forward_keep, backward_keep = step(scheme, backend)
     assert 0 < forward_keep.sum() < forward_keep.numel()
     assert torch.equal(backward_keep, forward_keep), (
         f"{(backward_keep != forward_keep).sum()} elements' masks differ")
     assert torch.equal(grad, expected)
+
+
+# Dynamo before 2.8 reports an error raised in traced code, under fullgraph=True, as its
+# own "Observed exception" (pointing at the user's line) without the error's message
+REFUSAL = "activation_memory_budget is 0.05, and this torch" + (
+    "|Observed exception" if TORCH_VERSION < (2, 8) else "")
+
+
+def check_budget_refused(run):
+    with pytest.raises(RuntimeError, match=REFUSAL):
+        run()
 
 
 EAGER_SCHEMES = ["reentrant", "non-reentrant", "sac-recompute", "sac-save"]
@@ -108,12 +132,31 @@ def test_compiled_inductor(scheme):
 def test_the_budget_would_recompute_the_draw_without_fastregs_tag(monkeypatch):
     """What the MUST_SAVE region is for: drawn without it, the (seed, offset) draw is
     recomputed in the backward graph under a memory budget and the masks differ."""
-    from fastreg import _args
-
     monkeypatch.setattr(_args, "_saved_draw", lambda device: _args.draw_rng_state(device, None))
     SETTING.update(mask="recompute", impl="fastreg")
     _, forward_keep, backward_keep = step("memory-budget", "aot_eager")
     assert not torch.equal(forward_keep, backward_keep)
+
+
+@pytest.mark.parametrize("why", ["no selective checkpointing", "a partitioner that recomputes"])
+def test_a_budget_is_refused_where_the_draw_would_be_recomputed(why, monkeypatch):
+    """A torch without selective checkpointing (2.4) has no tag to keep the draw from being
+    recomputed, and torch 2.5's partitioner recomputed the tagged draw: fastreg refuses the
+    budget there with its own message, through Dynamo."""
+    if why == "no selective checkpointing":
+        monkeypatch.delattr(cp, "create_selective_checkpoint_contexts", raising=False)
+    else:
+        monkeypatch.setattr(_args, "BUDGET_KEEPS_THE_DRAW_FROM", (99, 0))
+    SETTING.update(mask="bits", impl="fastreg")
+    for fullgraph in (True, False):
+        torch._dynamo.reset()
+        block_ = torch.compile(block, backend="aot_eager", fullgraph=fullgraph)
+        x = torch.rand(8, 8, requires_grad=True)
+        with functorch_config.patch(activation_memory_budget=0.05):
+            check_budget_refused(lambda: block_(x))
+        with functorch_config.patch(activation_memory_budget=1.0):  # a budget of 1 is fine
+            torch._dynamo.reset()
+            assert block_(x).shape == x.shape
 
 
 @pytest.mark.xfail(reason="torch's own F.dropout under torch.compile with "
@@ -228,6 +271,9 @@ def test_fused_and_channel_dropout(op, scheme, backend):
         return x.grad, out.detach() != 2.0
 
     expected, _ = run("none")
+    if scheme == "memory-budget" and BUDGET_REFUSED:
+        check_budget_refused(lambda: run(scheme))
+        return
     grad, forward_keep = run(scheme)
     assert torch.equal(grad != 0, forward_keep)
     assert torch.equal(grad, expected)
