@@ -21,6 +21,10 @@ from fastreg import _args
 
 _local = threading.local()
 _redispatch = getattr(torch.overrides, "redispatch_function", None)  # torch >= 2.14
+# Dynamo in torch 2.5 traces entering a TorchFunctionMode but not the mode's handling of
+# F.dropout: a mode entered inside a compiled function silently left torch's dropout in
+# the graph. (2.4 breaks the graph there; 2.6 and later route the calls.)
+_DYNAMO_DROPS_THE_MODE = (2, 5) <= _args.TORCH_VERSION < (2, 6)
 
 
 def _plain_type(cls):
@@ -107,6 +111,11 @@ class DropoutMode(TorchFunctionMode):
     """
 
     def __init__(self, mask="bits", generator=None):
+        if _DYNAMO_DROPS_THE_MODE and torch.compiler.is_compiling():
+            # a graph break (fullgraph=True: an error): the mode then runs eagerly
+            raise RuntimeError("DropoutMode: torch 2.5's Dynamo does not route the dropout "
+                               "calls of a mode entered inside a compiled function; enter it "
+                               "around the compiled call, or use torch >= 2.6")
         super().__init__()
         _args.check_mask_mode(mask)
         self.mask = mask
