@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -7,6 +9,7 @@ from fastreg import _ops
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 MASK_MODES = ["bits", "bool", "recompute"]
+TORCH_VERSION = tuple(int(v) for v in torch.__version__.split(".")[:2])  # (major, minor)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Tests of the kernels themselves (their operators, buffers, memory, agreement with the
@@ -25,6 +28,23 @@ class OpLog(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func.overloadpacket))
         return func(*args, **(kwargs or {}))
+
+
+def compiled_autograd_enable(compiler):
+    """Compiled autograd's context manager: _enable, or enable in torch 2.4."""
+    from torch._dynamo import compiled_autograd
+
+    return (getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable)(compiler)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_subnormals():
+    """Subnormal floats as IEEE 754 has them, after every test: torch 2.4's inductor builds
+    its CPU kernels with -ffast-math, and loading one sets flush-to-zero and
+    denormals-are-zero for the whole process (hypothesis then refuses to draw subnormals)."""
+    yield
+    if not sys.float_info.min / 2 > 0:
+        torch.set_flush_denormal(False)
 
 
 # Hugging Face transformers, offline (the tests build models from configs), or a skip.

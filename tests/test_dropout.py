@@ -11,7 +11,8 @@ from torch import nn
 
 import fastreg
 from fastreg import _ops, reference
-from conftest import FLOAT_DTYPES, MASK_MODES, OpLog, requires_extension
+from conftest import (FLOAT_DTYPES, MASK_MODES, TORCH_VERSION, OpLog,
+                      compiled_autograd_enable, requires_extension)
 
 
 
@@ -359,9 +360,7 @@ COMPILED_AUTOGRAD_INPUTS = {
 def test_compiled_autograd_of_an_eager_dropout(mode, layout):
     # Compiled autograd traces the node with a 2-d placeholder gradient: until the layout
     # copy became an operator (grad_with_strides), every output that was not 2-d failed.
-    from torch._dynamo import compiled_autograd
-
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8):
+    if TORCH_VERSION < (2, 8):
         pytest.skip("the node supports compiled autograd from torch 2.8")
     torch._dynamo.reset()
     base = torch.randn(400, requires_grad=True)
@@ -369,7 +368,7 @@ def test_compiled_autograd_of_an_eager_dropout(mode, layout):
     weights = torch.arange(y.numel(), dtype=y.dtype).view(y.shape)  # every element its own
     loss = (y * y * weights).sum()
     (expected,) = torch.autograd.grad(loss, base, retain_graph=True)
-    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+    with compiled_autograd_enable(torch.compile(backend="aot_eager")):
         loss.backward()
     assert torch.equal(base.grad, expected)
 

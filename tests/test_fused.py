@@ -21,7 +21,8 @@ from torch import nn
 
 import fastreg
 from fastreg import _ops, reference
-from conftest import FLOAT_DTYPES, MASK_MODES, requires_cuda, requires_extension
+from conftest import (FLOAT_DTYPES, MASK_MODES, compiled_autograd_enable, requires_cuda,
+                      requires_extension)
 
 
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
@@ -390,14 +391,12 @@ def test_torch_func_grad(mode, activation):
 @pytest.mark.skipif(not hasattr(torch._dynamo, "compiled_autograd"), reason="no compiled autograd")
 @pytest.mark.parametrize("activation", ["add", "gelu"])
 def test_compiled_autograd_of_an_eager_fused_op(activation):
-    from torch._dynamo import compiled_autograd
-
     torch._dynamo.reset()
     x, b, r, w = (t.requires_grad_() if i < 3 else t
                   for i, t in enumerate(sample("2d", torch.float32, "cpu")))
     loss = (fused_call(activation, "bits")(x, b, r) * w).sum()
     expected = torch.autograd.grad(loss, (x, b), retain_graph=True)
-    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+    with compiled_autograd_enable(torch.compile(backend="aot_eager")):
         loss.backward()
     assert torch.equal(x.grad, expected[0]) and torch.equal(b.grad, expected[1])
 

@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 import fastreg
 from fastreg import reference
-from conftest import requires_extension
+from conftest import TORCH_VERSION, compiled_autograd_enable, requires_extension
 
 fastreg_penalty = importlib.import_module("fastreg.penalty")  # the module, not the function
 
@@ -408,9 +408,7 @@ def test_backward_node_edges_and_frozen_tensors():
 @requires_extension
 @pytest.mark.skipif(not hasattr(torch._dynamo, "compiled_autograd"), reason="no compiled autograd")
 def test_compiled_autograd_of_an_eager_penalty():
-    from torch._dynamo import compiled_autograd
-
-    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 8):
+    if TORCH_VERSION < (2, 8):
         pytest.skip("the node supports compiled autograd from torch 2.8")
     net = Net()
     x = torch.randn(2, 5)
@@ -418,7 +416,7 @@ def test_compiled_autograd_of_an_eager_penalty():
     expected = torch.autograd.grad(loss, list(net.parameters()), retain_graph=True)
     for p in net.parameters():
         p.grad = None
-    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+    with compiled_autograd_enable(torch.compile(backend="aot_eager")):
         loss.backward()
     for p, e in zip(net.parameters(), expected):
         torch.testing.assert_close(p.grad, e)
@@ -433,7 +431,7 @@ def test_compiled_autograd_of_an_eager_penalty():
     params = [p.requires_grad_() for p in params]
     loss = fastreg.penalty(params, l1=0.1, l2=0.2) * 3.0
     expected = torch.autograd.grad(loss, params, retain_graph=True)
-    with compiled_autograd._enable(torch.compile(backend="aot_eager")):
+    with compiled_autograd_enable(torch.compile(backend="aot_eager")):
         loss.backward()
     for p, e in zip(params, expected):
         assert torch.equal(p.grad, e) and p.grad.stride() == e.stride()
