@@ -16,7 +16,8 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 
 SOURCES := setup.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: bench test test-reference test-cudasim test-cudasim-sanitized test-other-torch cudasim build setup clean gpu-check
+.PHONY: bench test test-reference test-cudasim test-cudasim-sanitized test-other-torch \
+	test-oldest-torch cudasim build setup clean gpu-check
 
 # The same property-test examples on every run (tests/conftest.py).
 export HYPOTHESIS_PROFILE ?= ci
@@ -64,10 +65,11 @@ test-cudasim-sanitized: setup
 test-reference: setup
 	FASTREG_BACKEND=reference $(PY) -m pytest -q tests
 
-# The suite against another torch: by default 2.11, the GPU machine's (fastreg supports
-# torch >= 2.4). CPU kernels only, built in a copy of the tracked files under
-# $(OTHER_DIR), so that its build and .venv's do not meet; FASTREG_BACKEND=extension makes
-# an extension that does not load an error rather than a quiet fallback to the reference.
+# The suite against another torch: by default 2.11, the GPU machine's; test-oldest-torch
+# runs it against 2.4.1, the oldest that setup.py accepts. CPU kernels only, built in a
+# copy of the tracked files under $(OTHER_DIR), so that its build and .venv's do not meet;
+# FASTREG_BACKEND=extension makes an extension that does not load an error rather than a
+# quiet fallback to the reference.
 OTHER_TORCH ?= 2.11.0
 OTHER_DIR ?= .other-torch
 test-other-torch:
@@ -77,6 +79,9 @@ test-other-torch:
 	$(OTHER_DIR)/venv/bin/python -m pip install -q "torch==$(OTHER_TORCH)" $(TOOLS)
 	cd $(OTHER_DIR)/src && FASTREG_CPU_ONLY=1 ../venv/bin/python setup.py -q build_ext --inplace
 	cd $(OTHER_DIR)/src && FASTREG_BACKEND=extension ../venv/bin/python -m pytest -q -p no:cacheprovider tests
+
+test-oldest-torch:
+	$(MAKE) test-other-torch OTHER_TORCH=2.4.1 OTHER_DIR=.other-torch-2.4
 
 build: $(VENV)/.built
 
@@ -93,7 +98,7 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built $(OTHER_DIR)/src
+	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built $(OTHER_DIR)/src .other-torch-2.4/src
 
 # On the GPU machine (torch installed there, no .venv): build, CUDA tests, compute-sanitizer,
 # benchmark and memory report; logs in $(OUT) or ./gpu-out. See docs/gpu-check.md.
