@@ -283,36 +283,35 @@ def _have_selective_checkpointing():
 
 
 def memory_budget_refusal():
-    """Why fastreg refuses activation_memory_budget < 1 under torch.compile with this torch,
-    or None where it does not."""
+    """Why this torch cannot keep the partitioner from recomputing the draw under
+    activation_memory_budget < 1 (a clause of fastreg's error), or None where it can."""
     if not _have_selective_checkpointing():  # torch < 2.5
-        return "has no selective activation checkpointing to keep the partitioner from"
+        return "has no selective activation checkpointing to tag the draw with"
     if TORCH_VERSION < BUDGET_KEEPS_THE_DRAW_FROM:
-        return "has a partitioner that does not keep a MUST_SAVE node (seen on 2.5, 2.6) from"
+        return "has a partitioner that recomputes a MUST_SAVE node (seen on 2.5, 2.6)"
     return None
 
 
 def _saved_draw(device):
     """The draw, as a node the partitioner must save (see above)."""
-    refusal = memory_budget_refusal()
-    if refusal is not None:
-        check_no_memory_budget(refusal)
+    check_no_memory_budget()
     if not _have_selective_checkpointing():
         return draw_rng_state(device, None)
     return torch.utils.checkpoint.checkpoint(draw_rng_state, device, None, use_reentrant=False,
                                              context_fn=_must_save_contexts)
 
 
-def check_no_memory_budget(refusal):
+def check_no_memory_budget():
+    """Refuses activation_memory_budget < 1 where this torch would recompute the draw."""
     budget = getattr(torch._functorch.config, "activation_memory_budget", 1.0)
-    if budget < 1.0:
+    refusal = memory_budget_refusal() if budget < 1.0 else None
+    if refusal is not None:
         first = ".".join(map(str, BUDGET_KEEPS_THE_DRAW_FROM))
         raise RuntimeError(
             f"dropout(): torch._functorch.config.activation_memory_budget is {budget}, and "
-            f"this torch ({torch.__version__}) {refusal} recomputing the dropout's random "
-            "draw in the backward pass (the backward would apply another mask). Use a "
-            f"budget of 1.0 or torch >= {first}.")
-    return budget
+            f"this torch ({torch.__version__}) {refusal}: the backward pass would recompute "
+            "the dropout's random draw and apply another mask. Use a budget of 1.0 or "
+            f"torch >= {first}.")
 
 
 def _graph_task_running():
