@@ -5,11 +5,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastreg import _ops
+from fastreg._args import TORCH_VERSION  # noqa: F401  (major, minor), for the tests
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 MASK_MODES = ["bits", "bool", "recompute"]
-TORCH_VERSION = tuple(int(v) for v in torch.__version__.split(".")[:2])  # (major, minor)
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Tests of the kernels themselves (their operators, buffers, memory, agreement with the

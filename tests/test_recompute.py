@@ -6,7 +6,6 @@ partitioner with activation_memory_budget < 1), each mask mode, eager and compil
 backward's mask is the forward's, and the gradient is bitwise that of the same step without
 recomputation for the same seed."""
 
-import copy
 
 import pytest
 import torch
@@ -209,27 +208,52 @@ def test_a_seed_under_checkpoint_keeps_one_mask(use_reentrant):
 # ---- a real model: Hugging Face GPT-2 with gradient checkpointing, functional routing ----
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
-@pytest.mark.parametrize("mask", MASK_MODES)
-def test_gpt2_gradient_checkpointing_with_routed_functional_dropout(transformers, mask,
-                                                                     use_reentrant):
+def gpt2_gradients(transformers, mask, checkpoint_kwargs, seeds):
+    """Each parameter's gradient of a tiny GPT-2 with fastreg's dropout routed in, once per
+    seed, with Hugging Face's gradient checkpointing when checkpoint_kwargs is given."""
     config = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2,
                                      n_positions=16, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model = fastreg.replace_dropout(model.train(), mask=mask, functional=True)
-    checkpointed = copy.deepcopy(model)
-    checkpointed.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    if checkpoint_kwargs is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
     ids = torch.randint(99, (2, 8), generator=torch.Generator().manual_seed(0))
     grads = []
-    for m in (model, checkpointed):
-        torch.manual_seed(1)
-        m(input_ids=ids, labels=ids).loss.backward()
-        grads.append({n: p.grad for n, p in m.named_parameters()})
-    assert grads[0].keys() == grads[1].keys()
-    for name in grads[0]:
-        assert torch.equal(grads[0][name], grads[1][name]), name
+    for seed in seeds:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    return grads
+
+
+def same_gradients(a, b):
+    """Equal up to the rounding of a different summation order: the checkpointed backward
+    is another autograd graph, and on some CPUs (an AMD EPYC with AVX-512, torch 2.14.1,
+    transformers 5.17 and 5.24) it differs from the plain one in the last bits even with
+    every dropout probability 0. Another mask at any dropout site changes the gradients by
+    far more (test_gpt2_gradients_tell_another_mask)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+@pytest.mark.parametrize("mask", MASK_MODES)
+def test_gpt2_gradient_checkpointing_with_routed_functional_dropout(transformers, mask,
+                                                                     use_reentrant):
+    """The re-run forward draws the masks the forward drew: the same gradients."""
+    (plain,) = gpt2_gradients(transformers, mask, None, [1])
+    (checkpointed,) = gpt2_gradients(transformers, mask, {"use_reentrant": use_reentrant}, [1])
+    same_gradients(plain, checkpointed)
+
+
+def test_gpt2_gradients_tell_another_mask(transformers):
+    """What same_gradients tells apart: the masks of another seed."""
+    one, other = gpt2_gradients(transformers, "bits", None, [1, 2])
+    with pytest.raises(AssertionError):
+        same_gradients(one, other)
 
 
 # ---- the fused ops and channel dropout draw the same way ---------------------------------
