@@ -47,20 +47,24 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& grad, const at::Tensor& mask, doubl
   at::Tensor grad_input = at::empty_like(grad);
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::dropout_bwd", [&] {
-    if (mode == MaskMode::Bits) {  // no byte flags: the bits applied directly
-      const scalar_t* in = grad.const_data_ptr<scalar_t>();
-      scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    const scalar_t* in = grad.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    const auto scale = dropout_scale<at::opmath_type<scalar_t>>(p);
+    // A stored mask is applied a chunk at a time, straight from the mask (the bits, or
+    // the bool flags as they are): no per-tile copy into flags, no per-tile call.
+    if (mode == MaskMode::Bits) {
       const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.const_data_ptr<int32_t>());
-      const auto scale = dropout_scale<at::opmath_type<scalar_t>>(p);
       for_each_chunk(grad.numel(), kGrainTiles, [&](int64_t, int64_t first, int64_t count) {
         apply_bits(in + first, out + first, words + first / 32, count, scale);
       });
-      return;
+    } else if (mode == MaskMode::Bool) {
+      const uint8_t* flags = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+      for_each_chunk(grad.numel(), kGrainTiles, [&](int64_t, int64_t first, int64_t count) {
+        apply_keep(in + first, out + first, flags + first, count, scale);
+      });
+    } else {
+      dropout_tiles(in, out, grad.numel(), p, philox, NoSink{});
     }
-    visit_keep(mode, mask, philox, [&](const auto& keep_fn) {
-      dropout_tiles(grad.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-                    grad.numel(), p, keep_fn, NoSink{});
-    });
   });
   return grad_input;
 }
