@@ -4,8 +4,8 @@ For each scheme (torch.utils.checkpoint reentrant and not, selective activation
 checkpointing with a policy that recomputes and one that saves, and under torch.compile the
 partitioner with activation_memory_budget < 1), each mask mode, eager and compiled: the
 backward's mask is the forward's, and the gradient is bitwise that of the same step without
-recomputation for the same seed."""
-
+recomputation for the same seed (for Hugging Face's GPT-2, equal to rounding: see
+same_gradients)."""
 
 import pytest
 import torch
