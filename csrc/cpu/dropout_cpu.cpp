@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cpu/dropout_tiles.h"
+#include "cpu/huge_pages.h"
 
 namespace fastreg {
 namespace {
@@ -16,6 +17,7 @@ DropoutForward dropout_forward_cpu(const at::Tensor& input, double p, const at::
                                    c10::string_view mode_name, bool inplace) {
   const DropoutForward f = prepare_dropout_forward(input, p, rng_state, mode_name, inplace);
   const ForwardBuffers& b = f.buffers;
+  if (!b.out.is_same(b.src)) advise_huge_pages(b.out);  // new, not yet written
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd", [&] {
     visit_sink(f.mode, b.mask, [&](const auto& sink) {
@@ -45,6 +47,7 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& grad, const at::Tensor& mask, doubl
                            const at::Tensor& rng_state, c10::string_view mode_name) {
   const MaskMode mode = prepare_dropout_backward(grad, mask, p, rng_state, mode_name);
   at::Tensor grad_input = at::empty_like(grad);
+  advise_huge_pages(grad_input);
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::dropout_bwd", [&] {
     const scalar_t* in = grad.const_data_ptr<scalar_t>();

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/dropout_tiles.h"
+#include "cpu/huge_pages.h"
 #include "ops/fused.h"
 
 namespace fastreg {
@@ -140,6 +141,7 @@ template <typename scalar_t, Activation A, bool kResidual>
 void run_forward(const ForwardBuffers& b, const at::Tensor& bias, const at::Tensor& residual,
                  double p, MaskMode mode, const at::Tensor& rng_state) {
   using opmath_t = at::opmath_type<scalar_t>;
+  if (!b.out.is_same(b.src)) advise_huge_pages(b.out);  // new, not yet written
   const ForwardStep<scalar_t, A, kResidual> step{
       b.src.const_data_ptr<scalar_t>(),
       bias.defined() ? bias.const_data_ptr<opmath_t>() : nullptr,
@@ -298,6 +300,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_bwd_cpu(
   const MaskMode mode = checked.mode;
   const Activation act = checked.act;
   at::Tensor grad_input = at::empty_like(grad);
+  advise_huge_pages(grad_input);
   const int64_t n_bias = grad.dim() >= 1 ? grad.size(-1) : 0;
   at::Tensor grad_bias = at::empty({bias_grad ? n_bias : 0}, grad.options());
   const at::Tensor bias_op = act == Activation::None ? at::Tensor() : opmath_bias(bias);
