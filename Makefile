@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
 # transformers: tests/test_models.py runs Hugging Face models (about 45 s and 200 MB to install).
+# Their versions (and transformers' own packages') are pinned in test-constraints.txt.
 TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel transformers
+CONSTRAINTS := -c test-constraints.txt
 
 # torch's guess of the CUDA toolkit misses /usr/local/cuda when nvcc is not on PATH.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -76,7 +78,7 @@ test-other-torch:
 	rm -rf $(OTHER_DIR)/src && mkdir -p $(OTHER_DIR)/src
 	git ls-files -z | xargs -0 cp --parents -t $(OTHER_DIR)/src
 	test -x $(OTHER_DIR)/venv/bin/python || $(PYTHON) -m venv $(OTHER_DIR)/venv
-	$(OTHER_DIR)/venv/bin/python -m pip install -q "torch==$(OTHER_TORCH)" $(TOOLS)
+	$(OTHER_DIR)/venv/bin/python -m pip install -q "torch==$(OTHER_TORCH)" $(TOOLS) $(CONSTRAINTS)
 	cd $(OTHER_DIR)/src && FASTREG_CPU_ONLY=1 ../venv/bin/python setup.py -q build_ext --inplace
 	cd $(OTHER_DIR)/src && FASTREG_BACKEND=extension ../venv/bin/python -m pytest -q -p no:cacheprovider tests
 
@@ -87,10 +89,10 @@ build: $(VENV)/.built
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed:
+$(VENV)/.installed: test-constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TOOLS)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TOOLS) $(CONSTRAINTS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
