@@ -1,4 +1,5 @@
-"""The CPU kernels advise their large fresh outputs to transparent huge pages
+"""The CPU kernels advise their large fresh outputs (dropout's and the fused ops' outputs
+and input gradients, the penalty's gradients) to transparent huge pages
 (csrc/cpu/huge_pages.h): an output of 32 MiB or more gets MADV_HUGEPAGE before it is
 written, a smaller one does not, and the advice changes no bit. Read from the mapping's
 VmFlags in /proc/self/smaps ("hg": advised with MADV_HUGEPAGE), which madvise sets
@@ -57,6 +58,14 @@ def test_large_outputs_are_advised(op):
     with torch.no_grad():
         assert advised(op(torch.randn(LARGE)))
     assert advised(grad_of_input(op, LARGE))
+
+
+def test_large_penalty_gradient_is_advised():
+    w = torch.randn(LARGE, requires_grad=True)
+    fastreg.penalty([w], l1=0.1, l2=0.2).backward()
+    assert advised(w.grad)
+    expected = 0.1 * torch.sign(w.detach()) + 0.4 * w.detach()
+    torch.testing.assert_close(w.grad, expected)
 
 
 @pytest.mark.skipif(os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",

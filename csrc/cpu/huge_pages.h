@@ -22,7 +22,8 @@
 
 namespace fastreg {
 
-// `fresh`: a tensor this kernel has just allocated and not yet written.
+// `fresh`: a tensor the kernel has just allocated, best before its first write (pages
+// already written stay small until the system's khugepaged merges them, if ever).
 inline void advise_huge_pages(const at::Tensor& fresh) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;

@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "cpu/cpu_features.h"
+#include "cpu/huge_pages.h"
 #include "ops/penalty.h"
 
 // setup.py compiles this with -ffp-contract=off: the gradients are promised bit-exact
@@ -402,6 +403,7 @@ std::vector<at::Tensor> penalty_backward_cpu(const at::Tensor& grad_out, at::Ten
                                                         : *g.const_data_ptr<float>();
   std::vector<at::Tensor> grads;
   const std::vector<ElementwiseJob> jobs = backward_jobs(params, l1, l2, grads);
+  for (const at::Tensor& grad : grads) advise_huge_pages(grad);
   run_elementwise(jobs, ElementwiseMode::Grad, g_value);
   return grads;
 }
