@@ -1,11 +1,13 @@
 """The CPU kernels advise their large fresh outputs (dropout's and the fused ops' outputs
-and input gradients, the penalty's gradients) to transparent huge pages
+and input gradients, dropout_mask's mask, the penalty's gradients) to transparent huge pages
 (csrc/cpu/huge_pages.h): an output of 32 MiB or more gets MADV_HUGEPAGE before it is
 written, a smaller one does not, and the advice changes no bit. Read from the mapping's
 VmFlags in /proc/self/smaps ("hg": advised with MADV_HUGEPAGE), which madvise sets
 whatever the system's huge-page mode."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,6 +62,13 @@ def test_large_outputs_are_advised(op):
     assert advised(grad_of_input(op, LARGE))
 
 
+def test_large_dropout_mask_is_advised():
+    mask = fastreg.dropout_mask((32 << 20,), 0.5, seed=3)  # bool: 32 MiB
+    assert advised(mask)
+    # element i depends on (seed, offset, i) only: the head of a shorter mask
+    assert torch.equal(mask[:65536], reference.dropout_mask((65536,), 0.5, seed=3))
+
+
 def test_large_penalty_gradient_is_advised():
     w = torch.randn(LARGE, requires_grad=True)
     fastreg.penalty([w], l1=0.1, l2=0.2).backward()
@@ -81,3 +90,16 @@ def test_advised_output_is_the_reference():
     out = fastreg.dropout(x, 0.3, seed=7)
     assert advised(out)
     assert torch.equal(out, reference.dropout(x, 0.3, seed=7))
+
+
+def test_environment_variable_turns_the_advice_off():
+    code = ("import torch, fastreg; from test_huge_pages import advised, LARGE; "
+            "print(advised(fastreg.dropout(torch.randn(LARGE), 0.5, seed=1)))")
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
+    for value, expected in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, FASTREG_CPU_HUGE_PAGES=value, PYTHONPATH=path)
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == expected, (value, run.stdout, run.stderr)

@@ -74,6 +74,7 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& grad, const at::Tensor& mask, doubl
 
 at::Tensor dropout_mask_cpu(const at::Tensor& rng_state, c10::IntArrayRef size, double p) {
   at::Tensor mask = prepare_dropout_mask(rng_state, size, p);
+  advise_huge_pages(mask);
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
   dropout_tiles<float>(nullptr, nullptr, mask.numel(), p, philox, BoolSink{mask.data_ptr<bool>()});
   return mask;

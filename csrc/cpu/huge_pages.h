@@ -9,12 +9,16 @@
 // blocks are left alone: glibc serves them from heap memory that an earlier call already
 // faulted in, which huge pages would only make the kernel zero again. It is advice: where
 // huge pages are off, or the call fails, nothing changes but the speed; the bits written
-// are the same.
+// are the same. Where memory is fragmented, the system's transparent_hugepage/defrag
+// setting decides whether such a fault waits for compaction; FASTREG_CPU_HUGE_PAGES=0 in
+// the environment turns the advice off.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -28,7 +32,11 @@ inline void advise_huge_pages(const at::Tensor& fresh) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
   constexpr size_t kMinBytes = size_t{32} << 20;  // glibc's largest mmap threshold
-  if (!fresh.is_cpu() || !fresh.has_storage()) return;
+  static const bool enabled = [] {
+    const char* env = std::getenv("FASTREG_CPU_HUGE_PAGES");
+    return env == nullptr || std::strcmp(env, "0") != 0;
+  }();
+  if (!enabled || !fresh.is_cpu() || !fresh.has_storage()) return;
   const size_t bytes = fresh.storage().nbytes();
   if (bytes < kMinBytes) return;
   const auto start = reinterpret_cast<uintptr_t>(fresh.storage().data());
