@@ -7,6 +7,7 @@ work as documented in fastreg/penalty.py."""
 import contextlib
 import gc
 import importlib
+import re
 import weakref
 
 import pytest
@@ -405,6 +406,80 @@ def test_backward_node_edges_and_frozen_tensors():
         value.backward()
 
 
+def _backward_error(loss):
+    """The error of loss.backward() up to its hint, the node's name left out: the words
+    torch's own message has in every supported version (2.14 names the node and words
+    the hint differently from 2.4)."""
+    with pytest.raises(RuntimeError) as info:
+        loss.backward()
+    return re.sub(r"output (\d+) of \w+,", r"output \1 of <node>,",
+                  str(info.value).split(" Hint:")[0])
+
+
+@requires_extension
+@pytest.mark.parametrize("leaf", [True, False])
+def test_modified_parameter_refused_as_torch_refuses_it(leaf):
+    # The node keeps its parameters as plain tensors and checks their versions itself:
+    # the same error as torch's own ops (which keep SavedVariables).
+    base = torch.randn(3, 2, requires_grad=True)
+    w = base if leaf else base * 2
+    penalty, product = fastreg.penalty([w], l1=0.5, l2=0.25), (w * w).sum()
+    with torch.no_grad():
+        w.add_(1.0)
+    expected = _backward_error(product)
+    assert "modified by an inplace operation" in expected
+    assert _backward_error(penalty) == expected
+    # a version check, not a flag set once: a kept graph runs again until the change
+    v = torch.randn(4, requires_grad=True)
+    penalty = fastreg.penalty([v], l2=0.5)
+    penalty.backward(retain_graph=True)
+    penalty.backward(retain_graph=True)
+    assert_bits_equal(v.grad, 2 * reference.penalty_slope(v.detach(), 0.0, 0.5))
+    v.data.mul_(1.0)  # .data: no version bump, as for torch's ops
+    penalty.backward(retain_graph=True)
+    with torch.no_grad():
+        v.mul_(1.0)
+    with pytest.raises(RuntimeError, match="is at version 1; expected version 0"):
+        penalty.backward()
+
+
+@requires_extension
+def test_saved_tensor_hooks_run_on_the_parameters():
+    # While saved-tensor hooks are active the node keeps what the pack hook returned and
+    # differentiates at what the unpack hook gives back: a pack hook that doubles each
+    # tensor doubles the L2 gradient. No hooks (after the context): the parameters.
+    a = torch.randn(3, requires_grad=True)
+    frozen = torch.randn(2)
+    b = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t)
+        return t.detach() * 2
+
+    def unpack(t):
+        unpacked.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        value = fastreg.penalty([a, frozen, b], l2=0.5)
+    assert [t is a for t in packed] == [True, False] and packed[1] is b
+    ga, gb = torch.autograd.grad(value, [a, b])
+    assert len(unpacked) == 2
+    assert_bits_equal(ga, reference.penalty_slope(a.detach() * 2, 0.0, 0.5))
+    assert_bits_equal(gb, reference.penalty_slope(b.detach() * 2, 0.0, 0.5))
+    value = fastreg.penalty([a, frozen, b], l2=0.5)
+    ga, gb = torch.autograd.grad(value, [a, b])
+    assert len(packed) == 2
+    assert_bits_equal(ga, reference.penalty_slope(a.detach(), 0.0, 0.5))
+    # save_on_cpu (a pair of hooks torch ships) on a CPU model: the same gradients
+    with torch.autograd.graph.save_on_cpu():
+        value = fastreg.penalty([a, frozen, b], l1=0.1, l2=0.5)
+    ga2, gb2 = torch.autograd.grad(value, [a, b])
+    assert_bits_equal(ga2, reference.penalty_slope(a.detach(), 0.1, 0.5))
+    assert_bits_equal(gb2, reference.penalty_slope(b.detach(), 0.1, 0.5))
+
+
 @requires_extension
 @pytest.mark.skipif(not hasattr(torch._dynamo, "compiled_autograd"), reason="no compiled autograd")
 def test_compiled_autograd_of_an_eager_penalty():
@@ -435,6 +510,19 @@ def test_compiled_autograd_of_an_eager_penalty():
         loss.backward()
     for p, e in zip(params, expected):
         assert torch.equal(p.grad, e) and p.grad.stride() == e.stride()
+    # the node's kept parameters: their versions checked, saved-tensor hooks run
+    v = torch.randn(4, requires_grad=True)
+    loss = fastreg.penalty([v], l2=0.5) * 3.0
+    with torch.no_grad():
+        v.mul_(1.0)
+    with pytest.raises(RuntimeError, match="is at version 1; expected version 0"):
+        with compiled_autograd_enable(torch.compile(backend="aot_eager")):
+            loss.backward()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.detach() * 2, lambda t: t):
+        loss = fastreg.penalty([v], l2=0.5) * 3.0
+    with compiled_autograd_enable(torch.compile(backend="aot_eager")):
+        loss.backward()
+    torch.testing.assert_close(v.grad, 3.0 * reference.penalty_slope(v.detach() * 2, 0.0, 0.5))
 
 
 @requires_extension

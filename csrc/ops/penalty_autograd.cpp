@@ -10,10 +10,14 @@
 // The node is written out (not torch::autograd::Function<T>, whose CppNode<T> keeps
 // per-input metadata, a set of the inputs and boxed saved data: a microsecond or more per
 // tensor) and named PenaltyBackward0 (a CppNode's grad_fn prints as "<PenaltyFunction>>").
+#include <ATen/SavedTensorHooks.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/anomaly_mode.h>
+#include <torch/csrc/autograd/engine.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <sstream>
 #include <utility>
 #include <vector>
 
@@ -28,40 +32,94 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
+// The parameters are kept as plain tensors with the versions they had in the forward:
+// what a SavedVariable keeps of an input (the tensor itself), without its construction,
+// which looks up saved-tensor hooks for every tensor (a tenth of the call on 1,000 tiny
+// tensors). The version check and the backward-twice error are SavedVariable's own, by
+// hand. While saved-tensor hooks are active (torch.autograd.graph.saved_tensors_hooks,
+// save_on_cpu) the node keeps SavedVariables, which run them.
+//
 // d(penalty)/d(params[i]) = grad_out * slope_i(params[i]), for the parameters that
 // required grad in the forward (the node's next edges are all params, in order).
 struct PenaltyBackward0 : public Node {
-  std::vector<SavedVariable> saved;  // the parameters that need a gradient
-  std::vector<int64_t> wanted;       // their indices in params
-  std::vector<double> l1, l2;        // their coefficients
+  std::vector<at::Tensor> kept;       // the parameters that need a gradient (no hooks) ...
+  std::vector<uint32_t> versions;     // ... and their versions in the forward
+  std::vector<SavedVariable> saved;   // the same, while saved-tensor hooks were active
+  bool released = false;
+  std::vector<int64_t> wanted;        // their indices in params
+  std::vector<double> l1, l2;         // their coefficients
 
   std::string name() const override { return "PenaltyBackward0"; }
 
-  variable_list apply(variable_list&& grad_outputs) override {
+  // SavedVariable::unpack's checks and error messages, for the kept tensors
+  void check_kept() const {
+    TORCH_CHECK(!released, torch::autograd::ERR_BACKWARD_TWICE);
+    for (size_t k = 0; k < kept.size(); ++k) {
+      const at::Tensor& p = kept[k];
+      const uint32_t version = p._version();
+      if (version == versions[k]) continue;
+      std::ostringstream message;
+      message << "one of the variables needed for gradient computation has been modified "
+                 "by an inplace operation: ["
+              << p.toString() << " " << p.sizes() << "]";
+      if (p.grad_fn()) {
+        message << ", which is output " << p.output_nr() << " of " << p.grad_fn()->name()
+                << ",";
+      }
+      message << " is at version " << version << "; expected version " << versions[k]
+              << " instead.";
+      if (!torch::autograd::AnomalyMode::is_enabled()) {
+        message << " Hint: enable anomaly detection to find the operation that failed to "
+                   "compute its gradient, with torch.autograd.set_detect_anomaly(True).";
+      } else {
+        message << " Hint: the backtrace further above shows the operation that failed to "
+                   "compute its gradient. The variable in question was changed in there "
+                   "or anywhere later. Good luck!";
+      }
+      TORCH_CHECK(false, message.str());
+    }
+  }
+
+  // The gradients; check_versions false where compiled autograd swapped in its proxies
+  // (compiled_args checked the kept tensors).
+  variable_list run(const at::Tensor& grad_out, bool check_versions) {
     variable_list grads(num_outputs());
-    if (wanted.empty() || !grad_outputs[0].defined()) return grads;
-    variable_list params;
-    params.reserve(saved.size());
-    for (const SavedVariable& s : saved) params.push_back(s.unpack());
+    if (wanted.empty() || !grad_out.defined()) return grads;
+    variable_list unpacked;
+    if (saved.empty()) {
+      if (check_versions) check_kept();
+    } else {
+      unpacked.reserve(saved.size());
+      for (const SavedVariable& s : saved) unpacked.push_back(s.unpack());
+    }
+    const at::TensorList params = saved.empty() ? at::TensorList(kept) : at::TensorList(unpacked);
     std::vector<at::Tensor> computed;
     if (at::GradMode::is_enabled()) {
       // create_graph: through penalty_backward's autograd (penalty_backward_autograd)
-      computed = op::penalty_backward().call(grad_outputs[0], params, l1, l2);
+      computed = op::penalty_backward().call(grad_out, params, l1, l2);
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      computed = op::penalty_backward().call(grad_outputs[0], params, l1, l2);
+      computed = op::penalty_backward().call(grad_out, params, l1, l2);
     }
     for (size_t k = 0; k < wanted.size(); ++k) grads[wanted[k]] = std::move(computed[k]);
     return grads;
   }
 
+  variable_list apply(variable_list&& grad_outputs) override {
+    return run(grad_outputs[0], /*check_versions=*/true);
+  }
+
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     for (SavedVariable& s : saved) s.reset_data();
+    kept.clear();
+    released = true;
   }
 
 #ifdef FASTREG_COMPILED_AUTOGRAD
   void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    check_kept();  // what collecting a SavedVariable checks (it unpacks it)
+    args.collect(kept);
     args.collect(saved, false);
     args.collect(wanted);
     args.collect(l1);
@@ -70,9 +128,11 @@ struct PenaltyBackward0 : public Node {
 
   variable_list apply_with_saved(const variable_list& inputs,
                                  torch::dynamo::autograd::SwapSavedVariables& swap) override {
+    swap.before(kept);
     swap.before(saved);
-    variable_list result = apply(variable_list(inputs));
+    variable_list result = run(inputs[0], /*check_versions=*/false);
     swap.after(saved);
+    swap.after(kept);
     return result;
   }
 #endif
@@ -87,20 +147,44 @@ at::Tensor penalty_autograd(at::TensorList params, c10::ArrayRef<double> l1,
     result = op::penalty().call(params, l1, l2);
   }
   if (!at::GradMode::is_enabled()) return result;
+  // one read of each parameter's autograd state: its edge (none when it needs no grad)
+  torch::autograd::edge_list edges;
+  edges.reserve(params.size());
   size_t wanted = 0;
-  for (const at::Tensor& p : params) wanted += p.requires_grad();
+  for (const at::Tensor& p : params) {
+    if (p.requires_grad()) {
+      edges.push_back(torch::autograd::impl::gradient_edge(p));
+      ++wanted;
+    } else {
+      edges.emplace_back();
+    }
+  }
   if (wanted == 0) return result;
   NodePtr node = make_node<PenaltyBackward0>();
   auto* backward = static_cast<PenaltyBackward0*>(node.get());
-  backward->set_next_edges(torch::autograd::collect_next_edges(params));
+  backward->set_next_edges(std::move(edges));
+  // what SavedVariable's constructor asks: are saved-tensor hooks active?
+  const bool hooked =
+      at::SavedTensorDefaultHooks::is_enabled() &&
+      torch::autograd::Engine::get_default_engine().get_default_saved_variable_hooks();
   // reserved: growing `saved` by reallocation moves and destroys SavedVariables
-  backward->saved.reserve(wanted);
+  if (hooked) {
+    backward->saved.reserve(wanted);
+  } else {
+    backward->kept.reserve(wanted);
+    backward->versions.reserve(wanted);
+  }
   backward->wanted.reserve(wanted);
   backward->l1.reserve(wanted);
   backward->l2.reserve(wanted);
   for (size_t i = 0; i < params.size(); ++i) {
-    if (!params[i].requires_grad()) continue;
-    backward->saved.emplace_back(params[i], /*is_output=*/false);
+    if (!backward->next_edge(i).is_valid()) continue;
+    if (hooked) {
+      backward->saved.emplace_back(params[i], /*is_output=*/false);
+    } else {
+      backward->kept.push_back(params[i]);
+      backward->versions.push_back(params[i]._version());
+    }
     backward->wanted.push_back(static_cast<int64_t>(i));
     backward->l1.push_back(i < l1.size() ? l1[i] : 0.0);  // (a fake kernel checks no sizes)
     backward->l2.push_back(i < l2.size() ? l2[i] : 0.0);
