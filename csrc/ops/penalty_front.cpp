@@ -215,12 +215,17 @@ struct KeyWalk {
   PyObject* parameters_name = nullptr;
   PyObject* modules_name = nullptr;
 
-  void mix(uint64_t v) {
-    // a splitmix64 step on the running value: order-sensitive, well spread
-    uint64_t z = hash ^ (v + 0x9e3779b97f4a7c15ULL + (hash << 6) + (hash >> 2));
+  // (h ^ v) * odd: for a fixed v a bijection of h, for a fixed h one of v, so two walks of
+  // the same length that differ in one entry always end in different keys (a replaced
+  // parameter, a flipped requires_grad). One multiply on the chain of dependent steps (a
+  // splitmix64 step per entry has three); finished() spreads the bits once.
+  void mix(uint64_t v) { hash = (hash ^ v) * 0x9e3779b97f4a7c15ULL; }
+
+  uint64_t finished() const {
+    uint64_t z = hash;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-    hash = z ^ (z >> 31);
+    return z ^ (z >> 31);
   }
 
   void object(PyObject* obj) {
@@ -232,10 +237,9 @@ struct KeyWalk {
   // with a __getattr__ (nn.Module has one) makes PyObject_GetAttr go through a Python-
   // level __getattribute__ call: where the class keeps object's __getattribute__, the
   // generic lookup is the same one without that call (0.1 us a module).
-  PyObject* dict_attr(PyObject* module, PyObject* name) {
-    PyObject* value = has_generic_getattribute(Py_TYPE(module))
-                          ? PyObject_GenericGetAttr(module, name)
-                          : PyObject_GetAttr(module, name);
+  PyObject* dict_attr(PyObject* module, PyObject* name, bool generic) {
+    PyObject* value =
+        generic ? PyObject_GenericGetAttr(module, name) : PyObject_GetAttr(module, name);
     if (value == nullptr) {
       PyErr_Clear();
       return nullptr;
@@ -252,8 +256,9 @@ struct KeyWalk {
     }
     mix(reinterpret_cast<uintptr_t>(m));
     object(reinterpret_cast<PyObject*>(Py_TYPE(m)));
-    PyObject* params = dict_attr(m, parameters_name);
-    PyObject* children = dict_attr(m, modules_name);
+    const bool generic = has_generic_getattribute(Py_TYPE(m));
+    PyObject* params = dict_attr(m, parameters_name, generic);
+    PyObject* children = dict_attr(m, modules_name, generic);
     if (params == nullptr || children == nullptr) {
       ok = false;
       return;
@@ -306,7 +311,7 @@ pybind11::object module_key(pybind11::handle module, pybind11::handle refs) {
   walk.module(module.ptr(), 0);
   if (PyErr_Occurred()) throw pybind11::error_already_set();
   if (!walk.ok) return pybind11::none();
-  return pybind11::int_(walk.hash);
+  return pybind11::int_(walk.finished());
 }
 
 }  // namespace
