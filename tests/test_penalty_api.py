@@ -256,6 +256,38 @@ def test_module_key_honours_a_getattribute_override():
     assert not torch.equal(first, second)
 
 
+class _Plain(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        object.__setattr__(self, "inner", inner)  # not a registered submodule
+        self.own = nn.Parameter(torch.ones(3))
+
+
+@requires_extension
+def test_module_key_follows_a_data_descriptor_added_to_the_class():
+    # module_key reads _parameters from the instance dict while the class has no data
+    # descriptor of that name, remembering the class by its version tag: a property
+    # added later (the tag renewed) is followed, as named_parameters() follows it.
+    class Plain(_Plain):
+        pass
+
+    torch.manual_seed(0)
+    inner = nn.Linear(3, 2)
+    module = Plain(inner)
+    own = fastreg.penalty(module, l2=1.0)
+    assert_bits_equal(own, fastreg.penalty([module.own], l2=1.0))
+    assert_bits_equal(fastreg.penalty(module, l2=1.0), own)  # cached, same class state
+    Plain._parameters = property(lambda self: self.inner._parameters)
+    expected = fastreg.penalty(list(inner.parameters()), l2=1.0)
+    assert [id(p) for p in module.parameters()] == [id(p) for p in inner.parameters()]
+    assert_bits_equal(fastreg.penalty(module, l2=1.0), expected)
+    inner.weight = nn.Parameter(inner.weight.detach() * 2)  # through the property
+    assert_bits_equal(fastreg.penalty(module, l2=1.0),
+                      fastreg.penalty(list(inner.parameters()), l2=1.0))
+    del Plain._parameters  # the instance dict's own again
+    assert_bits_equal(fastreg.penalty(module, l2=1.0), own)
+
+
 @requires_extension
 def test_requires_grad_toggled_back_and_exclude_changes():
     net = Net()
