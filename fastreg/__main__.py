@@ -28,8 +28,8 @@ The JSON is not written into benchmarks/results/ from a run that other processes
 competed with (--allow-load overrides). See docs/bench-method.md.
 
 ops: dropout_fwd, dropout_bwd, dropout_fwdbwd, bias_dropout_add, bias_gelu_dropout,
-penalty_value, penalty_fwdbwd, penalty_grad, host_penalty, host_penalty_grad,
-host_prox_l1 (or the groups: dropout, fused, penalty, host, all).
+penalty_value, penalty_fwdbwd, penalty_grad, host_penalty, host_penalty_step,
+host_penalty_grad, host_prox_l1 (or the groups: dropout, fused, penalty, host, all).
 sizes: 2^16 .. 2^28 on the GPU, 2^16 .. 2^24 on the CPU, every other power of two.
 penalty parameter sets: mlp (a 50-layer 256x256 MLP: 100 tensors, 3.3M elements),
 gpt2 (GPT-2 small: 148 tensors, 124M elements); mlp on the CPU, both on the GPU.

@@ -34,6 +34,9 @@ sets ``tiny148`` and ``tiny1000``), so that the kernels cost nearly nothing and 
 per call is the Python and C++ work around them: ``fastreg.penalty(list)``,
 ``fastreg.Penalty(l1=, l2=)(module)``, ``fastreg.penalty_grad_(list)`` and
 ``fastreg.prox_l1_(list)`` against the Python loop, in microseconds, whatever ``--device``.
+``host_penalty`` calls the penalty with no graph alive (each call makes every parameter's
+AccumulateGrad node anew), ``host_penalty_step`` with the parameters in a live graph, as
+in a training step.
 
 The method (docs/bench-method.md):
 
@@ -70,6 +73,7 @@ copy share, per-round ratios, their spread or notes).
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -93,14 +97,15 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
 DROPOUT_OPS = ("dropout_fwd", "dropout_bwd", "dropout_fwdbwd")
 FUSED_OPS = ("bias_dropout_add", "bias_gelu_dropout")
 PENALTY_OPS = ("penalty_value", "penalty_fwdbwd", "penalty_grad")
-HOST_OPS = ("host_penalty", "host_penalty_grad", "host_prox_l1")
+HOST_OPS = ("host_penalty", "host_penalty_step", "host_penalty_grad", "host_prox_l1")
 OPS = DROPOUT_OPS + FUSED_OPS + PENALTY_OPS + HOST_OPS
 FAMILY = {**{op: "dropout" for op in DROPOUT_OPS}, **{op: "fused" for op in FUSED_OPS},
           **{op: "penalty" for op in PENALTY_OPS}, **{op: "host" for op in HOST_OPS}}
 OP_LABELS = {"dropout_fwd": "forward", "dropout_bwd": "backward", "dropout_fwdbwd": "fwd+bwd",
              "bias_dropout_add": "bias+dropout+add", "bias_gelu_dropout": "bias+gelu+dropout",
              "penalty_value": "value", "penalty_fwdbwd": "fwd+bwd", "penalty_grad": "grad_",
-             "host_penalty": "penalty", "host_penalty_grad": "penalty_grad_",
+             "host_penalty": "penalty", "host_penalty_step": "penalty in step",
+             "host_penalty_grad": "penalty_grad_",
              "host_prox_l1": "prox_l1_"}
 
 # The impls of each family, the baseline (the speedup's reference) first.
@@ -109,6 +114,7 @@ FUSED_IMPLS = ("native", "fastreg:bits")
 PENALTY_IMPLS = ("loop", "foreach", "fastreg")
 # fastreg:Penalty is fastreg.Penalty(l1=, l2=)(module), the module holding the tensors.
 HOST_IMPLS = {"host_penalty": ("loop", "fastreg", "fastreg:Penalty"),
+              "host_penalty_step": ("loop", "fastreg", "fastreg:Penalty"),
               "host_penalty_grad": ("loop", "fastreg"), "host_prox_l1": ("loop", "fastreg")}
 COMPILE_IMPL = "compile"
 BASELINE = {"dropout": "native", "fused": "native", "penalty": "loop", "host": "loop"}
@@ -524,13 +530,18 @@ def _prepare_penalty(case, device, settings):
                     rel_err=math.sqrt(diff / norm) if norm else math.sqrt(diff))
 
 
+def _call_with_graph_alive(fn, forward_graph):
+    """fn(); the partial that calls it holds forward_graph."""
+    return fn()
+
+
 def _prepare_host(case, settings):
     """Tiny float32 CPU tensors: the time per call is the work around the kernels."""
     gen = _generator("cpu")
     params = [torch.randn(HOST_TENSOR_NUMEL, generator=gen).requires_grad_()
               for _ in range(HOST_SETS[case.params])]
     l1, l2, impl = settings.l1, settings.l2, case.impl
-    if case.op == "host_penalty":
+    if case.op in ("host_penalty", "host_penalty_step"):
         if impl == "loop":
             fn = lambda: penalty_loop(params, l1, l2)  # noqa: E731
         elif impl == "fastreg":
@@ -539,8 +550,14 @@ def _prepare_host(case, settings):
             module = torch.nn.Module()
             module.params = torch.nn.ParameterList(torch.nn.Parameter(w.detach().clone())
                                                    for w in params)
+            params = list(module.parameters())
             penalty_module = fastreg.Penalty(l1=l1, l2=l2)
             fn = lambda: penalty_module(module)  # noqa: E731
+        if case.op == "host_penalty_step":
+            # As in a training step: a forward's graph holds the parameters' AccumulateGrad
+            # nodes, which a call with no graph alive makes anew for every parameter.
+            forward_graph = sum(w.sum() for w in params)
+            fn = functools.partial(_call_with_graph_alive, fn, forward_graph)
         return Prepared(fn=fn)
     for w in params:
         w.grad = torch.zeros_like(w)

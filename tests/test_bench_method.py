@@ -320,11 +320,14 @@ def test_host_rows_cover_every_call_on_tiny_cpu_tensors():
 
 
 def test_host_calls_compute_what_the_loop_does():
-    values = {}
-    for case in bench.cases("cpu", ops=["host_penalty"], quick=True):
-        values[case.impl] = float(bench.prepare(case, "cpu").fn().detach())
-    assert values["fastreg"] == pytest.approx(values["loop"], rel=1e-5)
-    assert values["fastreg:Penalty"] == pytest.approx(values["loop"], rel=1e-5)
+    for op in ("host_penalty", "host_penalty_step"):
+        values = {}
+        for case in bench.cases("cpu", ops=[op], quick=True):
+            value = bench.prepare(case, "cpu").fn()
+            assert value.grad_fn is not None
+            values[case.impl] = float(value.detach())
+        assert values["fastreg"] == pytest.approx(values["loop"], rel=1e-5)
+        assert values["fastreg:Penalty"] == pytest.approx(values["loop"], rel=1e-5)
     for op in ("host_penalty_grad", "host_prox_l1"):
         for case in bench.cases("cpu", ops=[op], quick=True):
             assert bench.prepare(case, "cpu").fn() is None
