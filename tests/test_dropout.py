@@ -87,6 +87,30 @@ def test_tails_and_sizes(device, p, numel):
                            reference.dropout(x, p, mask=mode, seed=numel))
 
 
+@requires_extension
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("numel", [2 * 4096 + 5, 8 * 4096 + 300])
+def test_cpu_bits_do_not_depend_on_the_thread_count(threads, numel):
+    # The CPU kernels split their 4096-element chunks into one share per thread, each
+    # share claimed chunk by chunk, then what is left of the others' (csrc/cpu/
+    # parallel_claim.h). Three chunks and five threads: fewer workers than threads;
+    # nine chunks and three or five threads: uneven shares.
+    x = torch.randn(numel, requires_grad=True)
+    g = torch.randn(numel)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for mode in MASK_MODES:
+            y = fastreg.dropout(x, 0.4, mask=mode, seed=numel)
+            y_ref = reference.dropout(x, 0.4, mask=mode, seed=numel)
+            assert torch.equal(y, y_ref)
+            assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0])
+        assert torch.equal(fastreg.dropout_mask(numel, 0.4, 7),
+                           reference.dropout_mask(numel, 0.4, 7))
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_keep_fraction_within_binomial_bounds(device, p):
     n = 1 << 20

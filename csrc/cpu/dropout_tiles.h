@@ -10,10 +10,8 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -22,6 +20,7 @@
 #endif
 
 #include "cpu/cpu_features.h"
+#include "cpu/parallel_claim.h"
 #include "ops/dropout.h"
 
 namespace fastreg {
@@ -349,24 +348,13 @@ FASTREG_TARGET_CLONES void apply_bits(const scalar_t* in, scalar_t* out,
 }
 
 // Runs f(chunk, first, count) over chunks of `chunk_tiles` tiles (elements first ..
-// first+count-1). Threads claim chunks from a shared counter rather than each taking a
-// fixed share: on a machine shared with other work a thread that is descheduled no
-// longer leaves the others idle at the end of the loop (with fixed shares 2 threads ran
-// slower than 1).
+// first+count-1), the chunks claimed by the threads as parallel_claim says.
 template <typename F>
 void for_each_chunk(int64_t n, int64_t chunk_tiles, const F& f) {
   const int64_t chunk_elems = chunk_tiles * kTile;
-  const int64_t chunks = (n + chunk_elems - 1) / chunk_elems;
-  std::atomic<int64_t> next_chunk{0};
-  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t chunk = next_chunk.fetch_add(1, std::memory_order_relaxed); chunk < chunks;
-           chunk = next_chunk.fetch_add(1, std::memory_order_relaxed)) {
-        const int64_t first = chunk * chunk_elems;
-        f(chunk, first, std::min(chunk_elems, n - first));
-      }
-    }
+  parallel_claim((n + chunk_elems - 1) / chunk_elems, [&](int64_t chunk) {
+    const int64_t first = chunk * chunk_elems;
+    f(chunk, first, std::min(chunk_elems, n - first));
   });
 }
 
@@ -376,8 +364,6 @@ void for_each_chunk(int64_t n, int64_t chunk_tiles, const F& f) {
 // the number of threads. For each tile: keep flags from `keep_fn`, recorded by `sink`,
 // then `apply(chunk, first, count, keep)` for elements first .. first+count-1. Flags
 // past the end are zero so that the last mask word has no stray bits.
-//
-// Chunks are claimed as in for_each_chunk.
 template <typename KeepFn, typename Sink, typename Apply>
 void for_each_tile(int64_t n, int64_t chunk_tiles, const KeepFn& keep_fn, const Sink& sink,
                    const Apply& apply) {

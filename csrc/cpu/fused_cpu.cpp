@@ -4,6 +4,7 @@
 // per-chunk partial rows that are then added in chunk order: no atomics, and the result
 // depends on the shape only, not on the number of threads.
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <type_traits>

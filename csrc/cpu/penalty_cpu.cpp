@@ -6,16 +6,15 @@
 // number of threads, and from run to run.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <type_traits>
 
 #include "cpu/cpu_features.h"
 #include "cpu/huge_pages.h"
+#include "cpu/parallel_claim.h"
 #include "ops/penalty.h"
 
 // setup.py compiles this with -ffp-contract=off: the gradients are promised bit-exact
@@ -49,27 +48,16 @@ void for_each_piece(const std::vector<Segment>& segments, int64_t lo, int64_t hi
 }
 
 // Runs body(chunk, segment, first, count) over the pieces of every chunk. Threads claim
-// groups of kGrainChunks chunks from a shared counter rather than each taking a fixed
-// share: on a busy machine a descheduled thread leaves its unclaimed groups to the others.
-// Which thread runs a chunk never changes what the chunk computes.
+// groups of kGrainChunks chunks as parallel_claim says; which thread runs a chunk never
+// changes what the chunk computes.
 template <typename Body>
 void parallel_chunks(const std::vector<Segment>& segments, int64_t total, const Body& body) {
   const int64_t chunks = (total + kChunk - 1) / kChunk;
-  const int64_t groups = (chunks + kGrainChunks - 1) / kGrainChunks;
-  const int64_t workers = std::min<int64_t>(groups, at::get_num_threads());
-  std::atomic<int64_t> next_group{0};
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t worker = begin; worker < end; ++worker) {
-      for (int64_t g = next_group.fetch_add(1, std::memory_order_relaxed); g < groups;
-           g = next_group.fetch_add(1, std::memory_order_relaxed)) {
-        const int64_t last = std::min(chunks, (g + 1) * kGrainChunks);
-        for (int64_t c = g * kGrainChunks; c < last; ++c) {
-          for_each_piece(segments, c * kChunk, std::min(total, (c + 1) * kChunk),
-                         [&](const Segment& s, int64_t first, int64_t count) {
-                           body(c, s, first, count);
-                         });
-        }
-      }
+  parallel_claim((chunks + kGrainChunks - 1) / kGrainChunks, [&](int64_t g) {
+    const int64_t last = std::min(chunks, (g + 1) * kGrainChunks);
+    for (int64_t c = g * kGrainChunks; c < last; ++c) {
+      for_each_piece(segments, c * kChunk, std::min(total, (c + 1) * kChunk),
+                     [&](const Segment& s, int64_t first, int64_t count) { body(c, s, first, count); });
     }
   });
 }
