@@ -246,7 +246,7 @@ template <> struct UnsignedOfSize<8> { using type = uint64_t; };
 // float16 with F16C, eight elements at a time: gcc does not vectorize _Float16
 // conversions (each is one scalar vcvtph2ps / vcvtps2ph), so the float16 loops of
 // apply_keep and apply_bits have these hand-written forms, used where the CPU has
-// AVX2 and F16C. Same rounding as the scalar loops (round to nearest even, imm 0).
+// AVX2 and F16C (and the AVX-512 forms below where the AVX-512 path is chosen). Same rounding as the scalar loops (round to nearest even, imm 0).
 __attribute__((target("avx2,f16c"))) inline __m128i half8_scaled(const c10::Half* in,
                                                                  __m256 scale) {
   const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
@@ -287,6 +287,46 @@ __attribute__((target("avx2,f16c"))) void apply_bits_f16c(const c10::Half* in, c
     out[e].x = static_cast<uint16_t>(h & -k);
   }
 }
+
+// The same with AVX-512F, sixteen elements at a time: the keep flags become a mask
+// register, and the masked multiply gives +0 in dropped lanes (NaN and infinity too),
+// which converts to float16 +0. Used where the AVX-512 path is chosen (philox_isa()).
+__attribute__((target("avx512f"))) inline __m256i half16_kept(const c10::Half* in, __m512 scale,
+                                                              __mmask16 keep) {
+  const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in)));
+  return _mm512_cvtps_ph(_mm512_maskz_mul_ps(keep, v, scale), _MM_FROUND_TO_NEAREST_INT);
+}
+
+__attribute__((target("avx512f,f16c"))) void apply_keep_f16_avx512(const c10::Half* in, c10::Half* out,
+                                                               const uint8_t* keep, int64_t count,
+                                                               float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t e = 0;
+  for (; e + 16 <= count; e += 16) {
+    const __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + e)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + e),
+                        half16_kept(in + e, s, _mm512_test_epi32_mask(k, k)));
+  }
+  if (e < count) apply_keep_f16c(in + e, out + e, keep + e, count - e, scale);
+}
+
+// `words` holds the mask from element 0; e steps by 16, so a step's bits never straddle
+// two words.
+__attribute__((target("avx512f,f16c"))) void apply_bits_f16_avx512(const c10::Half* in, c10::Half* out,
+                                                               const uint32_t* words, int64_t count,
+                                                               float scale) {
+  const __m512 s = _mm512_set1_ps(scale);
+  int64_t e = 0;
+  for (; e + 16 <= count; e += 16) {
+    const auto k = static_cast<__mmask16>(words[e / 32] >> (e % 32));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + e), half16_kept(in + e, s, k));
+  }
+  for (; e < count; ++e) {
+    const uint16_t h = _cvtss_sh(_cvtsh_ss(in[e].x) * scale, _MM_FROUND_TO_NEAREST_INT);
+    const uint16_t k = (words[e / 32] >> (e % 32)) & 1u;
+    out[e].x = static_cast<uint16_t>(h & -k);
+  }
+}
 #endif
 
 // Branch-free so it vectorizes (gcc will not if-convert `keep ? x * scale : 0`): the
@@ -299,6 +339,7 @@ FASTREG_TARGET_CLONES void apply_keep(const scalar_t* in, scalar_t* out,
                                       at::opmath_type<scalar_t> scale) {
 #if FASTREG_X86_CLONES
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (philox_isa() == PhiloxIsa::Avx512) return apply_keep_f16_avx512(in, out, keep, count, scale);
     if (have_f16c()) return apply_keep_f16c(in, out, keep, count, scale);
   }
 #endif
@@ -321,6 +362,7 @@ FASTREG_TARGET_CLONES void apply_bits(const scalar_t* in, scalar_t* out,
                                       at::opmath_type<scalar_t> scale) {
 #if FASTREG_X86_CLONES
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (philox_isa() == PhiloxIsa::Avx512) return apply_bits_f16_avx512(in, out, words, count, scale);
     if (have_f16c()) return apply_bits_f16c(in, out, words, count, scale);
   }
 #endif
