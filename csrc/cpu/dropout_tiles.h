@@ -246,7 +246,8 @@ template <> struct UnsignedOfSize<8> { using type = uint64_t; };
 // float16 with F16C, eight elements at a time: gcc does not vectorize _Float16
 // conversions (each is one scalar vcvtph2ps / vcvtps2ph), so the float16 loops of
 // apply_keep and apply_bits have these hand-written forms, used where the CPU has
-// AVX2 and F16C (and the AVX-512 forms below where the AVX-512 path is chosen). Same rounding as the scalar loops (round to nearest even, imm 0).
+// AVX2 and F16C (the AVX-512 forms below where the AVX-512 path is chosen). Same
+// rounding as the scalar loops (round to nearest even, imm 0).
 __attribute__((target("avx2,f16c"))) inline __m128i half8_scaled(const c10::Half* in,
                                                                  __m256 scale) {
   const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in)));
