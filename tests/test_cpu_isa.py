@@ -3,6 +3,7 @@ runs, and every Philox path this CPU can run (hand-written AVX-512 and AVX2, the
 loop) bit for bit against the reference's Philox."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -84,3 +85,17 @@ def test_dropout_and_fused_are_the_reference(philox_path, dtype, mode):
     bias = torch.randn(1000, dtype=dtype)
     fused = fastreg.bias_act_dropout(x.detach(), bias, 0.2, "relu", seed=3, mask=mode)
     assert torch.equal(fused, reference.bias_act_dropout(x.detach(), bias, 0.2, "relu", seed=3))
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_cpu_math_is_inlined_into_the_loops():
+    # exp_cpu, erf_cpu and tanh_cpu (csrc/device/fused_math.h) exist so that gcc can
+    # vectorize the fused ops' activation loops. The loops are target_clones functions,
+    # into which gcc does not inline a plain inline function: called out of line, exp_cpu
+    # kept the gelu and silu loops scalar (about 7x slower). No out-of-line copy of them
+    # may be left in the library.
+    symbols = subprocess.run(["nm", "-C", "--defined-only", _ops._C.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    assert "apply_keep" in symbols  # nm read the symbols
+    for name in ("exp_cpu", "erf_cpu", "tanh_cpu"):
+        assert f"fastreg::{name}(" not in symbols, f"{name} is called out of line"
