@@ -12,9 +12,9 @@ from fastreg import bench
 BENCH_HELP = """\
 Times fastreg against what you would run instead, in the same process: native
 F.dropout (forward, backward, forward+backward, for each fastreg mask mode), the fused
-bias+dropout+add and bias+GELU+dropout against their native composition, and the
-penalty against a Python loop and torch._foreach_norm, with the copy bandwidth of the
-device measured at the same sizes. Each row: median time, GB/s (bytes the op must move
+bias+dropout+add and bias+GELU+dropout (each mask mode) against their native
+composition, and the penalty against a Python loop and torch._foreach_norm, with the
+copy bandwidth of the device measured at the same sizes. Each row: median time, GB/s (bytes the op must move
 / time), that as a share of copy bandwidth, speedup against the native baseline, bytes
 autograd keeps for backward per element (dropout, fused) or the relative error against
 float64 (penalty). Rows of ops this build lacks say so. The penalty's host overhead:

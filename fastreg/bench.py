@@ -13,7 +13,7 @@ Ops (the names ``--ops`` takes; ``dropout``, ``fused`` and ``penalty`` select a 
 * ``dropout_fwdbwd``: ``out = f(x); torch.autograd.grad(out, x, g)``.
 * ``bias_dropout_add``: ``residual + dropout(x + bias)`` forward and backward (gradients
   of x, bias and residual), x of shape (numel / 1024, 1024); ``fastreg.bias_dropout_add``
-  against the composition of native ops, once the fused ops are merged.
+  against the composition of native ops, in each mask mode.
 * ``bias_gelu_dropout``: ``dropout(gelu(x + bias))`` likewise (``fastreg.bias_act_dropout``).
 * ``penalty_value``: ``l1 * sum|w| + l2 * sum w**2`` over a parameter list, no autograd.
 * ``penalty_fwdbwd``: the same value, then ``torch.autograd.grad(value, params)``.
@@ -110,7 +110,7 @@ OP_LABELS = {"dropout_fwd": "forward", "dropout_bwd": "backward", "dropout_fwdbw
 
 # The impls of each family, the baseline (the speedup's reference) first.
 DROPOUT_IMPLS = ("native", "fastreg:bits", "fastreg:bool", "fastreg:recompute")
-FUSED_IMPLS = ("native", "fastreg:bits")
+FUSED_IMPLS = DROPOUT_IMPLS
 PENALTY_IMPLS = ("loop", "foreach", "fastreg")
 # fastreg:Penalty is fastreg.Penalty(l1=, l2=)(module), the module holding the tensors.
 HOST_IMPLS = {"host_penalty": ("loop", "fastreg", "fastreg:Penalty"),

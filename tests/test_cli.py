@@ -113,6 +113,18 @@ def test_bench_measures_what_each_mask_mode_keeps(quick_json):
     assert kept["native"] >= 1  # F.dropout keeps a full-width mask on the CPU
 
 
+@requires_extension  # measures what the fused kernels keep
+def test_bench_measures_what_each_fused_mask_mode_keeps(quick_json):
+    constant = 64 / 65536  # the (seed, offset) pair, and some slack
+    for op in bench.FUSED_OPS:
+        kept = {r["impl"]: r["saved_bytes_per_elem"] for r in quick_json["results"]
+                if r["op"] == op and r["numel"] == 65536}
+        assert 0.125 <= kept["fastreg:bits"] <= 0.125 + constant, (op, kept)
+        assert 1 <= kept["fastreg:bool"] <= 1 + constant, (op, kept)
+        assert kept["fastreg:recompute"] <= constant, (op, kept)
+        assert kept["native"] >= 4, (op, kept)  # a float32 mask (and gelu's input)
+
+
 def test_bench_prints_a_table(capsys):
     main([a for a in QUICK if a != "--no-progress"] + ["--ops", "dropout_fwd,penalty_value"])
     captured = capsys.readouterr()
