@@ -36,7 +36,8 @@ per call is the Python and C++ work around them: ``fastreg.penalty(list)``,
 ``fastreg.prox_l1_(list)`` against the Python loop, in microseconds, whatever ``--device``.
 ``host_penalty`` calls the penalty with no graph alive (each call makes every parameter's
 AccumulateGrad node anew), ``host_penalty_step`` with the parameters in a live graph, as
-in a training step.
+in a training step; both also time ``torch.cat(list)``, torch's own operator over a
+tensor list with autograd, which pays the same autograd work per tensor.
 
 The method (docs/bench-method.md):
 
@@ -112,9 +113,12 @@ OP_LABELS = {"dropout_fwd": "forward", "dropout_bwd": "backward", "dropout_fwdbw
 DROPOUT_IMPLS = ("native", "fastreg:bits", "fastreg:bool", "fastreg:recompute")
 FUSED_IMPLS = DROPOUT_IMPLS
 PENALTY_IMPLS = ("loop", "foreach", "fastreg")
-# fastreg:Penalty is fastreg.Penalty(l1=, l2=)(module), the module holding the tensors.
-HOST_IMPLS = {"host_penalty": ("loop", "fastreg", "fastreg:Penalty"),
-              "host_penalty_step": ("loop", "fastreg", "fastreg:Penalty"),
+# fastreg:Penalty is fastreg.Penalty(l1=, l2=)(module), the module holding the tensors;
+# torch.cat is torch.cat(list), torch's own operator over a tensor list with autograd: for
+# scale, the autograd work (an edge to each tensor's AccumulateGrad node, made anew when no
+# graph holds it) that any such operator pays.
+HOST_IMPLS = {"host_penalty": ("loop", "fastreg", "fastreg:Penalty", "torch.cat"),
+              "host_penalty_step": ("loop", "fastreg", "fastreg:Penalty", "torch.cat"),
               "host_penalty_grad": ("loop", "fastreg"), "host_prox_l1": ("loop", "fastreg")}
 COMPILE_IMPL = "compile"
 BASELINE = {"dropout": "native", "fused": "native", "penalty": "loop", "host": "loop"}
@@ -546,6 +550,8 @@ def _prepare_host(case, settings):
             fn = lambda: penalty_loop(params, l1, l2)  # noqa: E731
         elif impl == "fastreg":
             fn = lambda: fastreg.penalty(params, l1=l1, l2=l2)  # noqa: E731
+        elif impl == "torch.cat":
+            fn = lambda: torch.cat(params)  # noqa: E731
         else:  # fastreg:Penalty, called on a module that holds the tensors
             module = torch.nn.Module()
             module.params = torch.nn.ParameterList(torch.nn.Parameter(w.detach().clone())
@@ -1281,7 +1287,8 @@ def format_table(rows, env, settings=Settings(), timer=None):
                     "elements (tiny148: 148 of them, as GPT-2 small has; tiny1000: 1,000), "
                     "time per call in microseconds against the Python loop; fastreg: "
                     "penalty(list), penalty_grad_(list), prox_l1_(list); fastreg:Penalty: "
-                    "Penalty(l1=, l2=)(module)"]
+                    "Penalty(l1=, l2=)(module); torch.cat: torch.cat(list), torch's own "
+                    "operator over a tensor list with autograd, for scale"]
         out += _table(host, ["op", "dtype", "params", "impl", "median us", "GB/s", "copy",
                              "speedup", "spread", "per tensor us"],
                       lambda r: _fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f"), unit="us")
