@@ -33,6 +33,11 @@ Cases, for 148 tensors (GPT-2 small's parameter count, 4 elements each) and 1,00
   penalty(1-d), torch.cat(1-d)  the same two with no graph alive: every call makes each
                       tensor's AccumulateGrad node anew and frees it with the result,
                       which torch.cat pays as well (torch's own floor for this case)
+  cat, then penalty(1-d)  torch.cat and then fastreg.penalty on one more such list, no
+  penalty, then cat(1-d)  graph alive before, both results held to the end of the call,
+                      in either order: the nodes are made once, by whichever comes
+                      first, so either row less "torch.cat(1-d)" is what the penalty adds
+                      to a step whose forward uses the parameters, in either order
 
 Issue 14's target: at most 30 us for 148 tensors and 150 us for 1,000, for penalty,
 Penalty(module), penalty_grad_ and prox_l1_.
@@ -132,6 +137,17 @@ def cases(n_tensors):
     # the same count of 1-d tensors, in no graph
     lone = [torch.zeros(4, requires_grad=True) for _ in params]
 
+    # one more such list, for the pair of calls in either order
+    paired = [torch.zeros(4, requires_grad=True) for _ in params]
+
+    def cat_then_penalty():
+        joined = torch.cat(paired)
+        return joined, fastreg.penalty(paired, l1=1e-5, l2=1e-4)
+
+    def penalty_then_cat():
+        value = fastreg.penalty(paired, l1=1e-5, l2=1e-4)
+        return value, torch.cat(paired)
+
     def backward():
         fastreg.penalty(params, l1=1e-5, l2=1e-4).backward()
 
@@ -158,6 +174,8 @@ def cases(n_tensors):
         "torch.cat(1-d) in step": flat_cat,
         "penalty(1-d)": lambda: fastreg.penalty(lone, l1=1e-5, l2=1e-4),
         "torch.cat(1-d)": lambda: torch.cat(lone),
+        "cat, then penalty(1-d)": cat_then_penalty,
+        "penalty, then cat(1-d)": penalty_then_cat,
     }
 
 
