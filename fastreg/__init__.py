@@ -7,8 +7,8 @@ from fastreg.dropout import Dropout, dropout, dropout_mask, replace_dropout
 from fastreg.functional_mode import DropoutMode
 from fastreg.penalty import (L1Penalty, L2Penalty, Penalty, l1_penalty, l2_penalty, penalty,
                              penalty_grad_, prox_l1_)
-from fastreg.fused import (Dropout1d, Dropout2d, Dropout3d, bias_act_dropout, bias_dropout_add,
-                           dropout1d, dropout2d, dropout3d)
+from fastreg.channel import Dropout1d, Dropout2d, Dropout3d, dropout1d, dropout2d, dropout3d
+from fastreg.fused import bias_act_dropout, bias_dropout_add
 
 __version__ = "0.1.0"
 

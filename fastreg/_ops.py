@@ -14,6 +14,8 @@ import warnings
 import torch
 
 BACKEND_ENV = "FASTREG_BACKEND"
+# (major, minor) of the running torch, for behaviour that differs by release
+TORCH_VERSION = tuple(int(v) for v in torch.__version__.split(".")[:2])
 
 
 def _load_extension():

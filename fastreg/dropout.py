@@ -1,10 +1,11 @@
-"""Public dropout API: the functional form, the nn.Dropout drop-in and the mask utility."""
+"""Dropout: the functional form and its front end (shared with the reference), the
+nn.Dropout drop-in, the mask utility and replace_dropout."""
 
 import torch
 from torch import nn
 
-from fastreg import _args, _ops, fused, reference
-from fastreg._modules import DropoutModule, dropout_apply as _apply
+from fastreg import _checks, _ops, _rng, channel, reference
+from fastreg._modules import DropoutModule, all_dropped, dropout_apply as _apply
 
 
 class _DropoutInplace(torch.autograd.Function):
@@ -51,7 +52,7 @@ def _apply_inplace(input, p, rng_state, mask):
     if not _ops.has_inplace_dropout(input.device) or not _is_dense(input):
         return input.copy_(_apply(input, p, rng_state, mask))
     if torch.is_grad_enabled() and input.requires_grad:
-        if input._base is not None or _args._compiling():
+        if input._base is not None or _rng.compiling():
             # The copy path, as above, for a view: autograd lets a Function that modifies
             # a view in place return one tensor only, and _DropoutInplace returns the mask
             # too. And under torch.compile: Dynamo without pytorch/pytorch#184267 (torch
@@ -62,6 +63,32 @@ def _apply_inplace(input, p, rng_state, mask):
         return _DropoutInplace.apply(input, p, rng_state, mask)[0]
     torch.ops.fastreg.dropout_fwd_(input, p, rng_state, mask)
     return input
+
+
+def dropout_front(apply, input, p, training, inplace, mask, seed, generator, apply_=None):
+    """Everything F.dropout does around the kernel: checks, the identity cases, the RNG
+    draw and in-place semantics. `apply(input, p, rng_state, mask)` returns the output;
+    `apply_`, when given, does the same into `input` for inplace=True (else the output is
+    copied into `input`). p = 1 draws nothing and runs no kernel, as torch's
+    (fastreg._modules.script_dropout is the same for TorchScript)."""
+    p = _checks.check_probability(p)
+    _checks.check_dropout_input(input)
+    _checks.check_training(training, "dropout")
+    _checks.check_mask_mode(mask)
+    if not training or p == 0.0:
+        return input
+    if inplace:
+        _checks.check_inplace(input, "dropout")
+    if p == 1.0:
+        _checks.check_seed(seed, generator)  # checked; nothing is drawn
+        if inplace:
+            return input.zero_()
+        return all_dropped(input)
+    state = _rng.rng_state(input.device, seed, generator)
+    if inplace and apply_ is not None:
+        return apply_(input, p, state, mask)
+    out = apply(input, p, state, mask)
+    return input.copy_(out) if inplace else out
 
 
 def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
@@ -90,7 +117,7 @@ def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=Non
 
     Dropped elements are exactly 0, also where ``input`` is NaN or infinite.
     """
-    return _args.dropout_front(_apply, input, p, training, inplace, mask, seed, generator,
+    return dropout_front(_apply, input, p, training, inplace, mask, seed, generator,
                                apply_=_apply_inplace)
 
 
@@ -99,9 +126,9 @@ def dropout_mask(shape, p, seed, offset=0, *, device=None):
     element i of the contiguous result is kept iff the contract keeps element i."""
     if not _ops.has_kernels(device or "cpu"):
         return reference.dropout_mask(shape, p, seed, offset, device=device)
-    p = _args.check_probability(p)
-    shape = _args.check_shape(shape, "dropout_mask")
-    state = torch.tensor([_args.as_int64(seed, "seed"), _args.as_int64(offset, "offset")],
+    p = _checks.check_probability(p)
+    shape = _checks.check_shape(shape, "dropout_mask")
+    state = torch.tensor([_checks.as_int64(seed, "seed"), _checks.as_int64(offset, "offset")],
                          dtype=torch.int64, device=device)
     return torch.ops.fastreg.dropout_mask(state, shape, p)
 
@@ -139,8 +166,8 @@ def replace_dropout(model, *, mask="bits", functional=False):
     :class:`fastreg.DropoutMode` (forward hooks), so that the model's calls of
     ``F.dropout``, ``F.dropout1d/2d/3d`` and ``torch.dropout`` run fastreg's dropout in mode
     ``mask`` too (docs/functional-routing.md)."""
-    _args.check_module(model, "model", "replace_dropout")
-    _args.check_mask_mode(mask)
+    _checks.check_module(model, "model", "replace_dropout")
+    _checks.check_mask_mode(mask)
     if not isinstance(functional, bool):
         raise TypeError(f"replace_dropout(): functional must be a bool, but got "
                         f"{type(functional).__name__}")
@@ -152,8 +179,8 @@ def replace_dropout(model, *, mask="bits", functional=False):
 
 
 def _swap_modules(model, mask):
-    classes = {nn.Dropout: Dropout, nn.Dropout1d: fused.Dropout1d, nn.Dropout2d: fused.Dropout2d,
-               nn.Dropout3d: fused.Dropout3d}
+    classes = {nn.Dropout: Dropout, nn.Dropout1d: channel.Dropout1d,
+               nn.Dropout2d: channel.Dropout2d, nn.Dropout3d: channel.Dropout3d}
 
     def swap(module):
         new = classes[type(module)](module.p, module.inplace, mask=mask)

@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from fastreg import _args
+from fastreg import _checks, _ops
 
 _local = threading.local()
 _redispatch = getattr(torch.overrides, "redispatch_function", None)  # torch >= 2.14
 # Dynamo in torch 2.5 traces entering a TorchFunctionMode but not the mode's handling of
 # F.dropout: a mode entered inside a compiled function silently left torch's dropout in
 # the graph. (2.4 breaks the graph there; 2.6 and later route the calls.)
-_DYNAMO_DROPS_THE_MODE = (2, 5) <= _args.TORCH_VERSION < (2, 6)
+_DYNAMO_DROPS_THE_MODE = (2, 5) <= _ops.TORCH_VERSION < (2, 6)
 
 
 def _plain_type(cls):
@@ -57,7 +57,7 @@ _TORCH_DROPOUT_ARGS = (("input", "p", "train"), {})
 
 
 def _handlers():
-    from fastreg import fused
+    from fastreg import channel
     from fastreg.dropout import dropout
 
     def functional(fn):
@@ -74,8 +74,8 @@ def _handlers():
                            generator=mode.generator)
         return serve
 
-    return {F.dropout: functional(dropout), F.dropout1d: functional(fused.dropout1d),
-            F.dropout2d: functional(fused.dropout2d), F.dropout3d: functional(fused.dropout3d),
+    return {F.dropout: functional(dropout), F.dropout1d: functional(channel.dropout1d),
+            F.dropout2d: functional(channel.dropout2d), F.dropout3d: functional(channel.dropout3d),
             torch.dropout: torch_dropout(False), torch.dropout_: torch_dropout(True)}
 
 
@@ -117,9 +117,9 @@ class DropoutMode(TorchFunctionMode):
                                "calls of a mode entered inside a compiled function; enter it "
                                "around the compiled call, or use torch >= 2.6")
         super().__init__()
-        _args.check_mask_mode(mask)
+        _checks.check_mask_mode(mask)
         self.mask = mask
-        self.generator = _args.check_generator(generator)
+        self.generator = _checks.check_generator(generator)
         self.count = 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -1,12 +1,105 @@
-"""Fused dropout variants: bias + dropout + residual add, bias + activation + dropout, and
-channel dropout (Dropout1d/2d/3d), all under dropout's RNG contract
-(docs/rng-contract.md) and mask modes."""
+"""Fused dropout variants, bias + dropout + residual add and bias + activation + dropout,
+under dropout's RNG contract (docs/rng-contract.md) and mask modes: the functions and
+their front ends (shared with the reference)."""
 
 import torch
-from torch import nn
 
-from fastreg import _args, _ops, reference
-from fastreg._modules import DropoutModule, channel_apply as _channel_apply
+from fastreg import _checks, _ops, _rng, reference
+
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+
+
+def check_activation(activation):
+    """The activation's name for the operators: one of ACTIVATIONS, or 'none' for None."""
+    if activation is None:
+        return "none"
+    if not isinstance(activation, str):
+        raise TypeError(f"activation must be a str or None, but got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))} or None, "
+                         f"but got {activation!r}")
+    return activation
+
+
+def _check_like(value, name, input, function, shape, what):
+    _checks.check_tensor(value, name, function)
+    _checks.check_dropout_layout(value, name, function)
+    if value.shape != shape:
+        raise RuntimeError(f"{function}(): {name} must have shape {tuple(shape)} ({what}), "
+                           f"but got {tuple(value.shape)}")
+    if value.is_complex():
+        raise TypeError(f"{function}(): {name} must be a real tensor, but got {value.dtype}")
+    if value.device != input.device:
+        raise RuntimeError(f"{function}(): {name} must be on input's device {input.device}, but is "
+                           f"on {value.device}")
+
+
+def check_bias(bias, input, function):
+    """bias: None, or a real, strided vector of input's last dimension and device
+    (RuntimeError)."""
+    if bias is None:
+        return
+    if input.dim() == 0:
+        _checks.check_tensor(bias, "bias", function)
+        raise RuntimeError(f"{function}(): a bias needs an input with at least 1 dimension, "
+                           "but input is 0-dimensional")
+    _check_like(bias, "bias", input, function, torch.Size([input.shape[-1]]),
+                "input's last dimension")
+
+
+def check_residual(residual, input, function):
+    """residual: a real, strided tensor of input's shape and device (RuntimeError); any
+    strides."""
+    _check_like(residual, "residual", input, function, input.shape, "input's shape")
+
+
+def promote_fused(*tensors):
+    """The tensors (None passes) cast to their promoted dtype, the dtype of the eager
+    composition `residual + dropout(input + bias)`: under autocast a bfloat16 activation
+    with a float32 bias and residual gives float32, as it does eagerly. The upcasts are
+    exact, so the fused op still rounds once."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) == 1:  # the common case calls nothing (nothing lands in traced graphs)
+        return tensors
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return [t if t is None or t.dtype == dtype else t.to(dtype) for t in tensors]
+
+
+def bias_dropout_add_front(apply, input, bias, residual, p, training, mask, seed, generator):
+    """Checks, eval mode and the RNG draw of bias_dropout_add around
+    `apply(input, bias, residual, p, rng_state, mask)`. With training=False or p = 0 the
+    sum residual + (input + bias) is still computed by `apply` (p = 0, nothing kept)."""
+    function = "bias_dropout_add"
+    p = _checks.check_probability(p)
+    _checks.check_dropout_input(input, function)
+    check_bias(bias, input, function)
+    check_residual(residual, input, function)
+    _checks.check_training(training, function)
+    _checks.check_mask_mode(mask)
+    input, bias, residual = promote_fused(input, bias, residual)
+    if not training or p == 0.0:
+        return apply(input, bias, residual, 0.0, _rng.no_rng_state(input.device), "recompute")
+    return apply(input, bias, residual, p, _rng.rng_state(input.device, seed, generator), mask)
+
+
+def bias_act_dropout_front(apply, input, bias, p, activation, training, mask, seed, generator):
+    """The same for bias_act_dropout around `apply(input, bias, p, activation, rng_state,
+    mask)`, activation given as the operators' name ('none' for None)."""
+    function = "bias_act_dropout"
+    p = _checks.check_probability(p)
+    _checks.check_dropout_input(input, function)
+    check_bias(bias, input, function)
+    activation = check_activation(activation)
+    _checks.check_training(training, function)
+    _checks.check_mask_mode(mask)
+    input, bias = promote_fused(input, bias)
+    if not training or p == 0.0:
+        return apply(input, bias, 0.0, activation, _rng.no_rng_state(input.device), "recompute")
+    return apply(input, bias, p, activation, _rng.rng_state(input.device, seed, generator), mask)
 
 
 def _bias_dropout_add(input, bias, residual, p, rng_state, mask):
@@ -60,8 +153,8 @@ def bias_dropout_add(input, bias, residual, p, training=True, *, mask="bits", se
 
     The bias gradient is summed in float32 (float64) without atomics, deterministically.
     """
-    return _args.bias_dropout_add_front(_bias_dropout_add, input, bias, residual, p, training,
-                                        mask, seed, generator)
+    return bias_dropout_add_front(_bias_dropout_add, input, bias, residual, p, training,
+                                  mask, seed, generator)
 
 
 def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="bits",
@@ -84,64 +177,5 @@ def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="
     memory) when there is an activation: its derivative needs ``act'(input + bias)``.
     With ``training=False`` (or p = 0) the result is ``act(input + bias)``.
     """
-    return _args.bias_act_dropout_front(_bias_act_dropout, input, bias, p, activation, training,
+    return bias_act_dropout_front(_bias_act_dropout, input, bias, p, activation, training,
                                         mask, seed, generator)
-
-
-# ---- channel dropout ----------------------------------------------------------------
-
-def _channel_doc(spatial):
-    batched = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, D, H, W)"}[spatial]
-    return f"""Channel dropout, a drop-in for ``torch.nn.functional.dropout{spatial}d``: every
-    channel of an input {batched} is zeroed with probability ``p`` as a whole, the others
-    scaled by ``1 / (1 - p)``.
-
-    Channel (n, c) is kept iff element ``n * C + c`` of the RNG contract is, i.e. the keep
-    flags are ``dropout_mask((N, C), p, seed)`` for a given seed; kept values are computed
-    in float32 (float64) and rounded once, dropped ones are exactly 0. Input ranks,
-    no-batch inputs, warnings and errors follow torch's rules; ``inplace=True`` writes into
-    the input. Backward keeps one flag per (batch, channel) whatever ``mask`` says (it is
-    accepted for uniformity with :func:`fastreg.dropout`).
-    """
-
-
-def _channel_dropout(spatial):
-    def function(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
-                 generator=None):
-        return _args.channel_dropout_front(_channel_apply, input, p, training, inplace, mask,
-                                           seed, generator, spatial)
-    function.__name__ = function.__qualname__ = f"dropout{spatial}d"
-    function.__doc__ = _channel_doc(spatial)
-    return function
-
-
-dropout1d = _channel_dropout(1)
-dropout2d = _channel_dropout(2)
-dropout3d = _channel_dropout(3)
-
-
-class Dropout1d(DropoutModule, nn.Dropout1d):
-    """Drop-in for ``torch.nn.Dropout1d`` running :func:`fastreg.dropout1d`;
-    ``Dropout1d(p=0.5, inplace=False, *, mask="bits", generator=None)``, ``mask`` and
-    ``generator`` as in :class:`fastreg.Dropout`."""
-
-    _function = staticmethod(dropout1d)
-    _spatial = 1
-
-
-class Dropout2d(DropoutModule, nn.Dropout2d):
-    """Drop-in for ``torch.nn.Dropout2d`` running :func:`fastreg.dropout2d`;
-    ``Dropout2d(p=0.5, inplace=False, *, mask="bits", generator=None)``, ``mask`` and
-    ``generator`` as in :class:`fastreg.Dropout`."""
-
-    _function = staticmethod(dropout2d)
-    _spatial = 2
-
-
-class Dropout3d(DropoutModule, nn.Dropout3d):
-    """Drop-in for ``torch.nn.Dropout3d`` running :func:`fastreg.dropout3d`;
-    ``Dropout3d(p=0.5, inplace=False, *, mask="bits", generator=None)``, ``mask`` and
-    ``generator`` as in :class:`fastreg.Dropout`."""
-
-    _function = staticmethod(dropout3d)
-    _spatial = 3

@@ -68,9 +68,62 @@ import weakref
 import torch
 from torch import nn
 
-from fastreg import _args, _ops, reference
+from fastreg import _checks, _distributed, _ops, _params, reference
 
 _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def penalty_front(apply, function, params, exclude, l1, l2, group_keys=("l1", "l2")):
+    """The value of a penalty through `apply(tensors, l1s, l2s)`; an empty selection
+    gives a float32 zero (on the CPU: it has no device to take)."""
+    coefficients = {"l1": _checks.check_optional_coefficient(l1, "l1", function),
+                    "l2": _checks.check_optional_coefficient(l2, "l2", function)}
+    tensors, values, _ = _params.collect_params(function, params, coefficients, exclude, group_keys,
+                                        one_mesh=True)
+    if not tensors:
+        return torch.zeros((), dtype=torch.float32)
+    if _distributed.has_dtensors(tensors):
+        return _distributed.penalty(apply, tensors, values["l1"], values["l2"])
+    return apply(tensors, values["l1"], values["l2"])
+
+
+def penalty_grad_front(apply, params, l1, l2, exclude):
+    """fastreg.penalty_grad_ through `apply(grads, tensors, l1s, l2s)`: a tensor without
+    a gradient gets a zero one first; tensors whose coefficients are both zero are left
+    alone."""
+    function = "penalty_grad_"
+    coefficients = {"l1": _checks.check_optional_coefficient(l1, "l1", function),
+                    "l2": _checks.check_optional_coefficient(l2, "l2", function)}
+    tensors, values, label = _params.collect_params(function, params, coefficients, exclude)
+    keep = [i for i in range(len(tensors)) if values["l1"][i] or values["l2"][i]]
+    for i in keep:
+        grad = tensors[i].grad
+        if grad is not None and grad.layout != torch.strided:
+            raise TypeError(f"{function}(): the gradient of {label(i)} must be strided (dense), "
+                            f"but got {grad.layout}")
+    if not keep:
+        return
+    with torch.no_grad():
+        grads = []
+        for i in keep:
+            if tensors[i].grad is None:
+                tensors[i].grad = torch.zeros_like(tensors[i])
+            grads.append(tensors[i].grad)
+        tensors = [tensors[i] for i in keep]
+        if _distributed.dtensor_type() is not None:  # elementwise: on the local shards
+            grads = _distributed.local_grads(function, tensors, grads)
+            tensors = [_distributed.local(tensor) for tensor in tensors]
+        apply(grads, tensors, [values["l1"][i] for i in keep], [values["l2"][i] for i in keep])
+
+
+def prox_front(apply, params, threshold, exclude):
+    """fastreg.prox_l1_ through `apply(tensors, thresholds)`."""
+    function = "prox_l1_"
+    coefficients = {"threshold": _checks.check_coefficient(threshold, "threshold", function)}
+    tensors, values, _ = _params.collect_params(function, params, coefficients, exclude)
+    if tensors:
+        with torch.no_grad():
+            apply([_distributed.local(tensor) for tensor in tensors], values["threshold"])
 
 
 def _penalty_apply(tensors, l1s, l2s):
@@ -127,7 +180,7 @@ def _prox_l1_apply(tensors, thresholds):
 # selection, so their addresses cannot be reused by other objects while it is cached
 # (modules are not kept: see csrc/ops/penalty_front.cpp). Anything else (groups, named
 # parameters, DTensors and other tensor subclasses, a TorchFunctionMode, a bad argument,
-# torch.compile's tracing) takes the general path in fastreg/_args.py, which raises the
+# torch.compile's tracing) takes the general path in fastreg/_params.py, which raises the
 # errors with the argument's name. The two paths give the same bits: the same operator
 # on the same tensors and coefficients.
 
@@ -150,7 +203,7 @@ def _module_tensors(function, module, exclude):
     if entry is not None and (entry.exclude is exclude or entry.exclude == exclude):
         if _FAST.module_key(module, None) == entry.key:
             return entry.tensors
-    _args.check_exclude(exclude, module, function)
+    _params.check_exclude(exclude, module, function)
     refs = []
     key = _FAST.module_key(module, refs)
     if key is None:
@@ -158,7 +211,7 @@ def _module_tensors(function, module, exclude):
     entry = _Selection()
     entry.exclude, entry.key = exclude, key
     entry.refs = refs  # classes, names and parameters: never a module (see module_key)
-    entry.tensors = [p for _, p in _args.module_params(module, exclude)]
+    entry.tensors = [p for _, p in _params.module_params(module, exclude)]
     _SELECTIONS[module] = entry
     return entry.tensors
 
@@ -211,7 +264,7 @@ def penalty(params, l1=None, l2=None, *, exclude=None):
                                        0.0 if l2 is None else l2)
             if value is not None:
                 return value
-    return _args.penalty_front(_penalty_apply, "penalty", params, exclude, l1, l2)
+    return penalty_front(_penalty_apply, "penalty", params, exclude, l1, l2)
 
 
 def l1_penalty(params, weight=1.0, *, exclude=None):
@@ -222,8 +275,8 @@ def l1_penalty(params, weight=1.0, *, exclude=None):
         value = _FAST.penalty_fast(tensors, weight, 0.0)
         if value is not None:
             return value
-    weight = _args.check_coefficient(weight, "weight", "l1_penalty")
-    return _args.penalty_front(_penalty_apply, "l1_penalty", params, exclude, weight, 0.0,
+    weight = _checks.check_coefficient(weight, "weight", "l1_penalty")
+    return penalty_front(_penalty_apply, "l1_penalty", params, exclude, weight, 0.0,
                                group_keys=("l1",))
 
 
@@ -235,8 +288,8 @@ def l2_penalty(params, weight=1.0, *, exclude=None):
         value = _FAST.penalty_fast(tensors, 0.0, weight)
         if value is not None:
             return value
-    weight = _args.check_coefficient(weight, "weight", "l2_penalty")
-    return _args.penalty_front(_penalty_apply, "l2_penalty", params, exclude, 0.0, weight,
+    weight = _checks.check_coefficient(weight, "weight", "l2_penalty")
+    return penalty_front(_penalty_apply, "l2_penalty", params, exclude, 0.0, weight,
                                group_keys=("l2",))
 
 
@@ -255,7 +308,7 @@ def penalty_grad_(params, l1=None, l2=None, *, exclude=None):
         if tensors and _FAST.penalty_grad_fast(tensors, 0.0 if l1 is None else l1,
                                                0.0 if l2 is None else l2):
             return
-    _args.penalty_grad_front(_penalty_grad_apply, params, l1, l2, exclude)
+    penalty_grad_front(_penalty_grad_apply, params, l1, l2, exclude)
 
 
 def prox_l1_(params, threshold, *, exclude=None):
@@ -271,7 +324,7 @@ def prox_l1_(params, threshold, *, exclude=None):
     tensors = _fast_tensors("prox_l1_", params, exclude)
     if tensors and _FAST.prox_l1_fast(tensors, threshold):
         return
-    _args.prox_front(_prox_l1_apply, params, threshold, exclude)
+    prox_front(_prox_l1_apply, params, threshold, exclude)
 
 
 class Penalty(nn.Module):
@@ -289,10 +342,10 @@ class Penalty(nn.Module):
 
     def __init__(self, l1=None, l2=None, *, exclude=None):
         super().__init__()
-        self.l1 = _args.check_optional_coefficient(l1, "l1", type(self).__name__)
-        self.l2 = _args.check_optional_coefficient(l2, "l2", type(self).__name__)
+        self.l1 = _checks.check_optional_coefficient(l1, "l1", type(self).__name__)
+        self.l2 = _checks.check_optional_coefficient(l2, "l2", type(self).__name__)
         if exclude is not None:
-            _args.check_exclude(exclude, nn.Module(), type(self).__name__)
+            _params.check_exclude(exclude, nn.Module(), type(self).__name__)
         self.exclude = exclude
 
     # Not compiled by TorchScript (it takes a Module or an iterable of tensors, which
@@ -310,7 +363,7 @@ class L1Penalty(Penalty):
     """``L1Penalty(weight)(model)`` is ``l1_penalty(model, weight)``."""
 
     def __init__(self, weight, *, exclude=None):
-        super().__init__(l1=_args.check_coefficient(weight, "weight", "L1Penalty"), exclude=exclude)
+        super().__init__(l1=_checks.check_coefficient(weight, "weight", "L1Penalty"), exclude=exclude)
 
     @torch.jit.unused
     def forward(self, params):
@@ -321,7 +374,7 @@ class L2Penalty(Penalty):
     """``L2Penalty(weight)(model)`` is ``l2_penalty(model, weight)``."""
 
     def __init__(self, weight, *, exclude=None):
-        super().__init__(l2=_args.check_coefficient(weight, "weight", "L2Penalty"), exclude=exclude)
+        super().__init__(l2=_checks.check_coefficient(weight, "weight", "L2Penalty"), exclude=exclude)
 
     @torch.jit.unused
     def forward(self, params):

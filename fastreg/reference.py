@@ -10,7 +10,17 @@ from typing import List, Optional
 
 import torch
 
-from fastreg import _args
+from fastreg import _checks
+# The front ends (checks, identity cases, the RNG draw) are the public functions' own, so
+# that both backends accept and reject the same calls. (These modules import this one:
+# fastreg/__init__.py imports it first, and they read its names only when called.)
+from fastreg.channel import channel_dropout_front as _channel_dropout_front
+from fastreg.dropout import dropout_front as _dropout_front
+from fastreg.fused import bias_act_dropout_front as _bias_act_dropout_front
+from fastreg.fused import bias_dropout_add_front as _bias_dropout_add_front
+from fastreg.penalty import penalty_front as _penalty_front
+from fastreg.penalty import penalty_grad_front as _penalty_grad_front
+from fastreg.penalty import prox_front as _prox_front
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_MUL = (0xD2511F53, 0xCD9E8D57)
@@ -107,14 +117,14 @@ def dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor,
 def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
             generator=None):
     """Reference of fastreg.dropout."""
-    return _args.dropout_front(dropout_apply, input, p, training, inplace, mask, seed, generator)
+    return _dropout_front(dropout_apply, input, p, training, inplace, mask, seed, generator)
 
 
 def dropout_mask(shape, p, seed, offset=0, *, device=None):
     """Reference of fastreg.dropout_mask: the bool keep-mask (contiguous) of `shape`."""
-    p = _args.check_probability(p)
-    shape = torch.Size(_args.check_shape(shape, "dropout_mask"))
-    state = torch.tensor([_args.as_int64(seed, "seed"), _args.as_int64(offset, "offset")],
+    p = _checks.check_probability(p)
+    shape = torch.Size(_checks.check_shape(shape, "dropout_mask"))
+    state = torch.tensor([_checks.as_int64(seed, "seed"), _checks.as_int64(offset, "offset")],
                          dtype=torch.int64, device=device)
     return keep_flat(shape.numel(), p, state).view(shape)
 
@@ -226,31 +236,31 @@ def prox_l1_apply(tensors, thresholds):
 
 def penalty(params, l1=None, l2=None, *, exclude=None):
     """Reference of fastreg.penalty."""
-    return _args.penalty_front(penalty_apply, "penalty", params, exclude, l1, l2)
+    return _penalty_front(penalty_apply, "penalty", params, exclude, l1, l2)
 
 
 def l1_penalty(params, weight=1.0, *, exclude=None):
     """Reference of fastreg.l1_penalty."""
-    weight = _args.check_coefficient(weight, "weight", "l1_penalty")
-    return _args.penalty_front(penalty_apply, "l1_penalty", params, exclude, weight, 0.0,
+    weight = _checks.check_coefficient(weight, "weight", "l1_penalty")
+    return _penalty_front(penalty_apply, "l1_penalty", params, exclude, weight, 0.0,
                                group_keys=("l1",))
 
 
 def l2_penalty(params, weight=1.0, *, exclude=None):
     """Reference of fastreg.l2_penalty."""
-    weight = _args.check_coefficient(weight, "weight", "l2_penalty")
-    return _args.penalty_front(penalty_apply, "l2_penalty", params, exclude, 0.0, weight,
+    weight = _checks.check_coefficient(weight, "weight", "l2_penalty")
+    return _penalty_front(penalty_apply, "l2_penalty", params, exclude, 0.0, weight,
                                group_keys=("l2",))
 
 
 def penalty_grad_(params, l1=None, l2=None, *, exclude=None):
     """Reference of fastreg.penalty_grad_."""
-    _args.penalty_grad_front(penalty_grad_apply, params, l1, l2, exclude)
+    _penalty_grad_front(penalty_grad_apply, params, l1, l2, exclude)
 
 
 def prox_l1_(params, threshold, *, exclude=None):
     """Reference of fastreg.prox_l1_."""
-    _args.prox_front(prox_l1_apply, params, threshold, exclude)
+    _prox_front(prox_l1_apply, params, threshold, exclude)
 # ---- the fused ops ----------------------------------------------------------------
 #
 # The element math of csrc/fused.h written with tensor ops in op-math (float32; float64
@@ -389,14 +399,14 @@ def bias_act_dropout_backward(grad, input, bias, keep, p, activation, bias_grad=
 def bias_dropout_add(input, bias, residual, p, training=True, *, mask="bits", seed=None,
                      generator=None):
     """Reference of fastreg.bias_dropout_add."""
-    return _args.bias_dropout_add_front(bias_dropout_add_apply, input, bias, residual, p,
+    return _bias_dropout_add_front(bias_dropout_add_apply, input, bias, residual, p,
                                         training, mask, seed, generator)
 
 
 def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="bits",
                      seed=None, generator=None):
     """Reference of fastreg.bias_act_dropout."""
-    return _args.bias_act_dropout_front(bias_act_dropout_apply, input, bias, p, activation,
+    return _bias_act_dropout_front(bias_act_dropout_apply, input, bias, p, activation,
                                         training, mask, seed, generator)
 
 
@@ -419,7 +429,7 @@ def channel_dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor
 def _channel_dropout(spatial):
     def function(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
                  generator=None):
-        return _args.channel_dropout_front(
+        return _channel_dropout_front(
             lambda x, p_, state: channel_dropout_apply(x, p_, state), input, p, training,
             inplace, mask, seed, generator, spatial)
     function.__name__ = function.__qualname__ = f"dropout{spatial}d"

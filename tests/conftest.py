@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastreg import _ops
-from fastreg._args import TORCH_VERSION  # noqa: F401  (major, minor), for the tests
+from fastreg._ops import TORCH_VERSION  # noqa: F401  (major, minor), for the tests
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastreg
-from fastreg import _args, _ops, reference
+from fastreg import _ops, _params, reference
 from conftest import requires_extension
 
 fastreg_penalty = importlib.import_module("fastreg.penalty")  # the module, not the function
@@ -368,9 +368,9 @@ DECAYED = ["embed.weight", "conv.weight", "fc.weight", "attn.in_proj_weight",
 
 def test_exclude_bias_and_norm_on_real_modules():
     net = Net()
-    names = [name for name, _ in _args.module_params(net, "bias_and_norm")]
+    names = [name for name, _ in _params.module_params(net, "bias_and_norm")]
     assert sorted(names) == sorted(DECAYED)
-    everything = [name for name, _ in _args.module_params(net, None)]
+    everything = [name for name, _ in _params.module_params(net, None)]
     assert "head.weight" not in everything and "embed.weight" in everything  # tied: once
     assert "frozen" not in everything and "bn.weight" in everything and "fc.bias" in everything
     params = dict(net.named_parameters())

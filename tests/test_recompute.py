@@ -15,7 +15,7 @@ import torch.utils.checkpoint as cp
 
 import fastreg
 from conftest import MASK_MODES, TORCH_VERSION
-from fastreg import _args
+from fastreg import _rng
 
 P = 0.5
 SETTING = {"mask": "bits", "impl": "fastreg"}
@@ -54,7 +54,7 @@ def _sac_save():
 # 2.4, 2.5), fastreg refuses a budget below 1.
 HAVE_SAC = hasattr(cp, "create_selective_checkpoint_contexts")
 NO_SAC = "torch < 2.5: no selective activation checkpointing"
-BUDGET_REFUSED = _args.memory_budget_refusal() is not None
+BUDGET_REFUSED = _rng.memory_budget_refusal() is not None
 
 SCHEMES = {
     "none": block,
@@ -131,7 +131,7 @@ def test_compiled_inductor(scheme):
 def test_the_budget_would_recompute_the_draw_without_fastregs_tag(monkeypatch):
     """What the MUST_SAVE region is for: drawn without it, the (seed, offset) draw is
     recomputed in the backward graph under a memory budget and the masks differ."""
-    monkeypatch.setattr(_args, "_saved_draw", lambda device: _args.draw_rng_state(device, None))
+    monkeypatch.setattr(_rng, "_saved_draw", lambda device: _rng.draw_rng_state(device, None))
     SETTING.update(mask="recompute", impl="fastreg")
     _, forward_keep, backward_keep = step("memory-budget", "aot_eager")
     assert not torch.equal(forward_keep, backward_keep)
@@ -145,7 +145,7 @@ def test_a_budget_is_refused_where_the_draw_would_be_recomputed(why, monkeypatch
     if why == "no selective checkpointing":
         monkeypatch.delattr(cp, "create_selective_checkpoint_contexts", raising=False)
     else:
-        monkeypatch.setattr(_args, "BUDGET_KEEPS_THE_DRAW_FROM", (99, 0))
+        monkeypatch.setattr(_rng, "BUDGET_KEEPS_THE_DRAW_FROM", (99, 0))
     SETTING.update(mask="bits", impl="fastreg")
     for fullgraph in (True, False):
         torch._dynamo.reset()
@@ -156,14 +156,6 @@ def test_a_budget_is_refused_where_the_draw_would_be_recomputed(why, monkeypatch
         with functorch_config.patch(activation_memory_budget=1.0):  # a budget of 1 is fine
             torch._dynamo.reset()
             assert block_(x).shape == x.shape
-
-
-@pytest.mark.xfail(reason="torch's own F.dropout under torch.compile with "
-                          "activation_memory_budget=0.05 back-propagates through another "
-                          "mask than the forward applied (torch 2.14.1; pytorch issue 190758's "
-                          "class): documented, not fastreg's behaviour", strict=False)
-def test_native_dropout_under_a_memory_budget():
-    check_one_mask("memory-budget", "aot_eager", None, impl="native")
 
 
 @pytest.mark.parametrize("scheme", ["reentrant", "non-reentrant"])

@@ -1,4 +1,4 @@
-"""The SASS report (tests/sass_report.py): its parsing on known cuobjdump output, and its
+"""The SASS report (tools/sass_report.py): its parsing on known cuobjdump output, and its
 checks on the built extension's CUDA kernels (128-bit accesses, no local memory, a register
 bound), which need a build with CUDA kernels and cuobjdump but no GPU."""
 
@@ -9,7 +9,7 @@ import pytest
 
 import fastreg
 
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 import sass_report  # noqa: E402
 
 RES_USAGE = """

@@ -23,7 +23,7 @@ constexpr int kThreadsPerBlock = 256;  // every fastreg kernel's block size
 // Every kernel's __launch_bounds__ asks that 4 blocks fit on an SM: at most 64 registers
 // per thread, so that 1024 threads' 16-byte loads are in flight. Without the bound, ptxas
 // kept a few loop-invariant values in local memory (LDL/STL) in about 25 kernels while
-// using 32-48 registers; with it none does (tests/sass_report.py checks both).
+// using 32-48 registers; with it none does (tools/sass_report.py checks both).
 constexpr int kMinBlocksPerSm = 4;
 // Elements per warp work item of the dropout kernels: 32 mask words of 32 bits, so that
 // lane t of the warp owns word t.

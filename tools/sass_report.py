@@ -8,7 +8,7 @@
   run time, a memory round trip in the element loop);
 - no fastreg kernel uses more than MAX_REGISTERS registers per thread.
 
-    python tests/sass_report.py [path/to/_C.so] [--all]
+    python tools/sass_report.py [path/to/_C.so] [--all]
 
 Prints a sample of kernels (every kernel with --all) and a summary; exits 1 when a check fails
 (`--allow local` reports local memory without failing), 2 when there is nothing to read (no

@@ -1,7 +1,7 @@
 """Shows that the CUDA simulator bites: plants known bugs in a copy of the CUDA sources, one at
 a time, builds the simulator from each copy and checks that the simulated suite fails.
 
-    python tests/plant_bugs.py [--tests tests/test_cudasim.py] [--keep DIR]
+    python tools/plant_bugs.py [--tests tests/test_cudasim.py] [--keep DIR]
 
 The copy is built once clean (the suite must pass on it), then each bug is planted, the
 simulator rebuilt (only the translation units that include the changed file) and the suite

@@ -1,4 +1,4 @@
-"""Argument types as torch has them (fastreg/_args.py), and p = 1's shortcut: zeros, no
+"""Argument types as torch has them (fastreg/_checks.py), and p = 1's shortcut: zeros, no
 draw, no kernel, with backward right in every mask mode."""
 
 import math
@@ -15,14 +15,24 @@ APIS = [fastreg, reference]
 
 # (function, call with training=value): the dropout functions that take `training`.
 TRAINING_CALLS = {
-    "dropout": lambda api, t: api.dropout(torch.randn(4), 0.5, t),
-    "dropout1d": lambda api, t: api.dropout1d(torch.randn(2, 3, 4), 0.5, t),
-    "dropout2d": lambda api, t: api.dropout2d(torch.randn(2, 3, 4, 4), 0.5, t),
-    "dropout3d": lambda api, t: api.dropout3d(torch.randn(2, 3, 2, 2, 2), 0.5, t),
-    "bias_dropout_add": lambda api, t: api.bias_dropout_add(torch.randn(2, 3), torch.randn(3),
-                                                            torch.randn(2, 3), 0.5, t),
-    "bias_act_dropout": lambda api, t: api.bias_act_dropout(torch.randn(2, 3), torch.randn(3),
+    "dropout": lambda api, t: api.dropout(torch.randn(64), 0.5, t),
+    "dropout1d": lambda api, t: api.dropout1d(torch.randn(2, 32, 4), 0.5, t),
+    "dropout2d": lambda api, t: api.dropout2d(torch.randn(2, 32, 2, 2), 0.5, t),
+    "dropout3d": lambda api, t: api.dropout3d(torch.randn(2, 32, 1, 2, 2), 0.5, t),
+    "bias_dropout_add": lambda api, t: api.bias_dropout_add(torch.randn(8, 8), torch.randn(8),
+                                                            torch.randn(8, 8), 0.5, t),
+    "bias_act_dropout": lambda api, t: api.bias_act_dropout(torch.randn(8, 8), torch.randn(8),
                                                             0.5, "relu", t),
+}
+# The same calls with nothing dropped, drawing their inputs in the same order.
+NO_DROPOUT = {
+    "dropout": lambda: torch.randn(64),
+    "dropout1d": lambda: torch.randn(2, 32, 4),
+    "dropout2d": lambda: torch.randn(2, 32, 2, 2),
+    "dropout3d": lambda: torch.randn(2, 32, 1, 2, 2),
+    "bias_dropout_add": lambda: (lambda x, b, r: r + (x + b))(
+        torch.randn(8, 8), torch.randn(8), torch.randn(8, 8)),
+    "bias_act_dropout": lambda: torch.relu(torch.randn(8, 8) + torch.randn(8)),
 }
 NOT_BOOLS = [0.5, 1, 0, None, "yes", torch.tensor(True)]
 
@@ -44,9 +54,16 @@ def test_training_that_is_not_a_bool_raises_as_torch(value):
 
 @pytest.mark.parametrize("name", TRAINING_CALLS)
 def test_training_bools_work(name):
+    """training=False gives the result with nothing dropped; training=True drops (with
+    p = 0.5 over 64 elements or channels, that none is dropped has chance 2**-64)."""
     for api in APIS:
-        for training in (True, False):
-            TRAINING_CALLS[name](api, training)
+        torch.manual_seed(0)
+        dropped = TRAINING_CALLS[name](api, True)
+        torch.manual_seed(0)
+        kept = TRAINING_CALLS[name](api, False)
+        torch.manual_seed(0)
+        assert torch.equal(kept, NO_DROPOUT[name]())
+        assert not torch.equal(dropped, kept)
 
 
 def test_inplace_is_read_for_truth_as_torch_reads_it():

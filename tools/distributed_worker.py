@@ -1,10 +1,12 @@
 """One rank of tests/test_distributed.py's scenarios:
 
-    python tests/distributed_worker.py SCENARIO[,SCENARIO...] RANK WORLD_SIZE PORT
+    python tools/distributed_worker.py SCENARIO[,SCENARIO...] RANK WORLD_SIZE PORT
 
 joins a gloo process group through the TCPStore the test holds on 127.0.0.1:PORT, runs
-the scenarios in turn, checking them with assertions, and prints "NAME: ok" after each.
-A scenario that needs what this torch lacks prints "SKIP: why" and exits with SKIP_CODE.
+the scenarios in turn, checking them with assertions, and prints "NAME: ok" after each,
+or "NAME: SKIP: why" for a scenario that needs what this torch lacks. A failed check
+prints its traceback and "NAME: FAILED", and the rank exits with 1 (the other rank may
+then wait on a collective: the test kills both).
 Each rank checks its own results; where ranks must agree (or differ) they compare through
 all_gather.
 """
@@ -13,6 +15,7 @@ import copy
 import datetime
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
@@ -20,10 +23,10 @@ import torch.distributed as dist
 from torch import nn
 
 import fastreg
-from fastreg import _args
+from fastreg import _rng
 
-SKIP_CODE = 75
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # the tests' tolerances (test_penalty)
 L1, L2, P = 1e-2, 3e-2, 0.5
 
 
@@ -74,7 +77,7 @@ def ddp(rank, world):
     for state, input, out in drawn:
         g = torch.Generator()
         g.set_state(state)
-        seed, offset = _args.rng_state("cpu", generator=g).tolist()
+        seed, offset = _rng.rng_state("cpu", generator=g).tolist()
         keep = fastreg.dropout_mask(out.shape, P, seed, offset)  # kept: scaled by 2, exactly
         assert torch.equal(out, torch.where(keep, input * 2.0, 0.0)), \
             "a mask is not the one the rank's RNG state gives"
@@ -360,26 +363,29 @@ def main():
     assert Path(fastreg.__file__).resolve().parent == ROOT / "fastreg", \
         f"imported {fastreg.__file__}, not the fastreg of {ROOT}"
     if not dist.is_available() or not dist.is_gloo_available():
-        print("SKIP: torch has no torch.distributed with gloo", flush=True)
-        sys.exit(SKIP_CODE)
+        for name in names:
+            print(f"{name}: SKIP: torch has no torch.distributed with gloo", flush=True)
+        sys.exit(0)
     timeout = datetime.timedelta(seconds=60)
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
-    try:
-        for name in names:
+    for name in names:
+        try:
             SCENARIOS[name](rank, world)
-            print(f"{name}: ok", flush=True)
-        # Both ranks done before either leaves: a rank that destroyed its group while the
-        # other still talked to it once aborted ("terminate called without an active
-        # exception"). Then out without tearing gloo down: torch 2.4's teardown now and
-        # then hung after both ranks had passed every check.
-        dist.barrier()
-        os._exit(0)
-    except Skip as why:
-        print(f"SKIP: {why}", flush=True)
-        sys.exit(SKIP_CODE)
-    finally:
-        dist.destroy_process_group()
+        except Skip as why:  # raised before the scenario's first collective
+            print(f"{name}: SKIP: {why}", flush=True)
+            continue
+        except BaseException:
+            traceback.print_exc()
+            print(f"{name}: FAILED", flush=True)
+            os._exit(1)
+        print(f"{name}: ok", flush=True)
+    # Both ranks done before either leaves: a rank that destroyed its group while the
+    # other still talked to it once aborted ("terminate called without an active
+    # exception"). Then out without tearing gloo down: torch 2.4's teardown now and then
+    # hung after both ranks had passed every check.
+    dist.barrier()
+    os._exit(0)
 
 
 if __name__ == "__main__":
