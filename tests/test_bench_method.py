@@ -1,4 +1,4 @@
-"""The benchmark's method (fastreg/bench.py): interleaved rounds and per-round ratios with
+"""The benchmark's method (fastreg/bench/): interleaved rounds and per-round ratios with
 their spread, the "spread too wide" verdict, the L2 flush between timed CUDA calls (its
 order checked with fake events on the CPU), the load monitor and the refusal to publish
 JSON from a run that other processes competed with, and the host-overhead rows. Fake
@@ -202,7 +202,7 @@ def test_the_header_says_how_gpu_timings_were_taken(monkeypatch):
 
 
 def _row(impl, speedup, q1, q3, clear):
-    row = bench._empty_row(bench.Case("dropout_fwdbwd", impl, "float32", 2**20))
+    row = bench.empty_row(bench.Case("dropout_fwdbwd", impl, "float32", 2**20))
     row.update(median_ms=1.0, gbps=10.0, copy_frac=0.5, speedup=speedup, speedup_q1=q1,
                speedup_q3=q3, speedup_clear=clear, saved_bytes_per_elem=0.125)
     return row

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import requires_extension
-from fastreg import memory
+from fastreg.bench import memory
 from fastreg.__main__ import main
 
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--batch", "2", "--seq", "16",
