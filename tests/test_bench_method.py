@@ -93,6 +93,28 @@ def test_interleaved_rotates_the_order_and_keeps_rounds_aligned():
     assert bench.ratio_summary(times["a"], times["c"])["speedup"] == pytest.approx(4.0)
 
 
+def test_a_fixed_number_of_calls_per_block_skips_the_sizing_call():
+    calls = {"a": 0, "b": 0}
+
+    def counted(name):
+        def fn():
+            calls[name] += 1
+        return fn
+    timer = bench.Timer("cpu", repeats=4, min_time_s=0.0, number=3)
+    times, numbers, errors = timer.interleaved({n: counted(n) for n in calls})
+    assert numbers == {"a": 3, "b": 3} and errors == {}
+    assert all(len(t) == 4 for t in times.values())
+    assert calls == {"a": 1 + 4 * 3, "b": 1 + 4 * 3}  # one warm-up call, then 4 blocks of 3
+    seconds, runs = timer(counted("a"))
+    assert runs == 4 * 3 and seconds > 0
+
+
+def test_the_clock_times_the_cpu_blocks():
+    ticks = iter(range(0, 1000, 10))  # every reading 10 "seconds" after the last
+    timer = bench.Timer("cpu", number=2, clock=lambda: next(ticks))
+    assert timer._block(lambda: None, 2) == pytest.approx(5.0)
+
+
 def test_interleaved_drops_an_impl_that_fails():
     script = {"a": [1.0] * 3, "b": [1.0] * 3}
     timer = ScriptedTimer(script)

@@ -107,7 +107,7 @@ def timing_lines(timer):
         clock = ("CUDA events around blocks of back-to-back calls, no L2 flush "
                  "(--no-l2-flush): small sizes run from L2, launch overhead included")
     else:
-        clock = "time.perf_counter around each block (timeit.Timer, gc off)"
+        clock = f"time.{timer.clock.__name__} around each block (timeit.Timer, gc off)"
     return [f"timing: {clock}; the impls of each comparison interleaved, >= {timer.repeats} "
             "rounds of one block each, after warm-up"]
 

@@ -48,8 +48,10 @@ def l2_flush_bytes(device):
 class Timer:
     """Seconds per call of a callable, in blocks of calls.
 
-    A block is `number` calls, enough for it to last `min_block_s`. On the CPU each block
-    is timed by ``timeit.Timer`` (gc off while timing) with ``time.perf_counter``.
+    A block is `number` calls: as many as it takes to last `min_block_s` (sized from a
+    timed call after the warm-up call), or the `number` given. On the CPU each block is
+    timed by ``timeit.Timer`` (gc off while timing) with `clock` (``time.perf_counter``;
+    ``time.process_time`` leaves out the time the process was descheduled).
     On the GPU, with `l2_flush` (the default there) every call is preceded by a write of
     :func:`l2_flush_bytes` bytes and timed by its own pair of CUDA events, the flush
     outside them, so that what is timed reads its inputs from HBM rather than from L2;
@@ -60,7 +62,8 @@ class Timer:
     several round by round, for per-round ratios.
     """
 
-    def __init__(self, device, repeats=5, min_time_s=0.3, min_block_s=None, l2_flush=None):
+    def __init__(self, device, repeats=5, min_time_s=0.3, min_block_s=None, l2_flush=None,
+                 number=None, clock=time.perf_counter):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.repeats = max(1, repeats)
@@ -68,6 +71,8 @@ class Timer:
         self.min_block_s = min_block_s if min_block_s is not None else (
             1e-3 if self.cuda else 2e-3)
         self.l2_flush = self.cuda if l2_flush is None else bool(l2_flush) and self.cuda
+        self.number = number
+        self.clock = clock
         self._flush_buffer = None
 
     def sync(self):
@@ -106,7 +111,7 @@ class Timer:
             return start.elapsed_time(end) / 1e3 / number
         # timeit.Timer, as torch.utils.benchmark.Timer does inside (gc off while timing);
         # torch's own timeit() adds two untimed warm-up calls to every block.
-        return timeit.Timer(fn, timer=time.perf_counter).timeit(number) / number
+        return timeit.Timer(fn, timer=self.clock).timeit(number) / number
 
     def _number(self, first):
         """Calls per block, from the time of one call."""
@@ -118,17 +123,23 @@ class Timer:
         self.sync()
         fn()                                   # warm-up: lazy init, allocator, compile
         self.sync()
+        if self.number:
+            return self.number
         return self._number(self._block(fn, 1))  # a second warm-up, to size the blocks
 
     def __call__(self, fn):
         """(median seconds per call, number of timed calls)"""
-        self.sync()
-        fn()
-        self.sync()
-        first = self._block(fn, 1)
-        number = self._number(first)
-        times = [first] if number == 1 else []
-        spent = first
+        if self.number:
+            number = self._calibrate(fn)
+            times, spent = [], 0.0
+        else:
+            self.sync()
+            fn()
+            self.sync()
+            first = self._block(fn, 1)
+            number = self._number(first)
+            times = [first] if number == 1 else []
+            spent = first
         while len(times) < self.repeats or (spent < self.min_time_s
                                             and len(times) < 10 * self.repeats):
             t = self._block(fn, number)
