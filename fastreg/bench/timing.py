@@ -1,7 +1,8 @@
 """The one timer and the one spread statistic: :class:`Timer` times callables in blocks,
 :meth:`Timer.interleaved` several of them round by round; :func:`quartiles` and
 :func:`ratio_summary` turn per-round times into a median and its interquartile range.
-``python -m fastreg bench`` and ``bench --memory`` time with them (docs/bench-method.md).
+``python -m fastreg bench``, ``bench --memory`` and the scripts in ``benchmarks/`` time
+with them (docs/bench-method.md).
 
 * Variants interleaved. The variants of one comparison are timed round after round, each
   round one block of calls of every variant, the order rotated from round to round; each
