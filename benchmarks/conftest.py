@@ -1,4 +1,4 @@
-"""pytest-benchmark suite over the cases of ``python -m fastreg bench`` (fastreg/bench.py).
+"""pytest-benchmark suite over the cases of ``python -m fastreg bench`` (fastreg/bench/).
 
     pytest benchmarks/ --benchmark-only                       # the device's full grid
     pytest benchmarks/ --benchmark-only --fastreg-quick       # the --quick grid

@@ -1,12 +1,13 @@
-"""The penalty's CPU kernels in float16 against bfloat16 (issue 14: float16 as fast as
+"""The penalty's CPU kernels in float16 against bfloat16 (the target: float16 as fast as
 bfloat16 in every CPU kernel): the same op on the same shapes in both dtypes, one torch
-thread, the two dtypes interleaved call by call within each round.
+thread, the two dtypes interleaved by the bench's timer (fastreg.bench.Timer.interleaved:
+one block of `--calls` calls each per round, the order rotated from round to round).
 
     PYTHONPATH=. python benchmarks/penalty_dtypes.py [--rounds 9] [--calls 5]
 
 Each row gives, per dtype, the median over rounds of the mean time of one call within a
 round, and the median over rounds of the per-round ratio float16 / bfloat16 with the
-rounds' min..max. Cases, on 100 tensors of (256, 256) (6.6M elements) unless said:
+interquartile range of those ratios (fastreg.bench.ratio_summary). Cases, on 100 tensors of (256, 256) (6.6M elements) unless said:
 
   penalty             fastreg.penalty(params, l1=, l2=) under no_grad (the value)
   penalty 2^22        the same on one tensor of 2^22 elements
@@ -23,9 +24,7 @@ import sys
 import torch
 
 import fastreg
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from penalty_overhead import git_commit, time_round  # noqa: E402
+from fastreg import bench
 
 
 def make_cases(dtype):
@@ -68,24 +67,21 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     print(f"fastreg penalty, float16 against bfloat16: torch {torch.__version__}, commit "
-          f"{git_commit()}, torch threads {torch.get_num_threads()}, "
+          f"{bench.commit()}, torch threads {torch.get_num_threads()}, "
           f"CPU clone {fastreg._ops._C.cpu_clone if fastreg._ops.HAVE_EXTENSION else 'none (reference)'}")
     bf16, f16 = make_cases(torch.bfloat16), make_cases(torch.float16)
-    print(f"{'case':<18}{'bfloat16 ms':>13}{'float16 ms':>12}{'f16/bf16':>10}{'  min..max':>14}")
+    print(f"{'case':<18}{'bfloat16 ms':>13}{'float16 ms':>12}{'f16/bf16':>10}{'  IQR':>14}")
+    timer = bench.Timer("cpu", repeats=args.rounds, min_time_s=0.0, number=args.calls)
     for name in bf16:
-        for fn in (bf16[name], f16[name]):  # warm-up
-            fn()
-        times = {"bf16": [], "f16": []}
-        ratios = []
-        for _ in range(args.rounds):
-            b = time_round(bf16[name], args.calls)[0]
-            f = time_round(f16[name], args.calls)[0]
-            times["bf16"].append(b * 1e3)
-            times["f16"].append(f * 1e3)
-            ratios.append(f / b)
-        print(f"{name:<18}{statistics.median(times['bf16']):>13.3f}"
-              f"{statistics.median(times['f16']):>12.3f}{statistics.median(ratios):>10.2f}"
-              f"{f'{min(ratios):.2f}..{max(ratios):.2f}':>14}")
+        times, _, errors = timer.interleaved({"bf16": bf16[name], "f16": f16[name]})
+        if errors:
+            raise next(iter(errors.values()))
+        # ratio_summary gives base / other per round: float16's time over bfloat16's
+        ratio = bench.ratio_summary(times["f16"], times["bf16"])
+        spread = f"{ratio['speedup_q1']:.2f}..{ratio['speedup_q3']:.2f}"
+        print(f"{name:<18}{statistics.median(times['bf16']) * 1e3:>13.3f}"
+              f"{statistics.median(times['f16']) * 1e3:>12.3f}{ratio['speedup']:>10.2f}"
+              f"{spread:>14}")
     print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
 
 

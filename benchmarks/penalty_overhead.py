@@ -1,15 +1,16 @@
-"""Host overhead of the penalty API (issue 14, section 2): the time of one call on tiny
-CPU tensors, where the kernels cost next to nothing, so what is measured is the work
-around them (argument checks, parameter selection, the dispatcher, autograd).
+"""Host overhead of the penalty API: the time of one call on tiny CPU tensors, where the
+kernels cost next to nothing, so what is measured is the work around them (argument
+checks, parameter selection, the dispatcher, autograd).
 
     PYTHONPATH=. python benchmarks/penalty_overhead.py [--calls 2000] [--rounds 15]
 
-Each row is the median over rounds of the mean time of one call within a round (calls
-back to back, after a warm-up); the spread printed is the rounds' min..max; the last
-column is the same median in the process's CPU time (time.process_time), which leaves
-out the time the process was descheduled by competing load. The variants
-of one size run interleaved, round after round, so a burst of load hits them all alike.
-Cases, for 148 tensors (GPT-2 small's parameter count, 4 elements each) and 1,000:
+Timed by the bench's timer (fastreg.bench.Timer.interleaved): the variants of one size
+run interleaved, one block of `--calls` calls back to back each per round, the order
+rotated from round to round, so a burst of load hits them all alike. Each row is the
+median over rounds of the mean time of one call within a round (after a warm-up); the
+spread printed is the rounds' interquartile range (fastreg.bench.quartiles). With
+`--clock cpu` the times are the process's CPU time (time.process_time), which leaves out
+the time the process was descheduled by competing load. Cases, for 148 tensors (GPT-2 small's parameter count, 4 elements each) and 1,000:
 
   penalty(list)       fastreg.penalty(params, l1=, l2=) on a list that requires grad
   penalty(list) in step  the same while the parameters are in a live graph (as in a
@@ -39,15 +40,13 @@ Cases, for 148 tensors (GPT-2 small's parameter count, 4 elements each) and 1,00
                       first, so either row less "torch.cat(1-d)" is what the penalty adds
                       to a step whose forward (here torch.cat) uses the same tensors
 
-Issue 14's target: at most 30 us for 148 tensors and 150 us for 1,000, for penalty,
+The target: at most 30 us for 148 tensors and 150 us for 1,000, for penalty,
 Penalty(module), penalty_grad_ and prox_l1_.
 """
 
 import argparse
 import os
 import platform
-import statistics
-import subprocess
 import sys
 import time
 
@@ -55,6 +54,7 @@ import torch
 from torch import nn
 
 import fastreg
+from fastreg import bench
 
 
 class Block(nn.Module):
@@ -87,18 +87,6 @@ def model_with(n_tensors):
     blocks = max(1, round((n_tensors - 4) / 12))
     model = TinyGPT(blocks)
     return model
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True,
-                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def cases(n_tensors):
@@ -179,14 +167,18 @@ def cases(n_tensors):
     }
 
 
-def time_round(fn, calls):
-    """(wall, CPU) seconds per call. The process's CPU time leaves out the time it was
-    descheduled, so on a loaded machine it is closer to what an idle one gives (it still
-    counts the cache and core sharing)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - wall) / calls, (time.process_time() - cpu) / calls
+def interleaved(fns, calls, rounds, clock=time.perf_counter):
+    """{name: [microseconds per call, one per round]}: the bench's Timer, one block of
+    `calls` calls of every callable per round, the order rotated from round to round,
+    after a warm-up of max(10, calls // 10) calls each."""
+    for fn in fns.values():
+        for _ in range(max(10, calls // 10)):
+            fn()
+    timer = bench.Timer("cpu", repeats=rounds, min_time_s=0.0, number=calls, clock=clock)
+    times, _, errors = timer.interleaved(fns)
+    if errors:
+        raise next(iter(errors.values()))
+    return {name: [t * 1e6 for t in ts] for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -194,30 +186,23 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=1000, help="calls per round")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sizes", default="148,1000")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu: the process's CPU time (time.process_time)")
     args = parser.parse_args(argv)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     load_before = os.getloadavg()[0]
     print(f"fastreg penalty host overhead: torch {torch.__version__}, python "
-          f"{platform.python_version()}, commit {git_commit()}, {platform.machine()} "
+          f"{platform.python_version()}, commit {bench.commit()}, {platform.machine()} "
           f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"extension {'yes' if fastreg._ops.HAVE_EXTENSION else 'no (reference)'}")
-    print(f"{'case':<24}{'tensors':>8}{'median us':>11}{'  min..max us':>18}"
-          f"{'CPU-time us':>13}")
+          f"extension {'yes' if fastreg._ops.HAVE_EXTENSION else 'no (reference)'}, "
+          f"clock {args.clock}")
+    print(f"{'case':<24}{'tensors':>8}{'median us':>11}{'  IQR us':>18}")
     for size in (int(s) for s in args.sizes.split(",")):
         n, fns = cases(size)
-        for fn in fns.values():  # warm-up
-            for _ in range(max(10, args.calls // 10)):
-                fn()
-        times = {name: [] for name in fns}
-        cpu_times = {name: [] for name in fns}
-        for _ in range(args.rounds):
-            for name, fn in fns.items():
-                wall, cpu = time_round(fn, args.calls)
-                times[name].append(wall * 1e6)
-                cpu_times[name].append(cpu * 1e6)
+        times = interleaved(fns, args.calls, args.rounds, clock)
         for name, ts in times.items():
-            print(f"{name:<24}{n:>8}{statistics.median(ts):>11.1f}"
-                  f"{f'{min(ts):.1f}..{max(ts):.1f}':>18}"
-                  f"{statistics.median(cpu_times[name]):>13.1f}")
+            q1, median, q3 = bench.quartiles(ts)
+            print(f"{name:<24}{n:>8}{median:>11.1f}{f'{q1:.1f}..{q3:.1f}':>18}")
     print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
 
 

@@ -169,7 +169,7 @@ def _device(args):
 
 
 def run_bench(args):
-    from fastreg import memory
+    from fastreg.bench import memory
 
     device = _device(args)
     if args.memory and args.plot:

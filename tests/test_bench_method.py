@@ -1,4 +1,4 @@
-"""The benchmark's method (fastreg/bench.py): interleaved rounds and per-round ratios with
+"""The benchmark's method (fastreg/bench/): interleaved rounds and per-round ratios with
 their spread, the "spread too wide" verdict, the L2 flush between timed CUDA calls (its
 order checked with fake events on the CPU), the load monitor and the refusal to publish
 JSON from a run that other processes competed with, and the host-overhead rows. Fake
@@ -91,6 +91,28 @@ def test_interleaved_rotates_the_order_and_keeps_rounds_aligned():
     assert times == {"a": [1.0, 2.0, 3.0], "b": [0.5, 1.0, 1.5], "c": [0.25, 0.5, 0.75]}
     assert numbers == {"a": 1, "b": 1, "c": 1} and errors == {}
     assert bench.ratio_summary(times["a"], times["c"])["speedup"] == pytest.approx(4.0)
+
+
+def test_a_fixed_number_of_calls_per_block_skips_the_sizing_call():
+    calls = {"a": 0, "b": 0}
+
+    def counted(name):
+        def fn():
+            calls[name] += 1
+        return fn
+    timer = bench.Timer("cpu", repeats=4, min_time_s=0.0, number=3)
+    times, numbers, errors = timer.interleaved({n: counted(n) for n in calls})
+    assert numbers == {"a": 3, "b": 3} and errors == {}
+    assert all(len(t) == 4 for t in times.values())
+    assert calls == {"a": 1 + 4 * 3, "b": 1 + 4 * 3}  # one warm-up call, then 4 blocks of 3
+    seconds, runs = timer(counted("a"))
+    assert runs == 4 * 3 and seconds > 0
+
+
+def test_the_clock_times_the_cpu_blocks():
+    ticks = iter(range(0, 1000, 10))  # every reading 10 "seconds" after the last
+    timer = bench.Timer("cpu", number=2, clock=lambda: next(ticks))
+    assert timer._block(lambda: None, 2) == pytest.approx(5.0)
 
 
 def test_interleaved_drops_an_impl_that_fails():
@@ -202,7 +224,7 @@ def test_the_header_says_how_gpu_timings_were_taken(monkeypatch):
 
 
 def _row(impl, speedup, q1, q3, clear):
-    row = bench._empty_row(bench.Case("dropout_fwdbwd", impl, "float32", 2**20))
+    row = bench.empty_row(bench.Case("dropout_fwdbwd", impl, "float32", 2**20))
     row.update(median_ms=1.0, gbps=10.0, copy_frac=0.5, speedup=speedup, speedup_q1=q1,
                speedup_q3=q3, speedup_clear=clear, saved_bytes_per_elem=0.125)
     return row

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import fastreg
-from fastreg import bench, demo, memory
+from fastreg import bench, demo
+from fastreg.bench import memory
 from fastreg.__main__ import build_parser, main
 from conftest import requires_extension
 

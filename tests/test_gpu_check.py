@@ -73,7 +73,7 @@ def test_a_missing_file_is_reported(tree):
 
 
 def test_a_broken_python_file_is_reported(tree):
-    (tree / "fastreg" / "memory.py").write_text("def broken(:\n")
+    (tree / "fastreg" / "bench" / "memory.py").write_text("def broken(:\n")
     result = gpu_check("--dry-run", root=tree)
     assert result.returncode == 1
     assert "BROKEN: python -m py_compile" in result.stdout

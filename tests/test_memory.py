@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import requires_extension
-from fastreg import memory
+from fastreg.bench import memory
 from fastreg.__main__ import main
 
 TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--batch", "2", "--seq", "16",
@@ -49,9 +49,12 @@ def test_gpt2_report_routed_masks_vanish(tmp_path, capsys):
     attn = cfg.heads * cfg.seq * cfg.seq * cfg.batch
     resid = cfg.seq * cfg.batch * cfg.width
     assert bits == words(attn) + 2 * words(resid)
-    for r in rows.values():
-        assert r["step_ms_min"] <= r["step_ms"] <= r["step_ms_max"]
-        assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"]
+    for r in rows.values():  # the op bench's statistic: median and interquartile range
+        assert r["step_ms_q1"] <= r["step_ms"] <= r["step_ms_q3"]
+        assert r["speedup_min"] <= r["speedup_q1"] <= r["speedup"] <= r["speedup_q3"] \
+            <= r["speedup_max"]
+        assert isinstance(r["speedup_clear"], bool)
+    assert rows["nn.Dropout"]["speedup"] == 1.0
 
 
 def test_without_transformers_the_report_says_so(monkeypatch, capsys):
@@ -60,16 +63,43 @@ def test_without_transformers_the_report_says_so(monkeypatch, capsys):
     assert "transformers is not installed" in memory.format_gpt2_table(None, None, "float32", 1)
 
 
-def test_interleaved_rounds_rotate_the_order():
+def test_steps_are_timed_by_the_bench_timer_in_rotated_rounds():
     order = []
 
     class Fake:
         def __init__(self, name):
             self.variant, self.times, self.peaks = name, [], []
+            self.device = "cpu"
 
         def step(self):
             order.append(self.variant)
+            self.peaks.append(len(order))
 
     trainees = [Fake(n) for n in "abc"]
-    memory._interleaved(trainees, 3)
+    memory.time_steps(trainees, 3)
+    # one warm-up step each, then 3 rounds of one step per variant, the order rotated
     assert order == list("abc") + list("abc") + list("bca") + list("cab")
+    for t in trainees:
+        assert len(t.times) == 3 and all(s > 0 for s in t.times)
+        assert len(t.peaks) == 3 and order[t.peaks[0] - 1] == t.variant  # warm-up left out
+        assert t.peaks[0] > 3
+
+
+def test_step_time_spread_is_the_interquartile_range_of_the_rounds():
+    class Done:
+        def __init__(self, times):
+            self.times, self.peaks, self.loss = times, [], 1.0
+
+    base = Done([2.0, 2.0, 2.0, 2.0, 8.0])      # one slow round for everyone
+    fast = Done([1.0, 1.0, 1.0, 1.0, 4.0])
+    row = {}
+    memory._timing(row, fast, base)
+    assert row["step_ms"] == pytest.approx(1e3)
+    assert (row["step_ms_q1"], row["step_ms_q3"]) == (pytest.approx(1e3), pytest.approx(1e3))
+    assert row["speedup"] == pytest.approx(2.0) and row["speedup_clear"] is True
+    cells = memory._time_cells(row)
+    assert cells[2] == "2.00x" and cells[1] == "1000.0-1000.0"
+    noisy = Done([1.0, 3.0, 1.0, 3.0, 2.0])     # ratios 2, 2/3, 2, 2/3, 4: both sides of 1
+    memory._timing(row, noisy, base)
+    assert row["speedup_q1"] < 1.0 < row["speedup_q3"] and row["speedup_clear"] is False
+    assert memory._time_cells(row)[2] == "spread too wide"

@@ -20,9 +20,12 @@ Reported side by side:
   storage counted in the block that first saves it);
 * on the GPU, the rise of ``torch.cuda.max_memory_allocated`` during a step over what was
   allocated before it (activations, gradients, temporaries);
-* the step time (forward, backward, AdamW step): the variants interleaved round by round
-  (the order rotated each round), each timed over several steps; the median, the spread
-  (min-max) and the median of the per-round ratios to ``nn.Dropout``.
+* the step time (forward, backward, AdamW step), timed by the bench's
+  :class:`~fastreg.bench.timing.Timer`: after a warm-up step each, the variants
+  interleaved round by round (the order rotated each round), one step per variant per
+  round; the median and interquartile range of the step times, and the median of the
+  per-round ratios to ``nn.Dropout`` with their interquartile range, as the op bench
+  reports them.
 
 "no dropout" (the same model with p=0) gives the floor: what the model keeps without
 any dropout at all.
@@ -31,13 +34,14 @@ any dropout at all.
 import dataclasses
 import math
 import statistics
-import time
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 import fastreg
+from fastreg.bench.report import speedup_cells
+from fastreg.bench.timing import Timer, quartiles, ratio_summary
 
 VARIANTS = ("no dropout", "nn.Dropout", "fastreg:bits", "fastreg:bool", "fastreg:recompute")
 BASELINE = "nn.Dropout"
@@ -136,7 +140,8 @@ def _step(model, optimizer, idx, targets):
 
 
 class _Trainee:
-    """One variant's model, optimizer and batch, and its measurements."""
+    """One variant's model, optimizer and batch, and its measurements (the step times
+    are the timer's)."""
 
     def __init__(self, variant, model, cfg, device):
         self.variant, self.model, self.device = variant, model, torch.device(device)
@@ -152,12 +157,10 @@ class _Trainee:
             torch.cuda.synchronize(self.device)
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        t0 = time.perf_counter()
         loss = _step(self.model, self.optimizer, self.idx, self.targets)
         if cuda:
             torch.cuda.synchronize(self.device)
             self.peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
-        self.times.append(time.perf_counter() - t0)
         self.loss = loss.item()
 
     def kept(self, blocks=()):
@@ -193,27 +196,33 @@ class _Trainee:
         return sum(seen.values()), per_block
 
 
-def _interleaved(trainees, steps, progress=None, label="memory"):
-    """Warm-up, kept bytes, then `steps` rounds of one step per variant, in an order rotated
-    each round, so that a change in machine load falls on every variant alike."""
+def step_timer(device, steps):
+    """The bench's timer set for training steps: one step per block (a step is long), no
+    L2 flush, exactly `steps` rounds after one warm-up step per variant."""
+    return Timer(device, repeats=max(1, steps), min_time_s=0.0, number=1, l2_flush=False)
+
+
+def time_steps(trainees, steps, progress=None, label="memory", timer=None):
+    """One warm-up step per variant (it allocates AdamW's state), then `steps` rounds of one
+    step per variant, the order rotated each round (:meth:`Timer.interleaved`), so that a
+    change in machine load falls on every variant alike. Sets each trainee's `times` (one
+    per round) and keeps the peaks of the timed steps only."""
     for t in trainees:
         if progress:
             progress.step(f"{label}: {t.variant}")
-        t.step()  # warm-up: allocates AdamW's state
-        t.times.clear(), t.peaks.clear()
-    n = len(trainees)
-    for r in range(max(1, steps)):
-        for k in range(n):
-            trainees[(r + k) % n].step()
+    timer = timer or step_timer(trainees[0].device, steps)
+    times, _, errors = timer.interleaved({t.variant: t.step for t in trainees})
+    if errors:
+        raise next(iter(errors.values()))
+    for t in trainees:
+        t.times = times[t.variant]
+        t.peaks = t.peaks[len(t.peaks) - len(t.times):]  # the warm-up's peak left out
 
 
 def _timing(row, t, base):
-    times = sorted(t.times)
-    row["step_ms"] = statistics.median(times) * 1e3
-    row["step_ms_min"], row["step_ms_max"] = times[0] * 1e3, times[-1] * 1e3
-    ratios = sorted(b / v for b, v in zip(base.times, t.times))
-    row["speedup"] = statistics.median(ratios)
-    row["speedup_min"], row["speedup_max"] = ratios[0], ratios[-1]
+    q1, median, q3 = quartiles(t.times)
+    row["step_ms"], row["step_ms_q1"], row["step_ms_q3"] = median * 1e3, q1 * 1e3, q3 * 1e3
+    row.update(ratio_summary(base.times, t.times))
     row["peak_bytes"] = max(t.peaks) if t.peaks else None
     row["loss"] = t.loss
 
@@ -221,7 +230,7 @@ def _timing(row, t, base):
 def run(cfg, device, dtype=torch.float32, steps=5, progress=None):
     """Rows for every variant of fastreg's own model, with ratios against nn.Dropout."""
     trainees = [_Trainee(v, build(cfg, v, device, dtype), cfg, device) for v in VARIANTS]
-    _interleaved(trainees, steps, progress)
+    time_steps(trainees, steps, progress)
     rows = []
     for t in trainees:
         kept, _ = t.kept()
@@ -314,7 +323,7 @@ def run_gpt2(cfg, device, dtype=torch.float32, steps=5, progress=None):
         return None
     trainees = [_Trainee(v, build_gpt2(transformers, cfg, v, device, dtype), cfg, device)
                 for v in GPT2_VARIANTS]
-    _interleaved(trainees, steps, progress, label="gpt2")
+    time_steps(trainees, steps, progress, label="gpt2")
     rows = []
     for t in trainees:
         kept, per_block = t.kept(list(t.model.transformer.h))
@@ -353,18 +362,18 @@ def _table(names, body):
 
 
 def _time_cells(r):
-    # A ratio whose per-round range holds 1 shows no difference: marked, not a speedup.
-    unsupported = r["speedup_min"] < 1.0 < r["speedup_max"]
-    return [f"{r['step_ms']:.1f}", f"{r['step_ms_min']:.1f}-{r['step_ms_max']:.1f}",
-            f"{'~' if unsupported else ''}{r['speedup']:.2f}x",
-            f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}"]
+    # the op bench's cells: "spread too wide" where the per-round ratios do not support one
+    speedup, spread = speedup_cells(r)
+    return [f"{r['step_ms']:.1f}", f"{r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}",
+            speedup, spread]
 
 
-TIME_NOTE = ("~: the per-round ratios fall on both sides of 1, so the run shows no speed "
-             "difference")
+TIME_NOTE = ("spread: the interquartile range of the per-round ratios; \"spread too wide\" "
+             "where it holds 1.0 (the rounds disagree on which is faster) or is wider than "
+             "half the median")
 
 
-TIME_NAMES = ["step ms", "min-max", "vs nn.Dropout", "per-round range"]
+TIME_NAMES = ["step ms", "IQR", "vs nn.Dropout", "spread"]
 
 
 def format_table(rows, cfg, dtype, steps, env_lines):
@@ -380,8 +389,8 @@ def format_table(rows, cfg, dtype, steps, env_lines):
         "of which dropout: kept less that of the model without dropout (masks, and the "
         "dropped activations that the next layer saves)"
         + ("; step peak: rise of torch.cuda.max_memory_allocated during a step" if cuda else "")
-        + "; step ms: median, min-max; vs nn.Dropout: median of the per-round time ratios "
-        "(>1: faster) and their range",
+        + "; step ms: median and interquartile range; vs nn.Dropout: median of the per-round "
+        "time ratios (>1: faster) and their interquartile range (spread)",
     ]
     names = ["variant", "kept MiB", "of which dropout", "vs nn.Dropout"]
     if cuda:
