@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.14.1
 # Their versions (and transformers' own packages') are pinned in test-constraints.txt.
 TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel transformers
 CONSTRAINTS := -c test-constraints.txt
+# The linters and formatters, in .venv only (`make lint`, `make format`).
+LINT_TOOLS := ruff clang-format
+CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cuh' 'csrc/*.cpp' 'csrc/*.cu')
 
 # torch's guess of the CUDA toolkit misses /usr/local/cuda when nvcc is not on PATH.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -18,7 +21,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 
 SOURCES := setup.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: bench test test-reference test-cudasim test-cudasim-sanitized test-other-torch \
+.PHONY: bench test lint format test-reference test-cudasim test-cudasim-sanitized test-other-torch \
 	test-oldest-torch cudasim build setup clean gpu-check
 
 # The same property-test examples on every run (tests/conftest.py).
@@ -31,6 +34,17 @@ bench: build
 test: build
 	$(PY) -m pytest -q tests
 	$(MAKE) test-cudasim
+
+# Python: ruff (lint and format, pyproject.toml); C++ and CUDA: clang-format (.clang-format).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 # The CUDA kernels on the CUDA simulator (docs/cuda-simulator.md): the simulator's own tests
 # and the kernel test modules once in each block order, the property and error tests in
@@ -92,7 +106,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: test-constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TOOLS) $(CONSTRAINTS)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TOOLS) $(LINT_TOOLS) $(CONSTRAINTS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)

@@ -69,16 +69,17 @@ inline bool have_f16c() {
 
 // n float16 values to float and back (round to nearest even), any n; only where have_f16c().
 __attribute__((target("avx2,f16c"))) inline void half_to_float_n(const c10::Half* in, float* out,
-                                                                  int64_t n) {
+                                                                 int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+    _mm256_storeu_ps(out + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
   }
   for (; i < n; ++i) out[i] = _cvtsh_ss(in[i].x);
 }
 
 __attribute__((target("avx2,f16c"))) inline void float_to_half_n(const float* in, c10::Half* out,
-                                                                  int64_t n) {
+                                                                 int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i),

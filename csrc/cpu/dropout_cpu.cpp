@@ -19,12 +19,13 @@ DropoutForward dropout_forward_cpu(const at::Tensor& input, double p, const at::
   const ForwardBuffers& b = f.buffers;
   if (!b.out.is_same(b.src)) advise_huge_pages(b.out);  // new, not yet written
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd", [&] {
-    visit_sink(f.mode, b.mask, [&](const auto& sink) {
-      dropout_tiles(b.src.const_data_ptr<scalar_t>(), b.out.mutable_data_ptr<scalar_t>(),
-                    input.numel(), p, philox, sink);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd", [&] {
+        visit_sink(f.mode, b.mask, [&](const auto& sink) {
+          dropout_tiles(b.src.const_data_ptr<scalar_t>(), b.out.mutable_data_ptr<scalar_t>(),
+                        input.numel(), p, philox, sink);
+        });
+      });
   return f;
 }
 
@@ -49,26 +50,27 @@ at::Tensor dropout_bwd_cpu(const at::Tensor& grad, const at::Tensor& mask, doubl
   at::Tensor grad_input = at::empty_like(grad);
   advise_huge_pages(grad_input);
   const PhiloxKeep philox{read_rng_state(rng_state), KeepRule::from_p(p)};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::dropout_bwd", [&] {
-    const scalar_t* in = grad.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-    const auto scale = dropout_scale<at::opmath_type<scalar_t>>(p);
-    // A stored mask is applied a chunk at a time, straight from the mask (the bits, or
-    // the bool flags as they are): no per-tile copy into flags, no per-tile call.
-    if (mode == MaskMode::Bits) {
-      const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.const_data_ptr<int32_t>());
-      for_each_chunk(grad.numel(), kGrainTiles, [&](int64_t, int64_t first, int64_t count) {
-        apply_bits(in + first, out + first, words + first / 32, count, scale);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::dropout_bwd", [&] {
+        const scalar_t* in = grad.const_data_ptr<scalar_t>();
+        scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+        const auto scale = dropout_scale<at::opmath_type<scalar_t>>(p);
+        // A stored mask is applied a chunk at a time, straight from the mask (the bits, or
+        // the bool flags as they are): no per-tile copy into flags, no per-tile call.
+        if (mode == MaskMode::Bits) {
+          const uint32_t* words = reinterpret_cast<const uint32_t*>(mask.const_data_ptr<int32_t>());
+          for_each_chunk(grad.numel(), kGrainTiles, [&](int64_t, int64_t first, int64_t count) {
+            apply_bits(in + first, out + first, words + first / 32, count, scale);
+          });
+        } else if (mode == MaskMode::Bool) {
+          const uint8_t* flags = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
+          for_each_chunk(grad.numel(), kGrainTiles, [&](int64_t, int64_t first, int64_t count) {
+            apply_keep(in + first, out + first, flags + first, count, scale);
+          });
+        } else {
+          dropout_tiles(in, out, grad.numel(), p, philox, NoSink{});
+        }
       });
-    } else if (mode == MaskMode::Bool) {
-      const uint8_t* flags = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
-      for_each_chunk(grad.numel(), kGrainTiles, [&](int64_t, int64_t first, int64_t count) {
-        apply_keep(in + first, out + first, flags + first, count, scale);
-      });
-    } else {
-      dropout_tiles(in, out, grad.numel(), p, philox, NoSink{});
-    }
-  });
   return grad_input;
 }
 
@@ -115,9 +117,12 @@ PhiloxIsa philox_isa() {
 
 const char* philox_isa_name(PhiloxIsa isa) {
   switch (isa) {
-    case PhiloxIsa::Avx512: return "avx512";
-    case PhiloxIsa::Avx2: return "avx2";
-    case PhiloxIsa::Portable: break;
+    case PhiloxIsa::Avx512:
+      return "avx512";
+    case PhiloxIsa::Avx2:
+      return "avx2";
+    case PhiloxIsa::Portable:
+      break;
   }
   return "portable";
 }

@@ -50,7 +50,7 @@ __attribute__((target("avx512f"))) inline __m512i keep_flag_avx512(__m512i c, __
 // bytes of 32-bit lane b of k0 | k1 << 8 | k2 << 16 | k3 << 24: keep[4b + i] in memory.
 // q0 is a multiple of 64, so the counter's low word never carries within a vector.
 __attribute__((target("avx2"))) inline void philox_tile_avx2(uint64_t q0, RngState rng,
-                                                              KeepRule rule, uint8_t* keep) {
+                                                             KeepRule rule, uint8_t* keep) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
   const __m256i thr = _mm256_set1_epi32(static_cast<int>(rule.threshold));
@@ -64,24 +64,29 @@ __attribute__((target("avx2"))) inline void philox_tile_avx2(uint64_t q0, RngSta
     __m256i c3 = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
     uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
     for (int round = 0; round < kPhiloxRounds; ++round) {
-      const __m256i e0 = _mm256_mul_epu32(c0, m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
-      const __m256i e1 = _mm256_mul_epu32(c2, m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
+      const __m256i e0 = _mm256_mul_epu32(c0, m0),
+                    o0 = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
+      const __m256i e1 = _mm256_mul_epu32(c2, m1),
+                    o1 = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
       const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
       const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
       const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
       const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
-      const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
-      const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+      const __m256i n0 =
+          _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+      const __m256i n2 =
+          _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
       c0 = n0;
       c1 = lo1;
       c2 = n2;
       c3 = lo0;
       philox_bump_key(k0, k1);
     }
-    const __m256i bytes = _mm256_or_si256(
-        _mm256_or_si256(keep_flag_avx2(c0, thr, one), _mm256_slli_epi32(keep_flag_avx2(c1, thr, one), 8)),
-        _mm256_or_si256(_mm256_slli_epi32(keep_flag_avx2(c2, thr, one), 16),
-                        _mm256_slli_epi32(keep_flag_avx2(c3, thr, one), 24)));
+    const __m256i bytes =
+        _mm256_or_si256(_mm256_or_si256(keep_flag_avx2(c0, thr, one),
+                                        _mm256_slli_epi32(keep_flag_avx2(c1, thr, one), 8)),
+                        _mm256_or_si256(_mm256_slli_epi32(keep_flag_avx2(c2, thr, one), 16),
+                                        _mm256_slli_epi32(keep_flag_avx2(c3, thr, one), 24)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(keep + 32 * g), bytes);
   }
 }
@@ -95,31 +100,37 @@ __attribute__((target("avx512f"))) inline void philox_tile_avx512(uint64_t q0, R
   const __m512i one = _mm512_set1_epi32(1);
   for (int g = 0; g < kTileBlocks / 16; ++g) {
     const uint64_t q = q0 + 16 * g;
-    __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))),
-                                  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i c0 =
+        _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q))),
+                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     __m512i c1 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(q >> 32)));
     __m512i c2 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset)));
     __m512i c3 = _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(rng.offset >> 32)));
     uint32_t k0 = static_cast<uint32_t>(rng.seed), k1 = static_cast<uint32_t>(rng.seed >> 32);
     for (int round = 0; round < kPhiloxRounds; ++round) {
-      const __m512i e0 = _mm512_mul_epu32(c0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
-      const __m512i e1 = _mm512_mul_epu32(c2, m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
+      const __m512i e0 = _mm512_mul_epu32(c0, m0),
+                    o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
+      const __m512i e1 = _mm512_mul_epu32(c2, m1),
+                    o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
       const __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(e0, 32), o0);
       const __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, e0, _mm512_slli_epi64(o0, 32));
       const __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(e1, 32), o1);
       const __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, e1, _mm512_slli_epi64(o1, 32));
-      const __m512i n0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
-      const __m512i n2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
+      const __m512i n0 =
+          _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32(static_cast<int>(k0)));
+      const __m512i n2 =
+          _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32(static_cast<int>(k1)));
       c0 = n0;
       c1 = lo1;
       c2 = n2;
       c3 = lo0;
       philox_bump_key(k0, k1);
     }
-    const __m512i bytes = _mm512_or_si512(
-        _mm512_or_si512(keep_flag_avx512(c0, thr, one), _mm512_slli_epi32(keep_flag_avx512(c1, thr, one), 8)),
-        _mm512_or_si512(_mm512_slli_epi32(keep_flag_avx512(c2, thr, one), 16),
-                        _mm512_slli_epi32(keep_flag_avx512(c3, thr, one), 24)));
+    const __m512i bytes =
+        _mm512_or_si512(_mm512_or_si512(keep_flag_avx512(c0, thr, one),
+                                        _mm512_slli_epi32(keep_flag_avx512(c1, thr, one), 8)),
+                        _mm512_or_si512(_mm512_slli_epi32(keep_flag_avx512(c2, thr, one), 16),
+                                        _mm512_slli_epi32(keep_flag_avx512(c3, thr, one), 24)));
     _mm512_storeu_si512(keep + 64 * g, bytes);
   }
 }
@@ -134,9 +145,12 @@ struct PhiloxKeep {
     if (!rule.drop_all) {
       const uint64_t q0 = static_cast<uint64_t>(tile) * kTileBlocks;
       switch (philox_isa()) {
-        case PhiloxIsa::Avx512: return philox_tile_avx512(q0, rng, rule, keep);
-        case PhiloxIsa::Avx2: return philox_tile_avx2(q0, rng, rule, keep);
-        case PhiloxIsa::Portable: break;
+        case PhiloxIsa::Avx512:
+          return philox_tile_avx512(q0, rng, rule, keep);
+        case PhiloxIsa::Avx2:
+          return philox_tile_avx2(q0, rng, rule, keep);
+        case PhiloxIsa::Portable:
+          break;
       }
     }
 #endif
@@ -172,7 +186,8 @@ struct PhiloxKeep {
 struct BitsKeep {
   const uint32_t* words;
 
-  FASTREG_TARGET_CLONES void operator()(int64_t tile, int64_t count, uint8_t* __restrict keep) const {
+  FASTREG_TARGET_CLONES void operator()(int64_t tile, int64_t count,
+                                        uint8_t* __restrict keep) const {
     const uint32_t* w = words + tile * kTileWords;
     for (int64_t word = 0; word < (count + 31) / 32; ++word) {
       const uint32_t bits = w[word];
@@ -194,7 +209,7 @@ struct BoolKeep {
 #if FASTREG_X86_CLONES
 // 32 flags (bytes 0 or 1) to a word: each flag shifted into its byte's top bit, vpmovmskb.
 __attribute__((target("avx2"))) inline void pack_bits_avx2(const uint8_t* keep, uint32_t* w,
-                                                            int64_t words) {
+                                                           int64_t words) {
   for (int64_t i = 0; i < words; ++i) {
     const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(keep + 32 * i));
     w[i] = static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_slli_epi16(b, 7)));
@@ -237,10 +252,20 @@ struct NoSink {
   void operator()(int64_t, int64_t, const uint8_t*) const {}
 };
 
-template <int kBytes> struct UnsignedOfSize;
-template <> struct UnsignedOfSize<2> { using type = uint16_t; };
-template <> struct UnsignedOfSize<4> { using type = uint32_t; };
-template <> struct UnsignedOfSize<8> { using type = uint64_t; };
+template <int kBytes>
+struct UnsignedOfSize;
+template <>
+struct UnsignedOfSize<2> {
+  using type = uint16_t;
+};
+template <>
+struct UnsignedOfSize<4> {
+  using type = uint32_t;
+};
+template <>
+struct UnsignedOfSize<8> {
+  using type = uint64_t;
+};
 
 #if FASTREG_X86_CLONES
 // float16 with F16C, eight elements at a time: gcc does not vectorize _Float16
@@ -260,9 +285,11 @@ __attribute__((target("avx2,f16c"))) void apply_keep_f16c(const c10::Half* in, c
   const __m256 s = _mm256_set1_ps(scale);
   int64_t e = 0;
   for (; e + 8 <= count; e += 8) {
-    const __m128i k = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + e)));
+    const __m128i k =
+        _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(keep + e)));
     const __m128i lanes = _mm_sub_epi16(_mm_setzero_si128(), k);  // 0 or 0xffff
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + e), _mm_and_si128(half8_scaled(in + e, s), lanes));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + e),
+                     _mm_and_si128(half8_scaled(in + e, s), lanes));
   }
   for (; e < count; ++e) {
     const uint16_t h = _cvtss_sh(_cvtsh_ss(in[e].x) * scale, _MM_FROUND_TO_NEAREST_INT);
@@ -280,7 +307,8 @@ __attribute__((target("avx2,f16c"))) void apply_bits_f16c(const c10::Half* in, c
     const int byte = static_cast<int>((words[e / 32] >> (e % 32)) & 0xffu);
     const __m128i b = _mm_and_si128(_mm_set1_epi16(static_cast<int16_t>(byte)), bit);
     const __m128i lanes = _mm_cmpeq_epi16(b, bit);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + e), _mm_and_si128(half8_scaled(in + e, s), lanes));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + e),
+                     _mm_and_si128(half8_scaled(in + e, s), lanes));
   }
   for (; e < count; ++e) {
     const uint16_t h = _cvtss_sh(_cvtsh_ss(in[e].x) * scale, _MM_FROUND_TO_NEAREST_INT);
@@ -298,13 +326,15 @@ __attribute__((target("avx512f"))) inline __m256i half16_kept(const c10::Half* i
   return _mm512_cvtps_ph(_mm512_maskz_mul_ps(keep, v, scale), _MM_FROUND_TO_NEAREST_INT);
 }
 
-__attribute__((target("avx512f,f16c"))) void apply_keep_f16_avx512(const c10::Half* in, c10::Half* out,
-                                                               const uint8_t* keep, int64_t count,
-                                                               float scale) {
+__attribute__((target("avx512f,f16c"))) void apply_keep_f16_avx512(const c10::Half* in,
+                                                                   c10::Half* out,
+                                                                   const uint8_t* keep,
+                                                                   int64_t count, float scale) {
   const __m512 s = _mm512_set1_ps(scale);
   int64_t e = 0;
   for (; e + 16 <= count; e += 16) {
-    const __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + e)));
+    const __m512i k =
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + e)));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + e),
                         half16_kept(in + e, s, _mm512_test_epi32_mask(k, k)));
   }
@@ -313,9 +343,10 @@ __attribute__((target("avx512f,f16c"))) void apply_keep_f16_avx512(const c10::Ha
 
 // `words` holds the mask from element 0; e steps by 16, so a step's bits never straddle
 // two words.
-__attribute__((target("avx512f,f16c"))) void apply_bits_f16_avx512(const c10::Half* in, c10::Half* out,
-                                                               const uint32_t* words, int64_t count,
-                                                               float scale) {
+__attribute__((target("avx512f,f16c"))) void apply_bits_f16_avx512(const c10::Half* in,
+                                                                   c10::Half* out,
+                                                                   const uint32_t* words,
+                                                                   int64_t count, float scale) {
   const __m512 s = _mm512_set1_ps(scale);
   int64_t e = 0;
   for (; e + 16 <= count; e += 16) {
@@ -340,7 +371,8 @@ FASTREG_TARGET_CLONES void apply_keep(const scalar_t* in, scalar_t* out,
                                       at::opmath_type<scalar_t> scale) {
 #if FASTREG_X86_CLONES
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    if (philox_isa() == PhiloxIsa::Avx512) return apply_keep_f16_avx512(in, out, keep, count, scale);
+    if (philox_isa() == PhiloxIsa::Avx512)
+      return apply_keep_f16_avx512(in, out, keep, count, scale);
     if (have_f16c()) return apply_keep_f16c(in, out, keep, count, scale);
   }
 #endif
@@ -363,7 +395,8 @@ FASTREG_TARGET_CLONES void apply_bits(const scalar_t* in, scalar_t* out,
                                       at::opmath_type<scalar_t> scale) {
 #if FASTREG_X86_CLONES
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    if (philox_isa() == PhiloxIsa::Avx512) return apply_bits_f16_avx512(in, out, words, count, scale);
+    if (philox_isa() == PhiloxIsa::Avx512)
+      return apply_bits_f16_avx512(in, out, words, count, scale);
     if (have_f16c()) return apply_bits_f16c(in, out, words, count, scale);
   }
 #endif

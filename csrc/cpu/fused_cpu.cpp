@@ -102,7 +102,7 @@ void forward_dispatch(const scalar_t* x, const at::opmath_type<scalar_t>* bias,
       half_to_float_n(x, xf, len);
       if constexpr (kResidual) half_to_float_n(residual, rf, len);
       forward_run<float, A, kResidual, kBias>(xf, bias, kResidual ? rf : nullptr, of, keep, len,
-                                             scale);
+                                              scale);
       float_to_half_n(of, out, len);
       return;
     }
@@ -114,7 +114,7 @@ void forward_dispatch(const scalar_t* x, const at::opmath_type<scalar_t>* bias,
 template <typename scalar_t, Activation A, bool kResidual>
 struct ForwardStep {
   using opmath_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;  // may equal out (a non-dense input gathered into out)
+  const scalar_t* x;     // may equal out (a non-dense input gathered into out)
   const opmath_t* bias;  // null: no bias
   const scalar_t* residual;
   scalar_t* out;
@@ -124,17 +124,18 @@ struct ForwardStep {
   void operator()(int64_t /*chunk*/, int64_t first, int64_t count, const uint8_t* keep) const {
     if (bias == nullptr) {
       forward_dispatch<scalar_t, A, kResidual, false>(x + first, nullptr,
-                                                 kResidual ? residual + first : nullptr,
-                                                 out + first, keep, count, scale);
+                                                      kResidual ? residual + first : nullptr,
+                                                      out + first, keep, count, scale);
       return;
     }
     alignas(64) opmath_t row[kTile];
-    for_each_bias_run(first, count, layout, [&](int64_t off, int64_t len, int64_t j, bool contiguous) {
-      const int64_t e = first + off;
-      forward_dispatch<scalar_t, A, kResidual, true>(x + e, bias_of_run(bias, j, contiguous, len, row),
-                                                kResidual ? residual + e : nullptr, out + e,
-                                                keep + off, len, scale);
-    });
+    for_each_bias_run(first, count, layout,
+                      [&](int64_t off, int64_t len, int64_t j, bool contiguous) {
+                        const int64_t e = first + off;
+                        forward_dispatch<scalar_t, A, kResidual, true>(
+                            x + e, bias_of_run(bias, j, contiguous, len, row),
+                            kResidual ? residual + e : nullptr, out + e, keep + off, len, scale);
+                      });
   }
 };
 
@@ -156,26 +157,34 @@ void run_forward(const ForwardBuffers& b, const at::Tensor& bias, const at::Tens
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_dropout_add_fwd_cpu(
-    const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
-    double p, const at::Tensor& rng_state, c10::string_view mode_name) {
+std::tuple<at::Tensor, at::Tensor> bias_dropout_add_fwd_cpu(const at::Tensor& input,
+                                                            const c10::optional<at::Tensor>& bias,
+                                                            const at::Tensor& residual, double p,
+                                                            const at::Tensor& rng_state,
+                                                            c10::string_view mode_name) {
   const FusedForward f = prepare_fused_forward(input, bias, &residual, p, rng_state, mode_name);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::bias_dropout_add_fwd", [&] {
-    run_forward<scalar_t, Activation::None, true>(f.buffers, f.bias, f.residual, p, f.mode, rng_state);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "fastreg::bias_dropout_add_fwd", [&] {
+                                    run_forward<scalar_t, Activation::None, true>(
+                                        f.buffers, f.bias, f.residual, p, f.mode, rng_state);
+                                  });
   return {f.buffers.out, f.buffers.mask};
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_act_dropout_fwd_cpu(
-    const at::Tensor& input, const c10::optional<at::Tensor>& bias, double p,
-    c10::string_view activation, const at::Tensor& rng_state, c10::string_view mode_name) {
+std::tuple<at::Tensor, at::Tensor> bias_act_dropout_fwd_cpu(const at::Tensor& input,
+                                                            const c10::optional<at::Tensor>& bias,
+                                                            double p, c10::string_view activation,
+                                                            const at::Tensor& rng_state,
+                                                            c10::string_view mode_name) {
   const Activation act = parse_activation(activation);
   const FusedForward f = prepare_fused_forward(input, bias, nullptr, p, rng_state, mode_name);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::bias_act_dropout_fwd", [&] {
-    visit_activation(act, [&](auto tag) {
-      run_forward<scalar_t, decltype(tag)::value, false>(f.buffers, f.bias, at::Tensor(), p, f.mode, rng_state);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "fastreg::bias_act_dropout_fwd", [&] {
+                                    visit_activation(act, [&](auto tag) {
+                                      run_forward<scalar_t, decltype(tag)::value, false>(
+                                          f.buffers, f.bias, at::Tensor(), p, f.mode, rng_state);
+                                    });
+                                  });
   return {f.buffers.out, f.buffers.mask};
 }
 
@@ -183,9 +192,9 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_fwd_cpu(
 
 template <typename scalar_t, Activation A, bool kBias>
 FASTREG_TARGET_CLONES void backward_run(const scalar_t* grad, const scalar_t* x,
-                                        const at::opmath_type<scalar_t>* bias,
-                                        scalar_t* grad_input, const uint8_t* __restrict keep,
-                                        int64_t len, at::opmath_type<scalar_t> scale) {
+                                        const at::opmath_type<scalar_t>* bias, scalar_t* grad_input,
+                                        const uint8_t* __restrict keep, int64_t len,
+                                        at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   for (int64_t e = 0; e < len; ++e) {
     opmath_t v = mul_rn(load_op(grad[e]), scale);
@@ -248,22 +257,24 @@ struct BackwardStep {
   void operator()(int64_t chunk, int64_t first, int64_t count, const uint8_t* keep) const {
     if (bias == nullptr && partials == nullptr) {
       backward_dispatch<scalar_t, A, false>(grad + first, x ? x + first : nullptr, nullptr,
-                                       grad_input + first, keep, count, scale);
+                                            grad_input + first, keep, count, scale);
       return;
     }
     alignas(64) opmath_t row[kTile];
     opmath_t* acc = partials ? partials + chunk * layout.size : nullptr;
-    for_each_bias_run(first, count, layout, [&](int64_t off, int64_t len, int64_t j, bool contiguous) {
-      const int64_t e = first + off;
-      if (bias != nullptr) {
-        backward_dispatch<scalar_t, A, true>(grad + e, x + e, bias_of_run(bias, j, contiguous, len, row),
-                                        grad_input + e, keep + off, len, scale);
-      } else {
-        backward_dispatch<scalar_t, A, false>(grad + e, x ? x + e : nullptr, nullptr, grad_input + e,
-                                         keep + off, len, scale);
-      }
-      if (acc != nullptr) accumulate_run(grad_input + e, len, acc + j, contiguous);
-    });
+    for_each_bias_run(
+        first, count, layout, [&](int64_t off, int64_t len, int64_t j, bool contiguous) {
+          const int64_t e = first + off;
+          if (bias != nullptr) {
+            backward_dispatch<scalar_t, A, true>(grad + e, x + e,
+                                                 bias_of_run(bias, j, contiguous, len, row),
+                                                 grad_input + e, keep + off, len, scale);
+          } else {
+            backward_dispatch<scalar_t, A, false>(grad + e, x ? x + e : nullptr, nullptr,
+                                                  grad_input + e, keep + off, len, scale);
+          }
+          if (acc != nullptr) accumulate_run(grad_input + e, len, acc + j, contiguous);
+        });
   }
 };
 
@@ -310,31 +321,33 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_bwd_cpu(
   const int64_t chunk_tiles = bias_grad ? reduction_chunk_tiles(n, layout.size) : kGrainTiles;
   const int64_t chunks = ((n + kTile - 1) / kTile + chunk_tiles - 1) / chunk_tiles;
   const FusedPhiloxKeep philox = make_philox(rng_state, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::bias_act_dropout_bwd", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    at::Tensor partials;
-    if (bias_grad) {
-      partials = at::zeros({chunks, layout.size}, grad.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
-    }
-    visit_activation(act, [&](auto tag) {
-      constexpr Activation A = decltype(tag)::value;
-      const BackwardStep<scalar_t, A> step{
-          grad.const_data_ptr<scalar_t>(),
-          A == Activation::None ? nullptr : input->const_data_ptr<scalar_t>(),
-          bias_op.defined() ? bias_op.const_data_ptr<opmath_t>() : nullptr,
-          grad_input.mutable_data_ptr<scalar_t>(),
-          dropout_scale<opmath_t>(p),
-          layout,
-          bias_grad ? partials.mutable_data_ptr<opmath_t>() : nullptr};
-      visit_keep(mode, mask, philox, [&](const auto& keep_fn) {
-        for_each_tile(n, chunk_tiles, keep_fn, NoSink{}, step);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::bias_act_dropout_bwd", [&] {
+        using opmath_t = at::opmath_type<scalar_t>;
+        at::Tensor partials;
+        if (bias_grad) {
+          partials = at::zeros({chunks, layout.size},
+                               grad.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+        }
+        visit_activation(act, [&](auto tag) {
+          constexpr Activation A = decltype(tag)::value;
+          const BackwardStep<scalar_t, A> step{
+              grad.const_data_ptr<scalar_t>(),
+              A == Activation::None ? nullptr : input->const_data_ptr<scalar_t>(),
+              bias_op.defined() ? bias_op.const_data_ptr<opmath_t>() : nullptr,
+              grad_input.mutable_data_ptr<scalar_t>(),
+              dropout_scale<opmath_t>(p),
+              layout,
+              bias_grad ? partials.mutable_data_ptr<opmath_t>() : nullptr};
+          visit_keep(mode, mask, philox, [&](const auto& keep_fn) {
+            for_each_tile(n, chunk_tiles, keep_fn, NoSink{}, step);
+          });
+        });
+        if (bias_grad) {
+          sum_partials(partials.const_data_ptr<opmath_t>(), chunks, n_bias,
+                       grad_bias.mutable_data_ptr<scalar_t>());
+        }
       });
-    });
-    if (bias_grad) {
-      sum_partials(partials.const_data_ptr<opmath_t>(), chunks, n_bias,
-                   grad_bias.mutable_data_ptr<scalar_t>());
-    }
-  });
   return {grad_input, grad_bias};
 }
 

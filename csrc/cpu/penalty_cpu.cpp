@@ -23,7 +23,7 @@
 namespace fastreg {
 namespace {
 
-constexpr int64_t kChunk = 4096;     // elements: fixed chunk boundaries, whatever the threads
+constexpr int64_t kChunk = 4096;      // elements: fixed chunk boundaries, whatever the threads
 constexpr int64_t kGrainChunks = 16;  // chunks a thread takes at least (64K elements)
 
 // A tensor's place in the concatenated element space.
@@ -56,8 +56,9 @@ void parallel_chunks(const std::vector<Segment>& segments, int64_t total, const 
   parallel_claim((chunks + kGrainChunks - 1) / kGrainChunks, [&](int64_t g) {
     const int64_t last = std::min(chunks, (g + 1) * kGrainChunks);
     for (int64_t c = g * kGrainChunks; c < last; ++c) {
-      for_each_piece(segments, c * kChunk, std::min(total, (c + 1) * kChunk),
-                     [&](const Segment& s, int64_t first, int64_t count) { body(c, s, first, count); });
+      for_each_piece(
+          segments, c * kChunk, std::min(total, (c + 1) * kChunk),
+          [&](const Segment& s, int64_t first, int64_t count) { body(c, s, first, count); });
     }
   });
 }
@@ -75,16 +76,16 @@ constexpr int kLanes = sizeof(acc_t) == 4 ? 32 : 16;
 // loop below). Converting into a stack buffer first made each 64-byte load of it wait on
 // two 32-byte stores that the CPU could not forward: 4.5x slower than bfloat16.
 // Returns the number of elements summed (a multiple of 32); a and q get the lane sums.
-__attribute__((target("avx2,f16c"))) inline int64_t abs_sq_sums_f16c(const c10::Half* x,
-                                                                     int64_t n, float* a,
-                                                                     float* q) {
+__attribute__((target("avx2,f16c"))) inline int64_t abs_sq_sums_f16c(const c10::Half* x, int64_t n,
+                                                                     float* a, float* q) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 abs_sum[4], sq_sum[4];
   for (int k = 0; k < 4; ++k) abs_sum[k] = sq_sum[k] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     for (int k = 0; k < 4; ++k) {
-      const __m256 v = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i + 8 * k)));
+      const __m256 v =
+          _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i + 8 * k)));
       abs_sum[k] = _mm256_add_ps(abs_sum[k], _mm256_andnot_ps(sign, v));
       sq_sum[k] = _mm256_add_ps(sq_sum[k], _mm256_mul_ps(v, v));
     }
@@ -148,19 +149,19 @@ FASTREG_TARGET_CLONES void abs_sq_sums(const scalar_t* x, int64_t n, acc_t* s1, 
 
 // A piece's share of the value, in double.
 double piece_value(const Segment& s, int64_t first, int64_t count) {
-  return AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.dtype, "fastreg::penalty", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    acc_t s1, s2;
-    abs_sq_sums(static_cast<const scalar_t*>(s.in) + first, count, &s1, &s2);
-    double value = 0.0;
-    if (s.a != 0.0) value += s.a * static_cast<double>(s1);
-    if (s.b != 0.0) value += s.b * static_cast<double>(s2);
-    return value;
-  });
+  return AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, s.dtype, "fastreg::penalty", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        acc_t s1, s2;
+        abs_sq_sums(static_cast<const scalar_t*>(s.in) + first, count, &s1, &s2);
+        double value = 0.0;
+        if (s.a != 0.0) value += s.a * static_cast<double>(s1);
+        if (s.b != 0.0) value += s.b * static_cast<double>(s2);
+        return value;
+      });
 }
 
-at::Tensor penalty_cpu(at::TensorList params, c10::ArrayRef<double> l1,
-                       c10::ArrayRef<double> l2) {
+at::Tensor penalty_cpu(at::TensorList params, c10::ArrayRef<double> l1, c10::ArrayRef<double> l2) {
   check_penalty_args(params, l1, l2);
   TORCH_CHECK_VALUE(!params.empty(), "params must not be empty (its device gives the result's)");
   const std::vector<ReductionInput> inputs = reduction_inputs(params, l1, l2);
@@ -168,17 +169,15 @@ at::Tensor penalty_cpu(at::TensorList params, c10::ArrayRef<double> l1,
   segments.reserve(inputs.size());
   int64_t total = 0;
   for (const ReductionInput& input : inputs) {
-    segments.push_back({input.src->const_data_ptr(), nullptr, total, input.src->numel(),
-                        input.l1, input.l2, input.src->scalar_type()});
+    segments.push_back({input.src->const_data_ptr(), nullptr, total, input.src->numel(), input.l1,
+                        input.l2, input.src->scalar_type()});
     total += input.src->numel();
   }
   std::vector<double> partials((total + kChunk - 1) / kChunk, 0.0);
   double* partial = partials.data();
-  parallel_chunks(
-      segments, total,
-      [&](int64_t c, const Segment& s, int64_t first, int64_t count) {
-        partial[c] += piece_value(s, first, count);  // only chunk c's thread writes it
-      });
+  parallel_chunks(segments, total, [&](int64_t c, const Segment& s, int64_t first, int64_t count) {
+    partial[c] += piece_value(s, first, count);  // only chunk c's thread writes it
+  });
   double value = 0.0;
   for (const double p : partials) value += p;
   at::Tensor out = at::empty({}, params[0].options().dtype(penalty_result_type(params)));
@@ -193,8 +192,8 @@ at::Tensor penalty_cpu(at::TensorList params, c10::ArrayRef<double> l1,
 // ---- Elementwise ops ----
 
 template <typename scalar_t, bool kL1, bool kL2, typename acc_t = at::opmath_type<scalar_t>>
-FASTREG_TARGET_CLONES void grad_loop(const scalar_t* w, scalar_t* out, int64_t n, acc_t g,
-                                     acc_t l1, acc_t two_l2) {
+FASTREG_TARGET_CLONES void grad_loop(const scalar_t* w, scalar_t* out, int64_t n, acc_t g, acc_t l1,
+                                     acc_t two_l2) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t slope = penalty_slope(load_op(w[i]), l1, two_l2, kL1, kL2);
     out[i] = store_op<scalar_t>(mul_rn(g, slope));
@@ -202,8 +201,8 @@ FASTREG_TARGET_CLONES void grad_loop(const scalar_t* w, scalar_t* out, int64_t n
 }
 
 template <typename scalar_t, bool kL1, bool kL2, typename acc_t = at::opmath_type<scalar_t>>
-FASTREG_TARGET_CLONES void add_grad_loop(const scalar_t* w, scalar_t* out, int64_t n,
-                                         acc_t l1, acc_t two_l2) {
+FASTREG_TARGET_CLONES void add_grad_loop(const scalar_t* w, scalar_t* out, int64_t n, acc_t l1,
+                                         acc_t two_l2) {
   for (int64_t i = 0; i < n; ++i) {
     const acc_t slope = penalty_slope(load_op(w[i]), l1, two_l2, kL1, kL2);
     out[i] = store_op<scalar_t>(add_rn(load_op(out[i]), slope));
@@ -238,9 +237,11 @@ void elementwise_run(ElementwiseMode mode, double g, double a_, double b_, const
   }
   visit_terms(a_ != 0.0, b_ != 0.0, [&](auto use_l1, auto use_l2) {
     if (mode == ElementwiseMode::Grad) {
-      grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(in, out, count, static_cast<acc_t>(g), a, b);
+      grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(
+          in, out, count, static_cast<acc_t>(g), a, b);
     } else {
-      add_grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(in, out, count, a, b);
+      add_grad_loop<scalar_t, decltype(use_l1)::value, decltype(use_l2)::value>(in, out, count, a,
+                                                                                b);
     }
   });
 }
@@ -290,9 +291,8 @@ FASTREG_F16C __m256 soft_threshold8(__m256 w, __m256 t) {
 
 // The multiple of 8 elements of [0, count) through the vector loops; returns how many.
 template <bool kL1, bool kL2>
-__attribute__((target("avx2,f16c"))) int64_t grad_loop_f16c(ElementwiseMode mode, float g,
-                                                            float l1, float two_l2,
-                                                            const c10::Half* in,
+__attribute__((target("avx2,f16c"))) int64_t grad_loop_f16c(ElementwiseMode mode, float g, float l1,
+                                                            float two_l2, const c10::Half* in,
                                                             c10::Half* out, int64_t count) {
   const __m256 gv = _mm256_set1_ps(g), l1v = _mm256_set1_ps(l1), l2v = _mm256_set1_ps(two_l2);
   int64_t i = 0;
@@ -308,8 +308,7 @@ __attribute__((target("avx2,f16c"))) int64_t grad_loop_f16c(ElementwiseMode mode
   return i;
 }
 
-__attribute__((target("avx2,f16c"))) int64_t prox_loop_f16c(float t, c10::Half* w,
-                                                            int64_t count) {
+__attribute__((target("avx2,f16c"))) int64_t prox_loop_f16c(float t, c10::Half* w, int64_t count) {
   const __m256 tv = _mm256_set1_ps(t);
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) store8(w + i, soft_threshold8(load8(w + i), tv));
@@ -317,8 +316,8 @@ __attribute__((target("avx2,f16c"))) int64_t prox_loop_f16c(float t, c10::Half* 
 }
 
 // The last count % 8 elements: converted to float, the float loop, rounded back.
-void elementwise_tail_f16c(ElementwiseMode mode, double g, double a, double b,
-                           const c10::Half* in, c10::Half* out, int64_t m) {
+void elementwise_tail_f16c(ElementwiseMode mode, double g, double a, double b, const c10::Half* in,
+                           c10::Half* out, int64_t m) {
   float w[8], o[8];
   half_to_float_n(in, w, m);
   if (mode == ElementwiseMode::AddGrad) half_to_float_n(out, o, m);
@@ -327,8 +326,8 @@ void elementwise_tail_f16c(ElementwiseMode mode, double g, double a, double b,
   float_to_half_n(result, out, m);
 }
 
-void elementwise_run_f16c(ElementwiseMode mode, double g, double a, double b,
-                          const c10::Half* in, c10::Half* out, int64_t count) {
+void elementwise_run_f16c(ElementwiseMode mode, double g, double a, double b, const c10::Half* in,
+                          c10::Half* out, int64_t count) {
   int64_t done = 0;
   if (mode == ElementwiseMode::Prox) {
     done = prox_loop_f16c(static_cast<float>(a), out, count);
@@ -361,9 +360,9 @@ void elementwise_piece_of(ElementwiseMode mode, double g, const Segment& s, int6
 
 void elementwise_piece(ElementwiseMode mode, double g, const Segment& s, int64_t first,
                        int64_t count) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.dtype, "fastreg::penalty_elementwise", [&] {
-    elementwise_piece_of<scalar_t>(mode, g, s, first, count);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, s.dtype, "fastreg::penalty_elementwise",
+      [&] { elementwise_piece_of<scalar_t>(mode, g, s, first, count); });
 }
 
 void run_elementwise(const std::vector<ElementwiseJob>& jobs, ElementwiseMode mode, double g) {
@@ -375,20 +374,17 @@ void run_elementwise(const std::vector<ElementwiseJob>& jobs, ElementwiseMode mo
                         job.in->numel(), job.a, job.b, job.in->scalar_type()});
     total += job.in->numel();
   }
-  parallel_chunks(
-      segments, total,
-      [&](int64_t, const Segment& s, int64_t first, int64_t count) {
-        elementwise_piece(mode, g, s, first, count);
-      });
+  parallel_chunks(segments, total, [&](int64_t, const Segment& s, int64_t first, int64_t count) {
+    elementwise_piece(mode, g, s, first, count);
+  });
 }
 
 std::vector<at::Tensor> penalty_backward_cpu(const at::Tensor& grad_out, at::TensorList params,
-                                             c10::ArrayRef<double> l1,
-                                             c10::ArrayRef<double> l2) {
+                                             c10::ArrayRef<double> l1, c10::ArrayRef<double> l2) {
   check_penalty_args(params, l1, l2);
   const at::Tensor g = penalty_grad_out(grad_out, params.empty() ? grad_out : params[0]);
-  const double g_value = g.scalar_type() == at::kDouble ? *g.const_data_ptr<double>()
-                                                        : *g.const_data_ptr<float>();
+  const double g_value =
+      g.scalar_type() == at::kDouble ? *g.const_data_ptr<double>() : *g.const_data_ptr<float>();
   std::vector<at::Tensor> grads;
   const std::vector<ElementwiseJob> jobs = backward_jobs(params, l1, l2, grads);
   for (const at::Tensor& grad : grads) advise_huge_pages(grad);

@@ -47,7 +47,11 @@ inline int64_t grid_size(int64_t work_blocks) {
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), int64_t grid, int block, std::size_t shared_bytes,
             Stream stream, Args&&... args) {
-  kernel<<<static_cast<unsigned>(grid), block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+  // A .h is formatted as C++, which would split the launch's >>>.
+  // clang-format off
+  kernel<<<static_cast<unsigned>(grid), block, shared_bytes, stream>>>(
+      std::forward<Args>(args)...);
+  // clang-format on
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -17,9 +17,11 @@ void launch_dropout(const scalar_t* in, scalar_t* out, int64_t n, double p, cons
   if (in == nullptr) return launch_dropout_kernel<scalar_t>(n, source, sink, device::NoEpilogue{});
   const auto scale = dropout_scale<at::opmath_type<scalar_t>>(p);
   if (lane_aligned<scalar_t>({in, out})) {
-    launch_dropout_kernel<scalar_t>(n, source, sink, device::ScaleEpilogue<scalar_t, true>{in, out, scale});
+    launch_dropout_kernel<scalar_t>(n, source, sink,
+                                    device::ScaleEpilogue<scalar_t, true>{in, out, scale});
   } else {
-    launch_dropout_kernel<scalar_t>(n, source, sink, device::ScaleEpilogue<scalar_t, false>{in, out, scale});
+    launch_dropout_kernel<scalar_t>(n, source, sink,
+                                    device::ScaleEpilogue<scalar_t, false>{in, out, scale});
   }
 }
 
@@ -30,12 +32,13 @@ DropoutForward dropout_forward_cuda(const at::Tensor& input, double p, const at:
   const DropoutForward f = prepare_dropout_forward(input, p, rng_state, mode_name, inplace);
   const ForwardBuffers& b = f.buffers;
   const device::PhiloxBits philox = make_philox(rng_state, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd", [&] {
-    visit_sink(f.mode, b.mask, [&](const auto& sink) {
-      launch_dropout(b.src.const_data_ptr<scalar_t>(), b.out.mutable_data_ptr<scalar_t>(),
-                     input.numel(), p, philox, sink);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, input.scalar_type(), "fastreg::dropout_fwd", [&] {
+        visit_sink(f.mode, b.mask, [&](const auto& sink) {
+          launch_dropout(b.src.const_data_ptr<scalar_t>(), b.out.mutable_data_ptr<scalar_t>(),
+                         input.numel(), p, philox, sink);
+        });
+      });
   return f;
 }
 
@@ -60,12 +63,13 @@ at::Tensor dropout_bwd_cuda(const at::Tensor& grad, const at::Tensor& mask, doub
   const MaskMode mode = prepare_dropout_backward(grad, mask, p, rng_state, mode_name);
   at::Tensor grad_input = at::empty_like(grad);
   const device::PhiloxBits philox = make_philox(rng_state, p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::dropout_bwd", [&] {
-    visit_source<scalar_t>(mode, mask, philox, [&](const auto& source) {
-      launch_dropout(grad.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
-                     grad.numel(), p, source, device::NoSink{});
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, grad.scalar_type(), "fastreg::dropout_bwd", [&] {
+        visit_source<scalar_t>(mode, mask, philox, [&](const auto& source) {
+          launch_dropout(grad.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(),
+                         grad.numel(), p, source, device::NoSink{});
+        });
+      });
   return grad_input;
 }
 

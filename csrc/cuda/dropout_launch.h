@@ -44,7 +44,8 @@ template <typename F>
 void visit_sink(MaskMode mode, const at::Tensor& mask, F&& f) {
   switch (mode) {
     case MaskMode::Bits:
-      return f(device::BitsSink{reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>()), mask.numel()});
+      return f(
+          device::BitsSink{reinterpret_cast<uint32_t*>(mask.data_ptr<int32_t>()), mask.numel()});
     case MaskMode::Bool:
       return f(device::BoolSink{mask.data_ptr<bool>()});
     case MaskMode::Recompute:

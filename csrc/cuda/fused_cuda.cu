@@ -12,22 +12,27 @@
 namespace fastreg {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> bias_dropout_add_fwd_cuda(
-    const at::Tensor& input, const c10::optional<at::Tensor>& bias, const at::Tensor& residual,
-    double p, const at::Tensor& rng_state, c10::string_view mode_name) {
+std::tuple<at::Tensor, at::Tensor> bias_dropout_add_fwd_cuda(const at::Tensor& input,
+                                                             const c10::optional<at::Tensor>& bias,
+                                                             const at::Tensor& residual, double p,
+                                                             const at::Tensor& rng_state,
+                                                             c10::string_view mode_name) {
   const DeviceGuard guard(input.device());
   const FusedForward f = prepare_fused_forward(input, bias, &residual, p, rng_state, mode_name);
   fused_forward_cuda<Activation::None>(f, p, rng_state);
   return {f.buffers.out, f.buffers.mask};
 }
 
-std::tuple<at::Tensor, at::Tensor> bias_act_dropout_fwd_cuda(
-    const at::Tensor& input, const c10::optional<at::Tensor>& bias, double p,
-    c10::string_view activation, const at::Tensor& rng_state, c10::string_view mode_name) {
+std::tuple<at::Tensor, at::Tensor> bias_act_dropout_fwd_cuda(const at::Tensor& input,
+                                                             const c10::optional<at::Tensor>& bias,
+                                                             double p, c10::string_view activation,
+                                                             const at::Tensor& rng_state,
+                                                             c10::string_view mode_name) {
   const Activation act = parse_activation(activation);
   const DeviceGuard guard(input.device());
   const FusedForward f = prepare_fused_forward(input, bias, nullptr, p, rng_state, mode_name);
-  visit_activation(act, [&](auto tag) { fused_forward_cuda<decltype(tag)::value>(f, p, rng_state); });
+  visit_activation(act,
+                   [&](auto tag) { fused_forward_cuda<decltype(tag)::value>(f, p, rng_state); });
   return {f.buffers.out, f.buffers.mask};
 }
 

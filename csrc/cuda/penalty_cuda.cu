@@ -18,11 +18,16 @@ using device::ReduceTable;
 
 uint8_t dtype_code(at::ScalarType t) {
   switch (t) {
-    case at::kFloat: return device::kF32;
-    case at::kHalf: return device::kF16;
-    case at::kBFloat16: return device::kBF16;
-    case at::kDouble: return device::kF64;
-    default: TORCH_CHECK(false, "fastreg penalty: unsupported dtype ", t);
+    case at::kFloat:
+      return device::kF32;
+    case at::kHalf:
+      return device::kF16;
+    case at::kBFloat16:
+      return device::kBF16;
+    case at::kDouble:
+      return device::kF64;
+    default:
+      TORCH_CHECK(false, "fastreg penalty: unsupported dtype ", t);
   }
   return device::kF32;  // not reached
 }
@@ -32,7 +37,8 @@ int64_t chunks_of(int64_t numel) { return (numel + kPenaltyChunk - 1) / kPenalty
 // Puts the tensors of `items` into tables of kSlots, `fill(table, t, item)` writing slot t
 // and returning the tensor it reads, and calls launch_table(table, chunks) for each table.
 template <typename Table, int kSlots, typename Item, typename Fill, typename Launch>
-void launch_in_tables(const std::vector<Item>& items, const Fill& fill, const Launch& launch_table) {
+void launch_in_tables(const std::vector<Item>& items, const Fill& fill,
+                      const Launch& launch_table) {
   Table table{};
   int64_t chunks = 0;  // in the table being filled
   const auto flush = [&] {
@@ -53,8 +59,7 @@ void launch_in_tables(const std::vector<Item>& items, const Fill& fill, const La
   if (table.n > 0) flush();
 }
 
-at::Tensor penalty_cuda(at::TensorList params, c10::ArrayRef<double> l1,
-                        c10::ArrayRef<double> l2) {
+at::Tensor penalty_cuda(at::TensorList params, c10::ArrayRef<double> l1, c10::ArrayRef<double> l2) {
   check_penalty_args(params, l1, l2);
   TORCH_CHECK_VALUE(!params.empty(), "params must not be empty (its device gives the result's)");
   const DeviceGuard guard(params[0].device());
@@ -79,18 +84,18 @@ at::Tensor penalty_cuda(at::TensorList params, c10::ArrayRef<double> l1,
         return *input.src;
       },
       [&](const ReduceTable& table, int64_t chunks) {
-        launch(device::penalty_reduce_kernel, grid_size(chunks), kThreadsPerBlock, 0, stream,
-               table, slots);
+        launch(device::penalty_reduce_kernel, grid_size(chunks), kThreadsPerBlock, 0, stream, table,
+               slots);
         slots += chunks;
       });
 
   const double* all = partials.const_data_ptr<double>();
   if (result_type == at::kDouble) {
-    launch(device::penalty_final_kernel<double>, 1, kThreadsPerBlock, 0, stream, all,
-           total_chunks, out.mutable_data_ptr<double>());
+    launch(device::penalty_final_kernel<double>, 1, kThreadsPerBlock, 0, stream, all, total_chunks,
+           out.mutable_data_ptr<double>());
   } else {
-    launch(device::penalty_final_kernel<float>, 1, kThreadsPerBlock, 0, stream, all,
-           total_chunks, out.mutable_data_ptr<float>());
+    launch(device::penalty_final_kernel<float>, 1, kThreadsPerBlock, 0, stream, all, total_chunks,
+           out.mutable_data_ptr<float>());
   }
   return out;
 }
@@ -118,8 +123,7 @@ void run_elementwise(const std::vector<ElementwiseJob>& jobs, const at::Tensor& 
 }
 
 std::vector<at::Tensor> penalty_backward_cuda(const at::Tensor& grad_out, at::TensorList params,
-                                              c10::ArrayRef<double> l1,
-                                              c10::ArrayRef<double> l2) {
+                                              c10::ArrayRef<double> l1, c10::ArrayRef<double> l2) {
   check_penalty_args(params, l1, l2);
   const at::Tensor& like = params.empty() ? grad_out : params[0];
   const DeviceGuard guard(like.device());

@@ -237,7 +237,8 @@ struct ScaleEpilogue {
   opmath_t scale;
 
   __device__ __forceinline__ scalar_t element(scalar_t v, uint32_t keep) const {
-    return keep ? static_cast<scalar_t>(static_cast<opmath_t>(v) * scale) : static_cast<scalar_t>(0);
+    return keep ? static_cast<scalar_t>(static_cast<opmath_t>(v) * scale)
+                : static_cast<scalar_t>(0);
   }
 
   template <int E>

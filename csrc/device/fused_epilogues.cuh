@@ -15,8 +15,7 @@ namespace device {
 
 // The bias values of a lane's elements e0 .. e0+E-1: one division per lane, then steps.
 template <int E, typename T>
-__device__ __forceinline__ void bias_of_lane(const T* bias, BiasLayout layout, int64_t e0,
-                                             T b[E]) {
+__device__ __forceinline__ void bias_of_lane(const T* bias, BiasLayout layout, int64_t e0, T b[E]) {
   const int64_t outer = e0 / layout.stride;
   int64_t k = e0 - outer * layout.stride;
   int64_t j = outer % layout.size;
@@ -35,7 +34,7 @@ __device__ __forceinline__ void bias_of_lane(const T* bias, BiasLayout layout, i
 template <typename scalar_t, Activation A, bool kResidual>
 struct ForwardEpilogue {
   using opmath_t = at::opmath_type<scalar_t>;
-  const scalar_t* x;  // may equal out (a non-dense input gathered into out)
+  const scalar_t* x;     // may equal out (a non-dense input gathered into out)
   const opmath_t* bias;  // null: no bias
   const scalar_t* residual;
   scalar_t* out;
@@ -43,7 +42,8 @@ struct ForwardEpilogue {
   BiasLayout layout;
   bool aligned;  // x, residual and out allow a lane's vector accesses
 
-  __device__ __forceinline__ scalar_t element(scalar_t xv, opmath_t b, scalar_t rv, bool keep) const {
+  __device__ __forceinline__ scalar_t element(scalar_t xv, opmath_t b, scalar_t rv,
+                                              bool keep) const {
     opmath_t z = static_cast<opmath_t>(xv);
     if (bias != nullptr) z = add_rn(z, b);
     opmath_t t = keep ? mul_rn(Act<A>::forward(z), scale) : opmath_t(0);
@@ -89,7 +89,8 @@ struct BackwardEpilogue {
   BiasLayout layout;
   bool aligned;  // grad, x and grad_input allow a lane's vector accesses
 
-  __device__ __forceinline__ scalar_t element(scalar_t g, scalar_t xv, opmath_t b, bool keep) const {
+  __device__ __forceinline__ scalar_t element(scalar_t g, scalar_t xv, opmath_t b,
+                                              bool keep) const {
     if (!keep) return scalar_t(0);
     opmath_t v = mul_rn(static_cast<opmath_t>(g), scale);
     if constexpr (A != Activation::None) {

@@ -28,7 +28,6 @@ namespace fastreg {
 
 enum class Activation { None, Relu, Gelu, GeluTanh, Silu };
 
-
 // v where keep is 1, +0 where it is 0 (also for a NaN or infinite v). On the host without
 // a branch, v's bits ANDed with a mask: gcc does not if-convert `keep ? v : 0` once it has
 // sunk v's computation into one arm (it might trap), and the loop would stay scalar.
@@ -90,7 +89,12 @@ FASTREG_CPU_INLINE float exp_cpu(float x) {
   const float n = shifted - magic;
   const float r = (x - n * c1) - n * c2;
   const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r +
-                     4.1665795894e-2f) * r + 1.6666665459e-1f) * r + 5.0000001201e-1f) * (r * r) +
+                     4.1665795894e-2f) *
+                        r +
+                    1.6666665459e-1f) *
+                       r +
+                   5.0000001201e-1f) *
+                      (r * r) +
                   r + 1.0f;
   const float two_n = float_of((bits_of(shifted) - bits_of(magic) + 127u) << 23);
   return float_of(bits_of(p * two_n) | nan);  // NaN stays NaN
@@ -110,7 +114,11 @@ FASTREG_CPU_INLINE float tanh_cpu(float x) {
   const float large = 1.0f - 2.0f / (exp_cpu(ax + ax) + 1.0f);  // for |x| >= 0.625
   const float z = x * x;
   const float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
-                        1.33314422036e-1f) * z - 3.33332819422e-1f) * z * ax + ax;
+                        1.33314422036e-1f) *
+                           z -
+                       3.33332819422e-1f) *
+                          z * ax +
+                      ax;
   const uint32_t use_large = mask_if(bits_of(ax) >= 0x3F200000u);  // NaN: large is NaN
   return std::copysign(float_of((bits_of(large) & use_large) | (bits_of(small) & ~use_large)), x);
 }
@@ -144,29 +152,45 @@ FASTREG_HD double tanh_(double x) { return ::tanh(x); }
 // (aten/src/ATen/native/cpu/Activation.cpp, GeluKernel and SiLU, scalar paths; the
 // constants are rounded once from double). fastreg/reference.py writes the same steps.
 
-template <Activation A> struct Act;
+template <Activation A>
+struct Act;
 
-template <> struct Act<Activation::None> {
-  template <typename T> static FASTREG_HD T forward(T z) { return z; }
-  template <typename T> static FASTREG_HD T backward(T, T v) { return v; }
+template <>
+struct Act<Activation::None> {
+  template <typename T>
+  static FASTREG_HD T forward(T z) {
+    return z;
+  }
+  template <typename T>
+  static FASTREG_HD T backward(T, T v) {
+    return v;
+  }
 };
 
 // relu(z) = z <= 0 ? 0 : z (NaN passes, as in torch); its gradient is torch's
 // threshold_backward: 0 where z <= 0, else v (exactly, also for infinite v).
-template <> struct Act<Activation::Relu> {
-  template <typename T> static FASTREG_HD T forward(T z) { return z <= T(0) ? T(0) : z; }
-  template <typename T> static FASTREG_HD T backward(T z, T v) {
+template <>
+struct Act<Activation::Relu> {
+  template <typename T>
+  static FASTREG_HD T forward(T z) {
+    return z <= T(0) ? T(0) : z;
+  }
+  template <typename T>
+  static FASTREG_HD T backward(T z, T v) {
     return masked(v, static_cast<uint32_t>(!(z <= T(0))));
   }
 };
 
 // gelu(z) = z / 2 * (1 + erf(z / sqrt(2)))
-template <> struct Act<Activation::Gelu> {
-  template <typename T> static FASTREG_HD T forward(T z) {
+template <>
+struct Act<Activation::Gelu> {
+  template <typename T>
+  static FASTREG_HD T forward(T z) {
     const T alpha = static_cast<T>(0.70710678118654752440);  // M_SQRT1_2
     return z * T(0.5) * (T(1) + erf_(z * alpha));
   }
-  template <typename T> static FASTREG_HD T backward(T z, T v) {
+  template <typename T>
+  static FASTREG_HD T backward(T z, T v) {
     const T alpha = static_cast<T>(0.70710678118654752440);
     const T beta = static_cast<T>(0.39894228040143267794);  // M_2_SQRTPI * M_SQRT1_2 / 2
     const T cdf = T(0.5) * (T(1) + erf_(z * alpha));
@@ -176,15 +200,18 @@ template <> struct Act<Activation::Gelu> {
 };
 
 // gelu_tanh(z) = z / 2 * (1 + tanh(sqrt(2 / pi) * (z + 0.044715 z^3)))
-template <> struct Act<Activation::GeluTanh> {
-  template <typename T> static FASTREG_HD T forward(T z) {
+template <>
+struct Act<Activation::GeluTanh> {
+  template <typename T>
+  static FASTREG_HD T forward(T z) {
     const T beta = static_cast<T>(0.79788456080286535588);  // M_SQRT2 * M_2_SQRTPI / 2
     const T kappa = static_cast<T>(0.044715);
     const T z_cube = z * z * z;
     const T inner = beta * (z + kappa * z_cube);
     return T(0.5) * z * (T(1) + tanh_(inner));
   }
-  template <typename T> static FASTREG_HD T backward(T z, T v) {
+  template <typename T>
+  static FASTREG_HD T backward(T z, T v) {
     const T beta = static_cast<T>(0.79788456080286535588);
     const T kappa = static_cast<T>(0.044715);
     const T kappa3 = static_cast<T>(3 * 0.044715);
@@ -203,9 +230,14 @@ template <> struct Act<Activation::GeluTanh> {
 };
 
 // silu(z) = z / (1 + exp(-z))
-template <> struct Act<Activation::Silu> {
-  template <typename T> static FASTREG_HD T forward(T z) { return z / (T(1) + exp_(-z)); }
-  template <typename T> static FASTREG_HD T backward(T z, T v) {
+template <>
+struct Act<Activation::Silu> {
+  template <typename T>
+  static FASTREG_HD T forward(T z) {
+    return z / (T(1) + exp_(-z));
+  }
+  template <typename T>
+  static FASTREG_HD T backward(T z, T v) {
     const T sigmoid = T(1) / (T(1) + exp_(-z));
     return v * (sigmoid * (T(1) + z * (T(1) - sigmoid)));
   }

@@ -100,10 +100,14 @@ __device__ __forceinline__ ChunkSpan chunk_span(const Table& table, int64_t c) {
 template <typename F>
 __device__ __forceinline__ void visit_dtype(uint8_t code, F&& f) {
   switch (code) {
-    case kF32: return f(float{});
-    case kF16: return f(c10::Half{});
-    case kBF16: return f(c10::BFloat16{});
-    default: return f(double{});
+    case kF32:
+      return f(float{});
+    case kF16:
+      return f(c10::Half{});
+    case kBF16:
+      return f(c10::BFloat16{});
+    default:
+      return f(double{});
   }
 }
 
@@ -195,8 +199,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSm)
 // ---- Elementwise ops ----
 
 template <typename scalar_t, ElementwiseMode kMode>
-__device__ void elementwise_chunk(const void* in_data, void* out_data, int64_t first,
-                                  int64_t count, double a, double b, double g) {
+__device__ void elementwise_chunk(const void* in_data, void* out_data, int64_t first, int64_t count,
+                                  double a, double b, double g) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* in = static_cast<const scalar_t*>(in_data) + first;
   scalar_t* out = static_cast<scalar_t*>(out_data) + first;  // may be `in`
@@ -223,8 +227,7 @@ __device__ void elementwise_chunk(const void* in_data, void* out_data, int64_t f
 // grad_out (Grad mode only) is the penalty's 0-dim incoming gradient, float32 or float64.
 template <ElementwiseMode kMode>
 __global__ void __launch_bounds__(kThreadsPerBlock, kMinBlocksPerSm)
-    penalty_elementwise_kernel(ElementwiseTable table, const void* grad_out,
-                               bool grad_out_double) {
+    penalty_elementwise_kernel(ElementwiseTable table, const void* grad_out, bool grad_out_double) {
   double g = 1.0;
   if constexpr (kMode == ElementwiseMode::Grad) {
     g = grad_out_double ? *static_cast<const double*>(grad_out)

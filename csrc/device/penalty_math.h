@@ -22,8 +22,7 @@ namespace fastreg {
 // d(penalty)/dw in the op-math type: l1 * sign(w) + two_l2 * w, with the terms whose
 // coefficient is zero left out (use_l1, use_l2; both false gives 0).
 template <typename acc_t>
-FASTREG_HD acc_t penalty_slope(acc_t w, acc_t l1, acc_t two_l2, bool use_l1,
-                                       bool use_l2) {
+FASTREG_HD acc_t penalty_slope(acc_t w, acc_t l1, acc_t two_l2, bool use_l1, bool use_l2) {
   // branch-free, so that the CPU loops vectorize
   const acc_t sign = static_cast<acc_t>(w > acc_t(0)) - static_cast<acc_t>(w < acc_t(0));
   if (use_l1 && use_l2) return add_rn(mul_rn(l1, sign), mul_rn(two_l2, w));

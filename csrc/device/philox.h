@@ -22,8 +22,8 @@ struct Philox4 {
 // One Philox4x32 round on the counter words, with round key (k0, k1). The products are
 // plain 64-bit multiplies: nvcc emits mul.hi/mul.lo and gcc vectorizes them across
 // lanes (see the CPU kernels, which run this round over 64 blocks at once).
-FASTREG_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3,
-                             uint32_t k0, uint32_t k1) {
+FASTREG_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
+                             uint32_t k1) {
   const uint64_t p0 = static_cast<uint64_t>(0xD2511F53u) * c0;
   const uint64_t p1 = static_cast<uint64_t>(0xCD9E8D57u) * c2;
   const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
@@ -43,8 +43,8 @@ FASTREG_HD void philox_bump_key(uint32_t& k0, uint32_t& k1) {
 constexpr int kPhiloxRounds = 10;
 
 // Philox4x32-10 (Salmon et al., SC'11; the constants of Random123).
-FASTREG_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
-                                 uint32_t k0, uint32_t k1) {
+FASTREG_HD Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                 uint32_t k1) {
 #if defined(__CUDACC__)
 #pragma unroll
 #endif

@@ -31,24 +31,23 @@ struct RngState {
 };
 
 inline void check_rng_state(const at::Tensor& rng_state, const at::Tensor& like) {
-  TORCH_CHECK(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2 &&
-                  rng_state.is_contiguous(),
-              "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset)");
+  TORCH_CHECK(
+      rng_state.scalar_type() == at::kLong && rng_state.numel() == 2 && rng_state.is_contiguous(),
+      "rng_state must be a contiguous int64 tensor of 2 elements (seed, offset)");
   TORCH_CHECK(rng_state.device() == like.device(), "rng_state must be on ", like.device(),
               ", but is on ", rng_state.device());
 }
 
 inline void check_probability(double p) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0,
-                    "dropout probability has to be between 0 and 1, but got ", p);
+  TORCH_CHECK_VALUE(p >= 0.0 && p <= 1.0, "dropout probability has to be between 0 and 1, but got ",
+                    p);
 }
 
 inline void check_dropout_args(const at::Tensor& input, double p) {
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()) &&
-                       input.scalar_type() != at::kFloat8_e4m3fn &&
-                       input.scalar_type() != at::kFloat8_e5m2,
-                   "input must be float16, bfloat16, float32 or float64, but got ",
-                   input.scalar_type());
+  TORCH_CHECK_TYPE(
+      at::isFloatingType(input.scalar_type()) && input.scalar_type() != at::kFloat8_e4m3fn &&
+          input.scalar_type() != at::kFloat8_e5m2,
+      "input must be float16, bfloat16, float32 or float64, but got ", input.scalar_type());
   check_probability(p);
 }
 
@@ -144,8 +143,7 @@ inline DropoutForward prepare_dropout_forward(const at::Tensor& input, double p,
 
 // The checked mask mode of a backward (dropout_bwd, bias_act_dropout_bwd).
 inline MaskMode prepare_dropout_backward(const at::Tensor& grad, const at::Tensor& mask, double p,
-                                         const at::Tensor& rng_state,
-                                         c10::string_view mode_name) {
+                                         const at::Tensor& rng_state, c10::string_view mode_name) {
   check_dropout_args(grad, p);
   check_rng_state(rng_state, grad);
   const MaskMode mode = parse_mask_mode(mode_name);

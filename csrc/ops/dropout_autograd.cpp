@@ -38,9 +38,8 @@ at::Tensor grad_with_strides_kernel(const at::Tensor& grad, c10::SymIntArrayRef 
     return grad.clone();
   }
   at::Tensor out = at::empty_strided_symint(grad.sym_sizes(), stride, grad.options());
-  TORCH_CHECK(out.is_non_overlapping_and_dense(), "fastreg::grad_with_strides: stride ",
-              stride, " is not a dense, non-overlapping layout of grad's sizes ",
-              grad.sym_sizes());
+  TORCH_CHECK(out.is_non_overlapping_and_dense(), "fastreg::grad_with_strides: stride ", stride,
+              " is not a dense, non-overlapping layout of grad's sizes ", grad.sym_sizes());
   return out.copy_(grad);
 }
 
@@ -97,7 +96,8 @@ struct DropoutBackward0 : public Node {
     // a node is made by an eager forward, whose strides are concrete.
     for (const c10::SymInt& s : stride) {
       const std::optional<int64_t> value = s.maybe_as_int();
-      TORCH_CHECK(value.has_value(), "fastreg::dropout_fwd: compiled autograd of an output "
+      TORCH_CHECK(value.has_value(),
+                  "fastreg::dropout_fwd: compiled autograd of an output "
                   "with symbolic strides is not supported");
       args.collect(*value);
     }

@@ -16,27 +16,32 @@
 
 namespace fastreg {
 
-
 inline Activation parse_activation(c10::string_view name) {
   if (name == "none") return Activation::None;
   if (name == "relu") return Activation::Relu;
   if (name == "gelu") return Activation::Gelu;
   if (name == "gelu_tanh") return Activation::GeluTanh;
   if (name == "silu") return Activation::Silu;
-  TORCH_CHECK_VALUE(false, "activation must be 'none', 'relu', 'gelu', 'gelu_tanh' or 'silu', "
-                    "but got '", std::string(name), "'");
+  TORCH_CHECK_VALUE(false,
+                    "activation must be 'none', 'relu', 'gelu', 'gelu_tanh' or 'silu', "
+                    "but got '",
+                    std::string(name), "'");
 }
 
 // Calls f(std::integral_constant<Activation, A>{}) for the runtime activation.
 template <typename F>
 void visit_activation(Activation a, F&& f) {
   switch (a) {
-    case Activation::None: return f(std::integral_constant<Activation, Activation::None>{});
-    case Activation::Relu: return f(std::integral_constant<Activation, Activation::Relu>{});
-    case Activation::Gelu: return f(std::integral_constant<Activation, Activation::Gelu>{});
+    case Activation::None:
+      return f(std::integral_constant<Activation, Activation::None>{});
+    case Activation::Relu:
+      return f(std::integral_constant<Activation, Activation::Relu>{});
+    case Activation::Gelu:
+      return f(std::integral_constant<Activation, Activation::Gelu>{});
     case Activation::GeluTanh:
       return f(std::integral_constant<Activation, Activation::GeluTanh>{});
-    case Activation::Silu: return f(std::integral_constant<Activation, Activation::Silu>{});
+    case Activation::Silu:
+      return f(std::integral_constant<Activation, Activation::Silu>{});
   }
 }
 inline BiasLayout bias_layout(const at::Tensor& out) {
@@ -56,8 +61,8 @@ inline void check_bias(const c10::optional<at::Tensor>& bias, const at::Tensor& 
               ",) to broadcast over input's last dimension, but got ", bias->sizes());
   TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias must have input's dtype ",
               input.scalar_type(), ", but got ", bias->scalar_type());
-  TORCH_CHECK(bias->device() == input.device(), "bias must be on ", input.device(),
-              ", but is on ", bias->device());
+  TORCH_CHECK(bias->device() == input.device(), "bias must be on ", input.device(), ", but is on ",
+              bias->device());
 }
 
 inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& input) {
@@ -65,13 +70,14 @@ inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& 
               ", but got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, " must have input's dtype ",
               input.scalar_type(), ", but got ", t.scalar_type());
-  TORCH_CHECK(t.device() == input.device(), name, " must be on ", input.device(),
-              ", but is on ", t.device());
+  TORCH_CHECK(t.device() == input.device(), name, " must be on ", input.device(), ", but is on ",
+              t.device());
 }
 
 // The backward reads input (and bias) only for an activation's derivative; input then
 // has grad's layout (the Python layer gives both the forward output's strides).
-inline void check_fused_backward_args(const at::Tensor& grad, const c10::optional<at::Tensor>& input,
+inline void check_fused_backward_args(const at::Tensor& grad,
+                                      const c10::optional<at::Tensor>& input,
                                       const c10::optional<at::Tensor>& bias, Activation act,
                                       bool bias_grad) {
   if (act != Activation::None) {
@@ -115,8 +121,7 @@ struct FusedForward {
 inline FusedForward prepare_fused_forward(const at::Tensor& input,
                                           const c10::optional<at::Tensor>& bias,
                                           const at::Tensor* residual, double p,
-                                          const at::Tensor& rng_state,
-                                          c10::string_view mode_name) {
+                                          const at::Tensor& rng_state, c10::string_view mode_name) {
   check_bias(bias, input);
   if (residual != nullptr) check_same(*residual, "residual", input);
   DropoutForward d = prepare_dropout_forward(input, p, rng_state, mode_name);
@@ -136,8 +141,8 @@ inline FusedBackward prepare_fused_backward(const at::Tensor& grad,
                                             const c10::optional<at::Tensor>& bias,
                                             const at::Tensor& mask, double p,
                                             c10::string_view activation,
-                                            const at::Tensor& rng_state,
-                                            c10::string_view mode_name, bool bias_grad) {
+                                            const at::Tensor& rng_state, c10::string_view mode_name,
+                                            bool bias_grad) {
   const MaskMode mode = prepare_dropout_backward(grad, mask, p, rng_state, mode_name);
   const Activation act = parse_activation(activation);
   check_fused_backward_args(grad, input, bias, act, bias_grad);

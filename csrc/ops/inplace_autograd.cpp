@@ -24,8 +24,8 @@ namespace {
 void check_not_differentiated(at::TensorList written, const char* op, const char* name) {
   if (!at::GradMode::is_enabled()) return;
   for (size_t i = 0; i < written.size(); ++i) {
-    TORCH_CHECK(!written[i].requires_grad(), op, ": ", name, "[", i, "] requires grad, but ",
-                op, " writes it in place and is not differentiable; call it under "
+    TORCH_CHECK(!written[i].requires_grad(), op, ": ", name, "[", i, "] requires grad, but ", op,
+                " writes it in place and is not differentiable; call it under "
                 "torch.no_grad()");
   }
 }
@@ -36,8 +36,8 @@ void bump_versions(at::TensorList written) {
 
 // ---- Autograd: the check, then the kernels below ----
 
-void penalty_grad_autograd(at::TensorList grads, at::TensorList params,
-                           c10::ArrayRef<double> l1, c10::ArrayRef<double> l2) {
+void penalty_grad_autograd(at::TensorList grads, at::TensorList params, c10::ArrayRef<double> l1,
+                           c10::ArrayRef<double> l2) {
   check_not_differentiated(grads, "fastreg::penalty_grad_", "grads");
   at::AutoDispatchBelowAutograd below;
   op::penalty_grad_().call(grads, params, l1, l2);
@@ -60,8 +60,8 @@ at::Tensor dropout_fwd_inplace_autograd(at::Tensor& input, double p, const at::T
 
 // ---- ADInplaceOrView: the version counters, then the device kernels ----
 
-void penalty_grad_inplace(at::TensorList grads, at::TensorList params,
-                          c10::ArrayRef<double> l1, c10::ArrayRef<double> l2) {
+void penalty_grad_inplace(at::TensorList grads, at::TensorList params, c10::ArrayRef<double> l1,
+                          c10::ArrayRef<double> l2) {
   bump_versions(grads);
   at::AutoDispatchBelowADInplaceOrView below;
   op::penalty_grad_().call(grads, params, l1, l2);

@@ -18,7 +18,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("philox_isa", [] { return std::string(fastreg::philox_isa_name(fastreg::philox_isa())); });
   m.def("set_philox_isa", [](const std::string& name) {
     if (!fastreg::set_philox_isa(name)) {
-      throw pybind11::value_error("set_philox_isa: '" + name + "' is not a Philox path this CPU "
+      throw pybind11::value_error("set_philox_isa: '" + name +
+                                  "' is not a Philox path this CPU "
                                   "runs (portable, avx2, avx512)");
     }
   });

@@ -38,15 +38,13 @@ inline const auto& penalty_grad_() {
 }
 
 inline const auto& prox_l1_() {
-  static const auto handle =
-      find<void(at::TensorList, c10::ArrayRef<double>)>("fastreg::prox_l1_");
+  static const auto handle = find<void(at::TensorList, c10::ArrayRef<double>)>("fastreg::prox_l1_");
   return handle;
 }
 
 inline const auto& dropout_fwd() {
-  static const auto handle =
-      find<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, double, const at::Tensor&,
-                                              c10::string_view)>("fastreg::dropout_fwd");
+  static const auto handle = find<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, double, const at::Tensor&, c10::string_view)>("fastreg::dropout_fwd");
   return handle;
 }
 

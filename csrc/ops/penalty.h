@@ -25,22 +25,19 @@ inline void check_penalty_tensors(at::TensorList tensors, const char* name) {
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK_TYPE(is_penalty_dtype(t.scalar_type()), name, "[", i,
-                     "] must be float16, bfloat16, float32 or float64, but got ",
-                     t.scalar_type());
+                     "] must be float16, bfloat16, float32 or float64, but got ", t.scalar_type());
     TORCH_CHECK_TYPE(t.layout() == at::kStrided, name, "[", i, "] must be a strided tensor");
-    TORCH_CHECK(t.device() == tensors[0].device(), "all tensors must be on one device, but ",
-                name, "[0] is on ", tensors[0].device(), " and ", name, "[", i, "] on ",
-                t.device());
+    TORCH_CHECK(t.device() == tensors[0].device(), "all tensors must be on one device, but ", name,
+                "[0] is on ", tensors[0].device(), " and ", name, "[", i, "] on ", t.device());
   }
 }
 
 inline void check_coefficients(c10::ArrayRef<double> values, size_t n, const char* name) {
-  TORCH_CHECK_VALUE(values.size() == n, name, " must give one value per tensor (", n,
-                    "), but has ", values.size());
+  TORCH_CHECK_VALUE(values.size() == n, name, " must give one value per tensor (", n, "), but has ",
+                    values.size());
   for (size_t i = 0; i < values.size(); ++i) {
     TORCH_CHECK_VALUE(values[i] >= 0.0 && std::isfinite(values[i]), name,
-                      " must be non-negative and finite, but ", name, "[", i, "] is ",
-                      values[i]);
+                      " must be non-negative and finite, but ", name, "[", i, "] is ", values[i]);
   }
 }
 
@@ -62,8 +59,7 @@ inline at::ScalarType penalty_result_type(at::TensorList params) {
 // The incoming gradient of the penalty's 0-dim output, as float32 or float64; the
 // kernels read it from memory (no host synchronisation on CUDA).
 inline at::Tensor penalty_grad_out(const at::Tensor& grad_out, const at::Tensor& like) {
-  TORCH_CHECK(grad_out.numel() == 1, "grad_out must hold one element, but has ",
-              grad_out.numel());
+  TORCH_CHECK(grad_out.numel() == 1, "grad_out must hold one element, but has ", grad_out.numel());
   TORCH_CHECK(grad_out.device() == like.device(), "grad_out must be on ", like.device(),
               ", but is on ", grad_out.device());
   const bool keep = grad_out.scalar_type() == at::kFloat || grad_out.scalar_type() == at::kDouble;
@@ -93,8 +89,7 @@ struct ReductionInput {
 
 // The tensors the value reads: empty tensors and tensors whose coefficients are both
 // zero contribute nothing and are not read.
-inline std::vector<ReductionInput> reduction_inputs(at::TensorList params,
-                                                    c10::ArrayRef<double> l1,
+inline std::vector<ReductionInput> reduction_inputs(at::TensorList params, c10::ArrayRef<double> l1,
                                                     c10::ArrayRef<double> l2) {
   std::vector<ReductionInput> inputs;
   inputs.reserve(params.size());
@@ -121,8 +116,7 @@ inline void finish_jobs(const std::vector<ElementwiseJob>& jobs) {
 
 // penalty_backward: one gradient per parameter, with the parameter's layout when it is
 // dense (empty_like keeps it, as the fake kernel does), contiguous otherwise.
-inline std::vector<ElementwiseJob> backward_jobs(at::TensorList params,
-                                                 c10::ArrayRef<double> l1,
+inline std::vector<ElementwiseJob> backward_jobs(at::TensorList params, c10::ArrayRef<double> l1,
                                                  c10::ArrayRef<double> l2,
                                                  std::vector<at::Tensor>& grads) {
   std::vector<ElementwiseJob> jobs;
@@ -136,11 +130,11 @@ inline std::vector<ElementwiseJob> backward_jobs(at::TensorList params,
     if (p.numel() == 0) continue;
     if (!p.is_non_overlapping_and_dense() || p.strides() != out.strides()) {
       out.copy_(p);  // the kernel then runs in place on out
-      jobs.push_back({TensorRef::borrowed(out), TensorRef::borrowed(out), TensorRef(), l1[i],
-                      2.0 * l2[i]});
+      jobs.push_back(
+          {TensorRef::borrowed(out), TensorRef::borrowed(out), TensorRef(), l1[i], 2.0 * l2[i]});
     } else {
-      jobs.push_back({TensorRef::borrowed(p), TensorRef::borrowed(out), TensorRef(), l1[i],
-                      2.0 * l2[i]});
+      jobs.push_back(
+          {TensorRef::borrowed(p), TensorRef::borrowed(out), TensorRef(), l1[i], 2.0 * l2[i]});
     }
   }
   return jobs;
@@ -149,8 +143,10 @@ inline std::vector<ElementwiseJob> backward_jobs(at::TensorList params,
 // penalty_grad_: grads[i] += slope(params[i]) in place. A gradient whose layout differs
 // from its parameter's goes through a temporary with the parameter's dense layout.
 inline void check_grads_length(at::TensorList grads, at::TensorList params) {
-  TORCH_CHECK_VALUE(grads.size() == params.size(), "grads and params must have the same "
-                    "length, but have ", grads.size(), " and ", params.size());
+  TORCH_CHECK_VALUE(grads.size() == params.size(),
+                    "grads and params must have the same "
+                    "length, but have ",
+                    grads.size(), " and ", params.size());
 }
 
 inline std::vector<ElementwiseJob> add_grad_jobs(at::TensorList grads, at::TensorList params,
@@ -163,14 +159,14 @@ inline std::vector<ElementwiseJob> add_grad_jobs(at::TensorList grads, at::Tenso
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() &&
-                    g.device() == p.device(),
-                "grads[", i, "] must have the shape, dtype and device of params[", i, "]");
+    TORCH_CHECK(
+        g.sizes() == p.sizes() && g.scalar_type() == p.scalar_type() && g.device() == p.device(),
+        "grads[", i, "] must have the shape, dtype and device of params[", i, "]");
     if (p.numel() == 0 || (l1[i] == 0.0 && l2[i] == 0.0)) continue;
     if (p.is_non_overlapping_and_dense() && g.is_non_overlapping_and_dense() &&
         p.strides() == g.strides()) {
-      jobs.push_back({TensorRef::borrowed(p), TensorRef::borrowed(g), TensorRef(), l1[i],
-                      2.0 * l2[i]});
+      jobs.push_back(
+          {TensorRef::borrowed(p), TensorRef::borrowed(g), TensorRef(), l1[i], 2.0 * l2[i]});
     } else {
       TensorRef in = dense_source(p);
       at::Tensor tmp = at::empty_like(*in);
@@ -191,8 +187,8 @@ inline std::vector<ElementwiseJob> prox_jobs(at::TensorList params,
     const at::Tensor& p = params[i];
     if (p.numel() == 0 || threshold[i] == 0.0) continue;
     if (p.is_non_overlapping_and_dense()) {
-      jobs.push_back({TensorRef::borrowed(p), TensorRef::borrowed(p), TensorRef(), threshold[i],
-                      0.0});
+      jobs.push_back(
+          {TensorRef::borrowed(p), TensorRef::borrowed(p), TensorRef(), threshold[i], 0.0});
     } else {
       at::Tensor tmp = p.contiguous();
       jobs.push_back({TensorRef::owned(at::Tensor(tmp)), TensorRef::owned(std::move(tmp)),

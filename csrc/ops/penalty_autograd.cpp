@@ -42,12 +42,12 @@ using torch::autograd::variable_list;
 // d(penalty)/d(params[i]) = grad_out * slope_i(params[i]), for the parameters that
 // required grad in the forward (the node's next edges are all params, in order).
 struct PenaltyBackward0 : public Node {
-  std::vector<at::Tensor> kept;       // the parameters that need a gradient (no hooks) ...
-  std::vector<uint32_t> versions;     // ... and their versions in the forward
-  std::vector<SavedVariable> saved;   // the same, while saved-tensor hooks were active
+  std::vector<at::Tensor> kept;      // the parameters that need a gradient (no hooks) ...
+  std::vector<uint32_t> versions;    // ... and their versions in the forward
+  std::vector<SavedVariable> saved;  // the same, while saved-tensor hooks were active
   bool released = false;
-  std::vector<int64_t> wanted;        // their indices in params
-  std::vector<double> l1, l2;         // their coefficients
+  std::vector<int64_t> wanted;  // their indices in params
+  std::vector<double> l1, l2;   // their coefficients
 
   std::string name() const override { return "PenaltyBackward0"; }
 
@@ -63,8 +63,7 @@ struct PenaltyBackward0 : public Node {
                  "by an inplace operation: ["
               << p.toString() << " " << p.sizes() << "]";
       if (p.grad_fn()) {
-        message << ", which is output " << p.output_nr() << " of " << p.grad_fn()->name()
-                << ",";
+        message << ", which is output " << p.output_nr() << " of " << p.grad_fn()->name() << ",";
       }
       message << " is at version " << version << "; expected version " << versions[k]
               << " instead.";
@@ -200,8 +199,7 @@ at::Tensor penalty_autograd(at::TensorList params, c10::ArrayRef<double> l1,
 // torch.library.register_autograd would not do: torch.func's transforms refuse the
 // autograd.Function it is wrapped in (pytorch/pytorch#168393), so torch.func.grad of a
 // loss with a penalty failed. Otherwise the kernels, below autograd.
-std::vector<at::Tensor> penalty_backward_autograd(const at::Tensor& grad_out,
-                                                  at::TensorList params,
+std::vector<at::Tensor> penalty_backward_autograd(const at::Tensor& grad_out, at::TensorList params,
                                                   c10::ArrayRef<double> l1,
                                                   c10::ArrayRef<double> l2) {
   bool differentiable = grad_out.requires_grad();

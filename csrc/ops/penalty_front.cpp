@@ -130,8 +130,7 @@ pybind11::object penalty_fast(pybind11::handle params, pybind11::handle l1_obj,
       THPVariable_Wrap(op::penalty().call(tensors.list(), l1s, l2s)));
 }
 
-bool penalty_grad_fast(pybind11::handle params, pybind11::handle l1_obj,
-                       pybind11::handle l2_obj) {
+bool penalty_grad_fast(pybind11::handle params, pybind11::handle l1_obj, pybind11::handle l2_obj) {
   BorrowedTensors tensors;
   double l1 = 0.0, l2 = 0.0;
   if (!coefficient(l1_obj.ptr(), l1) || !coefficient(l2_obj.ptr(), l2) ||
@@ -153,8 +152,7 @@ bool penalty_grad_fast(pybind11::handle params, pybind11::handle l1_obj,
       continue;
     }
     if (g.layout() != at::kStrided || g.key_set().has(c10::DispatchKey::Python) ||
-        g.scalar_type() != t.scalar_type() || g.device() != t.device() ||
-        g.sizes() != t.sizes()) {
+        g.scalar_type() != t.scalar_type() || g.device() != t.device() || g.sizes() != t.sizes()) {
       return false;
     }
   }
@@ -230,8 +228,8 @@ bool reads_instance_dict(PyTypeObject* type, PyObject* name1, PyObject* name2) {
     PyObject* descriptor = _PyType_Lookup(type, name);  // borrowed
     return descriptor == nullptr || Py_TYPE(descriptor)->tp_descr_set == nullptr;
   };
-  const bool plain = has_generic_getattribute(type) && no_data_descriptor(name1) &&
-                     no_data_descriptor(name2);
+  const bool plain =
+      has_generic_getattribute(type) && no_data_descriptor(name1) && no_data_descriptor(name2);
   if (plain && valid_tag(type)) {  // (the lookups gave it a tag when they could)
     verified[type] = type->tp_version_tag;
   } else if (it != verified.end()) {
@@ -330,8 +328,7 @@ struct KeyWalk {
       }
       const at::Tensor& t = THPVariable_Unpack(value);
       const c10::Device device = t.device();
-      mix(static_cast<uint64_t>(t.requires_grad()) |
-          (static_cast<uint64_t>(t.scalar_type()) << 1) |
+      mix(static_cast<uint64_t>(t.requires_grad()) | (static_cast<uint64_t>(t.scalar_type()) << 1) |
           (static_cast<uint64_t>(static_cast<uint8_t>(device.type())) << 9) |
           (static_cast<uint64_t>(static_cast<uint8_t>(device.index())) << 17) |
           (static_cast<uint64_t>(t.dim()) << 25));

@@ -33,10 +33,13 @@ TORCH_LIBRARY(fastreg, m) {
   // with activation 'none', 'relu', 'gelu', 'gelu_tanh' or 'silu'. bias_act_dropout_bwd is
   // the backward of both (activation 'none' for bias_dropout_add, whose input and bias it
   // then does not read): (grad_input, grad_bias), grad_bias empty unless bias_grad.
-  m.def("bias_dropout_add_fwd(Tensor input, Tensor? bias, Tensor residual, float p, "
-        "Tensor rng_state, str mode) -> (Tensor, Tensor)");
-  m.def("bias_act_dropout_fwd(Tensor input, Tensor? bias, float p, str activation, "
-        "Tensor rng_state, str mode) -> (Tensor, Tensor)");
-  m.def("bias_act_dropout_bwd(Tensor grad, Tensor? input, Tensor? bias, Tensor mask, float p, "
-        "str activation, Tensor rng_state, str mode, bool bias_grad) -> (Tensor, Tensor)");
+  m.def(
+      "bias_dropout_add_fwd(Tensor input, Tensor? bias, Tensor residual, float p, "
+      "Tensor rng_state, str mode) -> (Tensor, Tensor)");
+  m.def(
+      "bias_act_dropout_fwd(Tensor input, Tensor? bias, float p, str activation, "
+      "Tensor rng_state, str mode) -> (Tensor, Tensor)");
+  m.def(
+      "bias_act_dropout_bwd(Tensor grad, Tensor? input, Tensor? bias, Tensor mask, float p, "
+      "str activation, Tensor rng_state, str mode, bool bias_grad) -> (Tensor, Tensor)");
 }

@@ -95,9 +95,9 @@ inline int __all_sync(unsigned mask, int predicate) {
 }
 
 #define FASTREG_SIM_SHUFFLE(name, kind)                                                       \
-  template <typename T>                                                                      \
-  T name(unsigned mask, T value, int arg, int width = 32) {                                  \
-    return ::fastreg::sim::from_bits<T>(::fastreg::sim::collective(                          \
+  template <typename T>                                                                       \
+  T name(unsigned mask, T value, int arg, int width = 32) {                                   \
+    return ::fastreg::sim::from_bits<T>(::fastreg::sim::collective(                           \
         ::fastreg::sim::Collective::kind, mask, ::fastreg::sim::to_bits(value), arg, width)); \
   }
 FASTREG_SIM_SHUFFLE(__shfl_sync, Shfl)

@@ -30,18 +30,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("seed") = 0,
         "Sets the block order ('forward', 'reverse', 'random'), the resident blocks that cap "
         "grids, and the random order's seed, for the launches that follow.");
-  m.def("config", [] {
-    const sim::Config& c = sim::config();
-    const char* order = c.order == sim::BlockOrder::Forward   ? "forward"
-                        : c.order == sim::BlockOrder::Reverse ? "reverse"
-                                                              : "random";
-    return pybind11::make_tuple(order, c.resident_blocks, c.seed);
-  }, "(order, resident_blocks, seed) of the launches that follow.");
-  m.def("stats", [] {
-    const sim::Stats& s = sim::stats();
-    return pybind11::dict(pybind11::arg("launches") = s.launches, pybind11::arg("blocks") = s.blocks,
-                          pybind11::arg("collectives") = s.collectives);
-  }, "Launches, blocks and completed warp collectives so far.");
+  m.def(
+      "config",
+      [] {
+        const sim::Config& c = sim::config();
+        const char* order = c.order == sim::BlockOrder::Forward   ? "forward"
+                            : c.order == sim::BlockOrder::Reverse ? "reverse"
+                                                                  : "random";
+        return pybind11::make_tuple(order, c.resident_blocks, c.seed);
+      },
+      "(order, resident_blocks, seed) of the launches that follow.");
+  m.def(
+      "stats",
+      [] {
+        const sim::Stats& s = sim::stats();
+        return pybind11::dict(pybind11::arg("launches") = s.launches,
+                              pybind11::arg("blocks") = s.blocks,
+                              pybind11::arg("collectives") = s.collectives);
+      },
+      "Launches, blocks and completed warp collectives so far.");
   m.def("selftest", &sim::selftest, pybind11::arg("name"),
         "Runs one of the simulator's own test kernels; see selftest_names().");
   m.def("selftest_names", &sim::selftest_names);

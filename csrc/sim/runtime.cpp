@@ -93,14 +93,22 @@ class Stack {
 
 const char* name_of(Collective kind) {
   switch (kind) {
-    case Collective::Ballot: return "__ballot_sync";
-    case Collective::Any: return "__any_sync";
-    case Collective::All: return "__all_sync";
-    case Collective::Shfl: return "__shfl_sync";
-    case Collective::ShflUp: return "__shfl_up_sync";
-    case Collective::ShflDown: return "__shfl_down_sync";
-    case Collective::ShflXor: return "__shfl_xor_sync";
-    case Collective::SyncWarp: return "__syncwarp";
+    case Collective::Ballot:
+      return "__ballot_sync";
+    case Collective::Any:
+      return "__any_sync";
+    case Collective::All:
+      return "__all_sync";
+    case Collective::Shfl:
+      return "__shfl_sync";
+    case Collective::ShflUp:
+      return "__shfl_up_sync";
+    case Collective::ShflDown:
+      return "__shfl_down_sync";
+    case Collective::ShflXor:
+      return "__shfl_xor_sync";
+    case Collective::SyncWarp:
+      return "__syncwarp";
   }
   return "?";
 }
@@ -206,14 +214,18 @@ int shuffle_source(const Thread& t, int lane) {
   const int w = t.width;
   const int segment = lane & ~(w - 1);
   switch (t.kind) {
-    case Collective::Shfl: return segment + (t.arg & (w - 1));
-    case Collective::ShflUp: return (lane - segment) >= t.arg ? lane - t.arg : -1;
-    case Collective::ShflDown: return (lane - segment) + t.arg < w ? lane + t.arg : -1;
+    case Collective::Shfl:
+      return segment + (t.arg & (w - 1));
+    case Collective::ShflUp:
+      return (lane - segment) >= t.arg ? lane - t.arg : -1;
+    case Collective::ShflDown:
+      return (lane - segment) + t.arg < w ? lane + t.arg : -1;
     case Collective::ShflXor: {
       const int src = lane ^ t.arg;
       return (src & ~(w - 1)) > segment ? -1 : src;
     }
-    default: return -1;
+    default:
+      return -1;
   }
 }
 
@@ -236,7 +248,9 @@ bool complete_collectives(Launch& l) {
       const Thread& t = l.threads[base + lane];
       if (t.state != State::InCollective) continue;
       // (the message is only made for an error: this loop runs at every collective)
-      const auto call = [&t] { return std::string(name_of(t.kind)) + "(mask " + hex(t.mask) + ")"; };
+      const auto call = [&t] {
+        return std::string(name_of(t.kind)) + "(mask " + hex(t.mask) + ")";
+      };
       for (int m = 0; m < 32; ++m) {
         if (((t.mask >> m) & 1u) == 0) continue;
         if (m >= lanes) {
@@ -246,18 +260,19 @@ bool complete_collectives(Launch& l) {
         const Thread& o = l.threads[base + m];
         const auto other = [m] { return "lane " + std::to_string(m); };
         if (o.state == State::Done) {
-          fail(where(l, warp) + ": lane " + std::to_string(lane) + " waits in " + call() +
-               " but " + other() + " of its mask has returned (the mask does not match the "
+          fail(where(l, warp) + ": lane " + std::to_string(lane) + " waits in " + call() + " but " +
+               other() +
+               " of its mask has returned (the mask does not match the "
                "lanes that reach the collective)");
         }
         if (o.state == State::AtBarrier) {
-          fail("deadlock in " + where(l, warp) + ": lane " + std::to_string(lane) +
-               " waits in " + call() + " while " + other() + " waits at __syncthreads");
+          fail("deadlock in " + where(l, warp) + ": lane " + std::to_string(lane) + " waits in " +
+               call() + " while " + other() + " waits at __syncthreads");
         }
         if (o.kind != t.kind || o.mask != t.mask) {
           fail(where(l, warp) + ": lanes of one warp in different collectives: lane " +
-               std::to_string(lane) + " in " + call() + ", " + other() + " in " +
-               name_of(o.kind) + "(mask " + hex(o.mask) + ")");
+               std::to_string(lane) + " in " + call() + ", " + other() + " in " + name_of(o.kind) +
+               "(mask " + hex(o.mask) + ")");
         }
       }
       // Every lane of the mask is here: compute each one's result.
@@ -269,10 +284,18 @@ bool complete_collectives(Launch& l) {
         if (((t.mask >> m) & 1u) == 0) continue;
         Thread& o = l.threads[base + m];
         switch (o.kind) {
-          case Collective::Ballot: o.result = ballot; break;
-          case Collective::Any: o.result = ballot != 0; break;
-          case Collective::All: o.result = ballot == t.mask; break;
-          case Collective::SyncWarp: o.result = 0; break;
+          case Collective::Ballot:
+            o.result = ballot;
+            break;
+          case Collective::Any:
+            o.result = ballot != 0;
+            break;
+          case Collective::All:
+            o.result = ballot == t.mask;
+            break;
+          case Collective::SyncWarp:
+            o.result = 0;
+            break;
           default: {
             const int src = shuffle_source(o, m);
             if (src < 0 || src == m) {
@@ -336,8 +359,9 @@ void run_block(Launch& l) {
     bool all_done = true;
     for (int i = 0; i < n; ++i) {
       if (l.threads[i].state == State::Runnable) resume(l, i);
-      if (!l.fault.empty()) fail("block " + std::to_string(l.block_idx.x) + ", thread " +
-                                 std::to_string(i) + ": " + l.fault);
+      if (!l.fault.empty())
+        fail("block " + std::to_string(l.block_idx.x) + ", thread " + std::to_string(i) + ": " +
+             l.fault);
       all_done = all_done && l.threads[i].state == State::Done;
     }
     if (all_done) return;
@@ -348,13 +372,14 @@ void run_block(Launch& l) {
       if (t.state == State::AtBarrier) states += " " + std::to_string(i) + ":__syncthreads";
       if (t.state == State::InCollective) states += " " + std::to_string(i) + ":" + name_of(t.kind);
     }
-    fail("deadlock in block " + std::to_string(l.block_idx.x) + ": no thread can go on (waiting:" +
-         states.substr(0, 400) + ")");
+    fail("deadlock in block " + std::to_string(l.block_idx.x) +
+         ": no thread can go on (waiting:" + states.substr(0, 400) + ")");
   }
 }
 
 Thread& current_thread() {
-  if (active == nullptr || active->current < 0) fail("a device function was called outside a launch");
+  if (active == nullptr || active->current < 0)
+    fail("a device function was called outside a launch");
   return active->threads[active->current];
 }
 
@@ -362,8 +387,10 @@ BlockOrder parse_order(const std::string& order) {
   if (order == "forward") return BlockOrder::Forward;
   if (order == "reverse") return BlockOrder::Reverse;
   if (order == "random") return BlockOrder::Random;
-  throw std::invalid_argument("cudasim: the block order must be 'forward', 'reverse' or 'random', "
-                              "but got '" + order + "'");
+  throw std::invalid_argument(
+      "cudasim: the block order must be 'forward', 'reverse' or 'random', "
+      "but got '" +
+      order + "'");
 }
 
 }  // namespace
@@ -371,11 +398,13 @@ BlockOrder parse_order(const std::string& order) {
 Config& config() {
   static Config c = [] {
     Config from_env;
-    if (const char* order = std::getenv("FASTREG_CUDASIM_ORDER")) from_env.order = parse_order(order);
+    if (const char* order = std::getenv("FASTREG_CUDASIM_ORDER"))
+      from_env.order = parse_order(order);
     if (const char* blocks = std::getenv("FASTREG_CUDASIM_BLOCKS")) {
       from_env.resident_blocks = std::max<int64_t>(1, std::atoll(blocks));
     }
-    if (const char* seed = std::getenv("FASTREG_CUDASIM_SEED")) from_env.seed = std::strtoull(seed, nullptr, 10);
+    if (const char* seed = std::getenv("FASTREG_CUDASIM_SEED"))
+      from_env.seed = std::strtoull(seed, nullptr, 10);
     return from_env;
   }();
   return c;
