@@ -9,6 +9,8 @@ without the compiled extension fastreg runs its reference backend) and the inspe
 function, with its signature and docstring, replaces the static attribute.
 """
 
+import sys
+
 import griffe
 
 
@@ -23,7 +25,11 @@ class RuntimeDocstrings(griffe.Extension):
                 continue
             module_path, name = path.rsplit(".", 1)
             module = pkg.get_member(module_path[len(pkg.path) + 1:]) if module_path != pkg.path else pkg
+            # griffe imports with sys.path replaced by import_paths: the package's folder,
+            # then this interpreter's path (where torch is)
+            root = module.filepath.parents[len(module_path.split(".")) - 1]
             inspected = griffe.inspect(module_path, filepath=module.filepath,
+                                       import_paths=[str(root), *sys.path],
                                        docstring_parser=loader.docstring_parser,
                                        docstring_options=loader.docstring_options)
             if not inspected[name].docstring:
