@@ -1,5 +1,6 @@
 # make bench / make test: set up .venv (torch and the build tools), build the extension,
-# then run the benchmark or the test suite.
+# then run the benchmark or the test suite. make docs: the documentation site into site/.
+# make tables: the result tables of README.md and docs/ regenerated from benchmarks/results/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,6 +9,8 @@ TORCH_SPEC ?= torch==2.14.1
 # Their versions (and transformers' own packages') are pinned in test-constraints.txt.
 TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel transformers
 CONSTRAINTS := -c test-constraints.txt
+# The documentation site's tools (make docs), pinned in test-constraints.txt too.
+DOCS_TOOLS := mkdocs mkdocstrings mkdocstrings-python
 
 # torch's guess of the CUDA toolkit misses /usr/local/cuda when nvcc is not on PATH.
 ifneq ($(wildcard /usr/local/cuda/bin/nvcc),)
@@ -19,7 +22,7 @@ export TORCH_CUDA_ARCH_LIST ?= 9.0
 SOURCES := setup.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
 .PHONY: bench test test-reference test-cudasim test-cudasim-sanitized test-other-torch \
-	test-oldest-torch cudasim build setup clean gpu-check
+	test-oldest-torch cudasim build setup clean gpu-check docs docs-setup tables tables-check
 
 # The same property-test examples on every run (tests/conftest.py).
 export HYPOTHESIS_PROFILE ?= ci
@@ -85,6 +88,27 @@ test-other-torch:
 test-oldest-torch:
 	$(MAKE) test-other-torch OTHER_TORCH=2.4.1 OTHER_DIR=.other-torch-2.4
 
+# The documentation site (mkdocs.yml): docs/*.md and the API reference that mkdocstrings
+# renders from the docstrings, read statically (no build of the extension needed), into
+# site/; --strict makes every warning (a broken link or anchor, a docstring that does not
+# parse) an error.
+docs: docs-setup
+	$(PY) -m mkdocs build --strict
+
+docs-setup: $(VENV)/.docs-installed
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -q $(DOCS_TOOLS) $(CONSTRAINTS)
+	touch $@
+
+# The tables between `<!-- table: ... -->` markers in README.md and docs/*.md, from the
+# JSON in benchmarks/results/ (fastreg/bench/tables.py); tables-check fails where they differ.
+tables: setup
+	$(PY) -m fastreg.bench.tables
+
+tables-check: setup
+	$(PY) -m fastreg.bench.tables --check
+
 build: $(VENV)/.built
 
 setup: $(VENV)/.installed
@@ -100,7 +124,7 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built $(OTHER_DIR)/src .other-torch-2.4/src
+	rm -rf build site *.egg-info fastreg/*.so $(VENV)/.built $(OTHER_DIR)/src .other-torch-2.4/src
 
 # On the GPU machine (torch installed there, no .venv): build, CUDA tests, compute-sanitizer,
 # benchmark and memory report; logs in $(OUT) or ./gpu-out. See docs/gpu-check.md.

@@ -167,8 +167,10 @@ def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="
 
         out = keep ? act(input + bias[j]) * scale : 0
 
+    ``input``, ``bias``, ``p``, ``training``, ``mask``, ``seed`` and ``generator`` are as in
+    :func:`bias_dropout_add`.
+
     Args:
-        input, bias, p, training, mask, seed, generator: as in :func:`bias_dropout_add`.
         activation: ``"relu"``, ``"gelu"`` (exact, erf: ``F.gelu(approximate="none")``),
             ``"gelu_tanh"`` (``F.gelu(approximate="tanh")``), ``"silu"`` or ``None`` (else
             ``ValueError``). The formulas are torch's, step by step.
