@@ -19,10 +19,11 @@ endif
 # With no GPU visible torch cannot pick the architecture: default to Hopper only.
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 
-SOURCES := setup.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
+SOURCES := setup.py fastreg/_build.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: bench test test-reference test-cudasim test-cudasim-sanitized test-other-torch \
-	test-oldest-torch cudasim build setup clean gpu-check docs docs-setup tables tables-check
+.PHONY: bench test test-install test-reference test-cudasim test-cudasim-sanitized \
+	test-other-torch test-oldest-torch cudasim build setup clean gpu-check docs docs-setup \
+	tables tables-check
 
 # The same property-test examples on every run (tests/conftest.py).
 export HYPOTHESIS_PROFILE ?= ci
@@ -64,6 +65,12 @@ test-cudasim-sanitized: setup
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 FASTREG_CUDASIM_SANITIZE=1 \
 	  $(CUDASIM_ENV) FASTREG_CUDASIM_ORDER=random \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/test_cudasim.py tests/test_dropout.py tests/test_penalty.py
+
+# `pip install .` as users type it (build isolation: setuptools and wheel fetched from the
+# index): a pure-Python wheel carrying the sources, and the installed package finding a
+# cached build (tests/test_install.py; about 20 s).
+test-install: build
+	FASTREG_TEST_INSTALL=1 $(PY) -m pytest -q tests/test_install.py
 
 # The whole suite again on the pure-PyTorch fallback: every public function runs
 # fastreg.reference; tests that compare kernels with it skip.

@@ -1,7 +1,9 @@
-"""The fastreg command line: ``python -m fastreg bench`` and ``python -m fastreg demo``."""
+"""The fastreg command line: ``python -m fastreg bench``, ``python -m fastreg demo`` and
+``python -m fastreg build``."""
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 
@@ -80,7 +82,7 @@ def _positive(text):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m fastreg", description="fastreg: fused dropout and L1/L2 penalties.")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,demo,build}")
 
     b = sub.add_parser("bench", help="benchmark fastreg against native PyTorch",
                        description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,6 +160,14 @@ def build_parser():
                    help="first of part 1's three seeds: SEED, SEED+1, SEED+2 (default: 0)")
     d.add_argument("--no-digits", action="store_true", help="skip part 2")
     d.set_defaults(func=run_demo)
+
+    from fastreg import _build
+
+    k = sub.add_parser("build", help="compile the kernels against the torch installed here",
+                       description=_build.BUILD_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _build.add_arguments(k)
+    k.set_defaults(func=run_build)
     return parser
 
 
@@ -278,6 +288,41 @@ def run_demo(args):
     except ImportError as error:
         raise SystemExit(f"fastreg demo: {error}") from None
     return 0
+
+
+def run_build(args):
+    from fastreg import _build, _ops
+
+    if args.print_cache:
+        env = {"FASTREG_CPU_ONLY": "1"} if args.cpu_only else {}
+        with _environ(env):
+            print(os.path.join(_build.cache_root(), _build.cache_key(_build.spec())))
+        return 0
+    loaded = getattr(_ops._C, "__file__", None) if _ops.BACKEND == "extension" else None
+    if loaded and not loaded.startswith(_build.cache_root()):
+        print(f"note: an installed fastreg._C ({_ops._C.__file__}) is loaded first; the "
+              "cached build is used where it is missing", file=sys.stderr)
+    try:
+        path = _build.build_in_subprocess(force=args.force, cpu_only=args.cpu_only,
+                                          verbose=args.verbose)
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
+    print(f"{path}\n`import fastreg` in a new process loads it.")
+    return 0
+
+
+@contextlib.contextmanager
+def _environ(values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv=None):
