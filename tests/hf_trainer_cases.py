@@ -6,10 +6,8 @@ fastreg's callback, and the hand-written loop that it must equal: the same micro
 scaled by a GradScaler, unscaled, clipped, stepped."""
 
 import copy
-import os
 
 import torch
-import torch.nn.functional as F  # noqa: F401
 
 import transformers
 from transformers import Trainer, TrainingArguments
@@ -151,6 +149,3 @@ def max_difference(a, b):
     assert pa.keys() == pb.keys()
     return max((pa[k].detach() - pb[k].detach()).abs().max().item() for k in pa)
 
-
-def distributed_env():
-    return {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
