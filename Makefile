@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.14.1
 # transformers: tests/test_models.py runs Hugging Face models (about 45 s and 200 MB to install).
 # Their versions (and transformers' own packages') are pinned in test-constraints.txt.
 TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel transformers
+# The training frameworks of fastreg.integrations (tests/test_integrations_*.py, about 10 s
+# to install): in .venv only, as torchvision pins torch; elsewhere those tests skip.
+FRAMEWORKS := accelerate lightning timm peft torchvision
 CONSTRAINTS := -c test-constraints.txt
 # The documentation site's tools (make docs), pinned in test-constraints.txt too.
 DOCS_TOOLS := mkdocs mkdocstrings mkdocstrings-python
@@ -123,7 +126,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: test-constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TOOLS) $(CONSTRAINTS)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TOOLS) $(FRAMEWORKS) $(CONSTRAINTS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
