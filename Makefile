@@ -36,7 +36,7 @@ test: build
 # and the kernel test modules once in each block order, the property and error tests in
 # random order; grids capped at 3 resident blocks, so that the grid-stride loops iterate.
 CUDASIM_TESTS := tests/test_cudasim.py tests/test_dropout.py tests/test_inplace.py tests/test_fused.py \
-	tests/test_penalty.py
+	tests/test_penalty.py tests/test_regenerate.py
 CUDASIM_ONCE := tests/test_properties.py tests/test_errors.py
 CUDASIM_ENV := FASTREG_BACKEND=cudasim FASTREG_CUDASIM_BLOCKS=3
 

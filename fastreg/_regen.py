@@ -18,6 +18,7 @@ itself stays ``MUST_SAVE``: fastreg/_rng.py).
 """
 
 import threading
+import weakref
 
 import torch
 
@@ -112,21 +113,33 @@ def record(out, fn, tensors, args, name):
 
 class _Packed:
     """What a consumer keeps instead of a fastreg dropout's output (or a view of it): the
-    recipe's function and arguments, its inputs (or what the outer hooks made of them),
-    and the view's geometry."""
+    recipe (its tensors, or what the outer hooks made of them), the view's geometry, and
+    a weak reference to the output with its version, to refuse an output modified in
+    place after it was saved, as autograd does."""
 
-    __slots__ = ("recipe", "inputs", "view")
+    __slots__ = ("recipe", "inputs", "view", "output", "version")
 
-    def __init__(self, recipe, inputs, view):
+    def __init__(self, recipe, inputs, view, output):
         self.recipe, self.inputs, self.view = recipe, inputs, view
+        self.output, self.version = weakref.ref(output), output._version
+
+
+def _modified(t, then):
+    return RuntimeError(
+        "one of the variables needed for gradient computation has been modified by an "
+        f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
+        f"expected version {then} instead. Hint: inside fastreg.regenerate_dropped the "
+        "saved tensors are checked by its hooks; find the operation with "
+        "torch.autograd.set_detect_anomaly(True), or run it outside the context.")
 
 
 class _Hooks:
     """The pack and unpack hooks of one regenerate_dropped context. `outer`: the
     saved-tensor hooks that were active when it was entered (torch.utils.checkpoint's,
-    save_on_cpu, a memory probe), or None: every tensor that is kept, the dropout's input
-    in place of its output included, goes through them, so that they still decide how it
-    is kept."""
+    save_on_cpu, a memory probe), or None. Every tensor that is kept, the dropout's input
+    in place of its output included, goes through the outer hooks, so that they still
+    decide how it is kept; without them a kept tensor is kept with its version, and
+    checked, since autograd does not check the tensors that hooks pack."""
 
     def __init__(self, outer):
         self.outer = outer
@@ -140,20 +153,30 @@ class _Hooks:
             # not a fastreg dropout's output, or it (or its input) was modified in place
             # since the dropout: the tensor itself is kept. (detached: a saved output must
             # not hold its own grad_fn, torch.autograd.graph.saved_tensors_hooks' rule)
-            return self.outer[0](t) if self.outer is not None else t.detach()
+            if self.outer is not None:
+                return self.outer[0](t)
+            return t.detach(), t._version
         view = None
         if base is not None:
             view = (t.shape, t.stride(), t.storage_offset() - owner.storage_offset())
         if self.outer is None:
-            return _Packed(recipe, None, view)
+            return _Packed(recipe, None, view, owner)
         # the outer hooks keep the inputs as they keep any tensor (a checkpoint region
         # recomputes them), and the recipe is not held: its tensors would stay alive
         inputs = tuple(None if x is None else self.outer[0](x) for x in recipe.tensors)
-        return _Packed(recipe.without_tensors(), inputs, view)
+        return _Packed(recipe.without_tensors(), inputs, view, owner)
 
     def unpack(self, packed):
         if not isinstance(packed, _Packed):
-            return self.outer[1](packed) if self.outer is not None else packed
+            if self.outer is not None:
+                return self.outer[1](packed)
+            t, version = packed
+            if t._version != version:
+                raise _modified(t, version)
+            return t
+        output = packed.output()
+        if output is not None and output._version != packed.version:
+            raise _modified(output, packed.version)
         recipe = packed.recipe
         if packed.inputs is None:
             out = recipe.regenerate()
