@@ -16,7 +16,7 @@ import torch.utils.checkpoint as cp
 from torch import nn
 
 import fastreg
-from conftest import MASK_MODES, TORCH_VERSION
+from conftest import MASK_MODES, requires_extension
 from fastreg import _regen, _rng
 
 P = 0.3
@@ -132,6 +132,7 @@ def test_gradients_equal_and_the_dropped_tensor_is_not_kept(mask, op, consumer):
     assert probe.keeps(dropped)
 
 
+@requires_extension  # the reference keeps a bool mask in every mode
 def test_what_is_kept_is_the_floor_plus_16_bytes_per_call():
     """A LoRA-like block: a frozen base Linear and an adapter A(dropout(x)) @ B, for three
     projections of the same input. Without dropout A keeps x; with fastreg's dropout in
