@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1
-# transformers: tests/test_models.py runs Hugging Face models (about 45 s and 200 MB to install).
+# transformers: tests/test_models.py runs Hugging Face models (about 45 s and 200 MB to install);
+# peft: tests/test_regenerate.py and bench --memory run a LoRA model.
 # Their versions (and transformers' own packages') are pinned in test-constraints.txt.
-TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel transformers
+TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel transformers peft
 CONSTRAINTS := -c test-constraints.txt
 
 # torch's guess of the CUDA toolkit misses /usr/local/cuda when nvcc is not on PATH.
