@@ -190,8 +190,14 @@ class _Hooks:
 
 
 def _top_hooks():
+    """The saved-tensor hooks active now, or None (also where torch cannot tell)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return None if top is None else top(False)
+    if top is None:
+        return None
+    try:
+        return top(False)  # the argument: ignore_is_tracing
+    except TypeError:  # a torch whose function takes none
+        return top()
 
 
 class regenerate_dropped:
@@ -210,9 +216,9 @@ class regenerate_dropped:
 
     Saved-tensor hooks already active when it is entered (a ``torch.utils.checkpoint``
     region's, ``save_on_cpu``) still see every tensor that is kept, the dropout's input
-    in place of its output included (torch >= 2.5; on 2.4 this context's hooks replace
-    them while it is active). Under ``torch.compile`` the partitioner is told to recompute
-    the dropout instead of saving its output (torch >= 2.5; on 2.4 the output is kept).
+    in place of its output included (where torch cannot tell the active hooks, this
+    context's hooks replace them while it is active). Under ``torch.compile`` the partitioner is told to recompute
+    the dropout instead of saving its output (torch >= 2.8; before, the output is kept).
 
     ``enabled=False`` makes it do nothing (a switch for a training loop)."""
 
@@ -300,7 +306,9 @@ def regenerated(fn, tensors, args, name):
     if not active():
         return fn(*tensors, *args)
     if _rng.compiling():
-        if not _rng._have_selective_checkpointing():  # torch 2.4: the output is kept
+        if _rng.memory_budget_refusal() is not None:
+            # torch < 2.8: no selective checkpointing (2.4), or a partitioner seen to get
+            # its tags wrong (2.5, 2.6; fastreg/_rng.py): the graph keeps the output
             return fn(*tensors, *args)
         return torch.utils.checkpoint.checkpoint(fn, *tensors, *args, use_reentrant=False,
                                                  context_fn=_must_recompute_contexts)

@@ -420,7 +420,8 @@ def test_autocast_bfloat16(mask):
     assert not probe.keeps(d)
 
 
-HAVE_SAC = hasattr(cp, "create_selective_checkpoint_contexts")
+# where the compiled dropout is tagged MUST_RECOMPUTE (torch >= 2.8)
+HAVE_SAC = _rng.memory_budget_refusal() is None
 
 
 def _saved_bytes_backend(record):
@@ -476,7 +477,7 @@ def test_compiled_the_partitioner_recomputes_the_dropout(mask, budget):
         saved[regenerate] = record[0]
     if HAVE_SAC and budget == 1.0:
         assert saved[True] <= saved[False] - x.numel() * 4
-    else:  # torch 2.4: the output is kept; under a budget the partitioner decides anyway
+    else:  # torch < 2.8: the output is kept; under a budget the partitioner decides anyway
         assert saved[True] <= saved[False]
 
 
