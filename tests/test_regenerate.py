@@ -558,3 +558,72 @@ def test_peft_lora_llama(transformers):
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 64, (2, 12), generator=gen)
     _same_model_gradients(model, {"input_ids": ids, "labels": ids})
+
+
+def test_a_compiled_model_with_replace_dropout_regenerate():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Dropout(0.2), nn.Linear(32, 4))
+    plain = fastreg.replace_dropout(copy.deepcopy(net), mask="recompute")
+    regen = fastreg.replace_dropout(copy.deepcopy(net), mask="recompute", regenerate=True)
+    x = torch.randn(8, 16)
+    results = []
+    for model in (plain, regen):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager")
+        torch.manual_seed(1)
+        compiled(x).square().sum().backward()
+        results.append([p.grad for p in model.parameters()])
+    assert_same(results[1], results[0])
+    assert not _regen.active()
+
+
+# ---- DDP and FSDP2 (one process, gloo) -----------------------------------------------------
+
+@pytest.fixture
+def process_group(tmp_path):
+    dist = torch.distributed
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch without torch.distributed's gloo backend")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        yield dist
+    finally:
+        dist.destroy_process_group()
+
+
+def _wrapped_gradients(wrap):
+    grads_ = []
+    for regenerate in (False, True):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Dropout(0.3), nn.Linear(32, 4))
+        fastreg.replace_dropout(net, mask="recompute", regenerate=regenerate)
+        model = wrap(net)
+        torch.manual_seed(1)
+        model(torch.randn(8, 16)).square().sum().backward()
+        grads_.append([p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                       for p in model.parameters()])
+    return grads_
+
+
+def test_ddp(process_group):
+    from torch.nn.parallel import DistributedDataParallel
+
+    plain, regen = _wrapped_gradients(DistributedDataParallel)
+    assert_same(regen, plain)
+
+
+def test_fsdp2(process_group):
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        pytest.skip("torch without FSDP2 (torch.distributed.fsdp.fully_shard)")
+
+    def wrap(net):
+        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (1,))
+        for layer in (net[0], net[3]):
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(net, mesh=mesh)
+
+    plain, regen = _wrapped_gradients(wrap)
+    assert_same(regen, plain)
