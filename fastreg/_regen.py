@@ -217,8 +217,9 @@ class regenerate_dropped:
     Saved-tensor hooks already active when it is entered (a ``torch.utils.checkpoint``
     region's, ``save_on_cpu``) still see every tensor that is kept, the dropout's input
     in place of its output included (where torch cannot tell the active hooks, this
-    context's hooks replace them while it is active). Under ``torch.compile`` the partitioner is told to recompute
-    the dropout instead of saving its output (torch >= 2.8; before, the output is kept).
+    context's hooks replace them while it is active). Under ``torch.compile`` the
+    partitioner is told to recompute the dropout instead of saving its output (torch >=
+    2.8; before, the output is kept).
 
     ``enabled=False`` makes it do nothing (a switch for a training loop)."""
 

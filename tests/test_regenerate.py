@@ -502,8 +502,11 @@ def test_a_graph_compiled_outside_the_context_is_recompiled_inside():
     torch._dynamo.reset()
     x = torch.randn(16, 64, requires_grad=True)
     w = torch.randn(8, 64, requires_grad=True)
-    compiled = torch.compile(lambda x, w: F.linear(fastreg.dropout(x.tanh(), P, mask="recompute"), w).sum(),
-                             backend=_saved_bytes_backend(record), fullgraph=True)
+
+    def f(x, w):
+        return F.linear(fastreg.dropout(x.tanh(), P, mask="recompute"), w).sum()
+
+    compiled = torch.compile(f, backend=_saved_bytes_backend(record), fullgraph=True)
     compiled(x, w)
     with fastreg.regenerate_dropped():
         compiled(x, w)
