@@ -8,8 +8,9 @@ TORCH_SPEC ?= torch==2.14.1
 # transformers: tests/test_models.py runs Hugging Face models (about 45 s and 200 MB to install).
 # Their versions (and transformers' own packages') are pinned in test-constraints.txt.
 TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel transformers
-# The training frameworks of fastreg.integrations (tests/test_integrations_*.py, about 10 s
-# to install): in .venv only, as torchvision pins torch; elsewhere those tests skip.
+# The training frameworks of fastreg.integrations and peft (tests/test_integrations_*.py,
+# tests/test_regenerate.py, bench --memory's LoRA model; about 10 s to install): in .venv
+# only, as torchvision pins torch; elsewhere those tests skip.
 FRAMEWORKS := accelerate lightning timm peft torchvision
 CONSTRAINTS := -c test-constraints.txt
 # The documentation site's tools (make docs), pinned in test-constraints.txt too.
@@ -43,7 +44,7 @@ test: build
 # and the kernel test modules once in each block order, the property and error tests in
 # random order; grids capped at 3 resident blocks, so that the grid-stride loops iterate.
 CUDASIM_TESTS := tests/test_cudasim.py tests/test_dropout.py tests/test_inplace.py tests/test_fused.py \
-	tests/test_penalty.py
+	tests/test_penalty.py tests/test_regenerate.py
 CUDASIM_ONCE := tests/test_properties.py tests/test_errors.py
 CUDASIM_ENV := FASTREG_BACKEND=cudasim FASTREG_CUDASIM_BLOCKS=3
 

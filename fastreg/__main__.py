@@ -79,6 +79,9 @@ def _positive(text):
     return n
 
 
+MEMORY_HF = ("llama-lora", "t5", "bert")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m fastreg", description="fastreg: fused dropout and L1/L2 penalties.")
@@ -130,11 +133,16 @@ def build_parser():
         "defaults: CPU 2 layers, width 128, 4 heads, batch 4, sequence 128, vocab 512; "
         "GPU GPT-2 small: 12 layers, width 768, 12 heads, batch 8, sequence 1024, vocab 50304")
     m.add_argument("--memory", action="store_true", help="run the memory report")
-    m.add_argument("--model", choices=("both", "own", "gpt2"), default="both",
+    m.add_argument("--model", choices=("all", "both", "own", "gpt2", "hf") + MEMORY_HF,
+                   default="all",
                    help="fastreg's own GPT-style model, Hugging Face GPT-2 (eager attention; "
                         "defaults: CPU 2 layers, width 64, 2 heads, batch 1, sequence 512, "
                         "vocab 512; GPU 12 layers, width 768, 12 heads, batch 4, sequence "
-                        "1024), or both (default); the options below shape both")
+                        "1024), both of them, one of the Hugging Face models that show "
+                        "the dropped tensor regenerated (llama-lora: a PEFT LoRA Llama, t5, "
+                        "bert; defaults: CPU 1 layer, width 256, MLP 688, 4 heads, batch 1, "
+                        "sequence 512, vocab 512, LoRA r=8), hf (those three), or all "
+                        "(default); the options below shape every model")
     m.add_argument("--layers", type=_checked(_positive), metavar="N", help="transformer blocks")
     m.add_argument("--width", type=_checked(_positive), metavar="N", help="model width")
     m.add_argument("--heads", type=_checked(_positive), metavar="N", help="attention heads")
@@ -256,12 +264,17 @@ def _run_memory(args, device, env, settings, memory, monitor):
     if len(dtypes) != 1:
         raise SystemExit("fastreg bench --memory: give one --dtype")
     dtype = bench.DTYPES[dtypes[0]]
-    own, gpt2 = args.model in ("both", "own"), args.model in ("both", "gpt2")
-    bar = bench.Progress(len(memory.VARIANTS) * own + len(memory.GPT2_VARIANTS) * gpt2,
-                         enabled=not args.no_progress)
+    hf_cfg = dataclasses.replace(memory.HF_DEFAULTS[device], **given)
+    own = args.model in ("all", "both", "own")
+    gpt2 = args.model in ("all", "both", "gpt2")
+    hf = (memory.HF_MODELS if args.model in ("all", "hf") else
+          (args.model,) if args.model in memory.HF_MODELS else ())
+    bar = bench.Progress(len(memory.VARIANTS) * own + len(memory.GPT2_VARIANTS) * gpt2
+                         + len(memory.HF_VARIANTS) * len(hf), enabled=not args.no_progress)
     with monitor:
         rows = memory.run(cfg, device, dtype, args.steps, bar) if own else None
         gpt2_rows = memory.run_gpt2(gpt2_cfg, device, dtype, args.steps, bar) if gpt2 else None
+        hf_rows = memory.run_hf(hf_cfg, device, dtype, args.steps, bar, hf) if hf else None
     env["load"] = monitor.result
     bar.done()
     lines = bench.header_lines(env)
@@ -271,12 +284,16 @@ def _run_memory(args, device, env, settings, memory, monitor):
         print("\n".join(lines))
     if gpt2:
         print(memory.format_gpt2_table(gpt2_rows, gpt2_cfg, dtypes[0], args.steps), flush=True)
+    if hf:
+        print(memory.format_hf_tables(hf_rows, hf_cfg, dtypes[0], args.steps), flush=True)
     if args.json:
         _write_json(args, env, bench.report(env, settings, [], [], memory={
             "config": dataclasses.asdict(cfg), "dtype": dtypes[0], "steps": args.steps,
             "rows": rows, "gpt2": None if gpt2_rows is None else {
                 "config": dataclasses.asdict(gpt2_cfg), "rows": gpt2_rows,
-                "korthikanti_layer_bytes": memory.korthikanti(gpt2_cfg)}}))
+                "korthikanti_layer_bytes": memory.korthikanti(gpt2_cfg)},
+            "hf": None if hf_rows is None else {
+                "config": dataclasses.asdict(hf_cfg), "models": hf_rows}}))
     return 0
 
 
