@@ -20,8 +20,9 @@ A table sits between two HTML comments, which Markdown does not show::
   groups as ``--ops`` takes them), ``dtypes``, ``sizes`` narrow it.
 * ``memory``: a ``bench --memory`` JSON: one row per model and variant, whatever models
   and variants it holds (any entry of its ``memory`` object with ``rows``), with the
-  columns that its rows have: bytes kept per layer, masks, kept in all, peak. ``models``
-  and ``columns`` (row keys, e.g. ``layer_bytes,mask_bytes,masks_removed``) narrow it.
+  columns that its rows have: bytes kept per layer, masks, kept in all, peak. ``models``,
+  ``variants`` and ``columns`` (row keys, e.g. ``layer_bytes,mask_bytes,masks_removed``)
+  narrow it.
 
 A field that a JSON lacks (the load of an older run, say) is rendered as "unknown".
 """
@@ -271,6 +272,9 @@ MEMORY_COLUMNS = {
     "kept_vs_native": ("kept vs nn.Dropout", _ratio),
     "dropout_kept_bytes": ("of which dropout MiB", _mib),
     "peak_bytes": ("step peak MiB", _mib),
+    "over_floor_per_call": ("over no dropout, B per call", lambda x: "" if x is None else f"{x:,.0f}"),
+    "bf16_gpu_bytes_per_element": ("bf16 GPU B/el over no dropout (computed)",
+                                   lambda x: "" if x is None else f"{x:.3g}"),
 }
 
 
@@ -278,13 +282,17 @@ def memory_models(memory):
     """[(model name, its section (config ...), its rows)] of a ``bench --memory`` JSON's
     ``memory`` object: its own ``rows`` (fastreg's model, "own"), every entry that holds
     ``rows`` (``gpt2``, and whatever models a later bench adds), a ``models`` list or
-    mapping of such sections; rows that name their ``model`` are grouped by it."""
+    mapping of such sections, an entry whose ``models`` maps names to rows (``hf``, under
+    its ``config``); rows that name their ``model`` are grouped by it."""
     sections = []
     if isinstance(memory.get("rows"), list):
         sections.append(("own", memory))
     for key, value in memory.items():
         if isinstance(value, dict) and isinstance(value.get("rows"), list):
             sections.append((value.get("name") or value.get("model") or key, value))
+        elif isinstance(value, dict) and isinstance(value.get("models"), dict):
+            sections += [(name, {"config": value.get("config"), "rows": rows})
+                         for name, rows in value["models"].items() if isinstance(rows, list)]
         elif key == "models" and isinstance(value, list):
             sections += [(m.get("name") or m.get("model") or str(i), m) for i, m in enumerate(value)
                          if isinstance(m, dict) and isinstance(m.get("rows"), list)]
@@ -314,6 +322,11 @@ def memory_table(doc, options):
         models = [m for m in models if m[0] in wanted]
     if not models:
         raise TableError("no memory rows in the JSON")
+    if "variants" in options:
+        variants = options.pop("variants").split(",")  # a space in a name written as _
+        models = [(m, section, [r for r in rs
+                                if str(r.get("variant")).replace(" ", "_") in variants])
+                  for m, section, rs in models]
     rows = [r for _, _, rs in models for r in rs]
     if "columns" in options:
         keys = options.pop("columns").split(",")
@@ -331,11 +344,12 @@ def memory_table(doc, options):
             body.append(([model if i == 0 else ""] if len(models) > 1 else []) + cells)
     out = markdown_table(names, body)
     dtype = memory.get("dtype")
-    described = []
+    by_settings = {}  # models of one configuration named together
     for model, section, _ in models:
         config = section.get("config") or memory.get("config") or {}
         settings = ", ".join(f"{k} {v}" for k, v in config.items())
-        described.append(f"{model}: {settings or 'configuration ' + UNKNOWN}")
+        by_settings.setdefault(settings or "configuration " + UNKNOWN, []).append(model)
+    described = [f"{', '.join(names)}: {settings}" for settings, names in by_settings.items()]
     return ["; ".join(described) + (f"; {dtype}" if dtype else ""), ""] + out
 
 
