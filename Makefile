@@ -1,5 +1,6 @@
 # make bench / make test: set up .venv (torch and the build tools), build the extension,
-# then run the benchmark or the test suite.
+# then run the benchmark or the test suite. make docs: the documentation site into site/.
+# make tables: the result tables of README.md and docs/ regenerated from benchmarks/results/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,13 @@ TORCH_SPEC ?= torch==2.14.1
 # transformers: tests/test_models.py runs Hugging Face models (about 45 s and 200 MB to install).
 # Their versions (and transformers' own packages') are pinned in test-constraints.txt.
 TOOLS := ninja pybind11 pytest pytest-benchmark hypothesis numpy setuptools wheel transformers
+# The training frameworks of fastreg.integrations and peft (tests/test_integrations_*.py,
+# tests/test_regenerate.py, bench --memory's LoRA model; about 10 s to install): in .venv
+# only, as torchvision pins torch; elsewhere those tests skip.
+FRAMEWORKS := accelerate lightning timm peft torchvision
 CONSTRAINTS := -c test-constraints.txt
+# The documentation site's tools (make docs), pinned in test-constraints.txt too.
+DOCS_TOOLS := mkdocs mkdocstrings mkdocstrings-python
 # The linters and formatters, in .venv only (`make lint`, `make format`).
 LINT_TOOLS := ruff clang-format
 CXX_SOURCES = $(shell git ls-files 'csrc/*.h' 'csrc/*.cuh' 'csrc/*.cpp' 'csrc/*.cu')
@@ -19,10 +26,11 @@ endif
 # With no GPU visible torch cannot pick the architecture: default to Hopper only.
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 
-SOURCES := setup.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
+SOURCES := setup.py fastreg/_build.py $(wildcard csrc/*/*.h csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.cu)
 
-.PHONY: bench test lint format test-reference test-cudasim test-cudasim-sanitized test-other-torch \
-	test-oldest-torch cudasim build setup clean gpu-check
+.PHONY: bench test lint format test-install test-reference test-cudasim test-cudasim-sanitized \
+	test-other-torch test-oldest-torch cudasim build setup clean gpu-check docs docs-setup \
+	tables tables-check
 
 # The same property-test examples on every run (tests/conftest.py).
 export HYPOTHESIS_PROFILE ?= ci
@@ -50,7 +58,7 @@ format: setup
 # and the kernel test modules once in each block order, the property and error tests in
 # random order; grids capped at 3 resident blocks, so that the grid-stride loops iterate.
 CUDASIM_TESTS := tests/test_cudasim.py tests/test_dropout.py tests/test_inplace.py tests/test_fused.py \
-	tests/test_penalty.py
+	tests/test_penalty.py tests/test_regenerate.py
 CUDASIM_ONCE := tests/test_properties.py tests/test_errors.py
 CUDASIM_ENV := FASTREG_BACKEND=cudasim FASTREG_CUDASIM_BLOCKS=3
 
@@ -76,6 +84,12 @@ test-cudasim-sanitized: setup
 	  $(CUDASIM_ENV) FASTREG_CUDASIM_ORDER=random \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/test_cudasim.py tests/test_dropout.py tests/test_penalty.py
 
+# `pip install .` as users type it (build isolation: setuptools and wheel fetched from the
+# index): a pure-Python wheel carrying the sources, and the installed package finding a
+# cached build (tests/test_install.py; about 20 s).
+test-install: build
+	FASTREG_TEST_INSTALL=1 $(PY) -m pytest -q tests/test_install.py
+
 # The whole suite again on the pure-PyTorch fallback: every public function runs
 # fastreg.reference; tests that compare kernels with it skip.
 test-reference: setup
@@ -99,6 +113,27 @@ test-other-torch:
 test-oldest-torch:
 	$(MAKE) test-other-torch OTHER_TORCH=2.4.1 OTHER_DIR=.other-torch-2.4
 
+# The documentation site (mkdocs.yml): docs/*.md and the API reference that mkdocstrings
+# renders from the docstrings, read statically (no build of the extension needed), into
+# site/; --strict makes every warning (a broken link or anchor, a docstring that does not
+# parse) an error.
+docs: docs-setup
+	$(PY) -m mkdocs build --strict
+
+docs-setup: $(VENV)/.docs-installed
+
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -q $(DOCS_TOOLS) $(CONSTRAINTS)
+	touch $@
+
+# The tables between `<!-- table: ... -->` markers in README.md and docs/*.md, from the
+# JSON in benchmarks/results/ (fastreg/bench/tables.py); tables-check fails where they differ.
+tables: setup
+	$(PY) -m fastreg.bench.tables
+
+tables-check: setup
+	$(PY) -m fastreg.bench.tables --check
+
 build: $(VENV)/.built
 
 setup: $(VENV)/.installed
@@ -106,7 +141,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: test-constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TOOLS) $(LINT_TOOLS) $(CONSTRAINTS)
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TOOLS) $(FRAMEWORKS) $(LINT_TOOLS) $(CONSTRAINTS)
 	touch $@
 
 $(VENV)/.built: $(VENV)/.installed $(SOURCES)
@@ -114,7 +149,7 @@ $(VENV)/.built: $(VENV)/.installed $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info fastreg/*.so $(VENV)/.built $(OTHER_DIR)/src .other-torch-2.4/src
+	rm -rf build site *.egg-info fastreg/*.so $(VENV)/.built $(OTHER_DIR)/src .other-torch-2.4/src
 
 # On the GPU machine (torch installed there, no .venv): build, CUDA tests, compute-sanitizer,
 # benchmark and memory report; logs in $(OUT) or ./gpu-out. See docs/gpu-check.md.

@@ -1,7 +1,9 @@
-"""The fastreg command line: ``python -m fastreg bench`` and ``python -m fastreg demo``."""
+"""The fastreg command line: ``python -m fastreg bench``, ``python -m fastreg demo`` and
+``python -m fastreg build``."""
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 
@@ -77,10 +79,13 @@ def _positive(text):
     return n
 
 
+MEMORY_HF = ("llama-lora", "t5", "bert")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m fastreg", description="fastreg: fused dropout and L1/L2 penalties.")
-    sub = parser.add_subparsers(dest="command", metavar="{bench,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{bench,demo,build}")
 
     b = sub.add_parser("bench", help="benchmark fastreg against native PyTorch",
                        description=BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -128,11 +133,16 @@ def build_parser():
         "defaults: CPU 2 layers, width 128, 4 heads, batch 4, sequence 128, vocab 512; "
         "GPU GPT-2 small: 12 layers, width 768, 12 heads, batch 8, sequence 1024, vocab 50304")
     m.add_argument("--memory", action="store_true", help="run the memory report")
-    m.add_argument("--model", choices=("both", "own", "gpt2"), default="both",
+    m.add_argument("--model", choices=("all", "both", "own", "gpt2", "hf") + MEMORY_HF,
+                   default="all",
                    help="fastreg's own GPT-style model, Hugging Face GPT-2 (eager attention; "
                         "defaults: CPU 2 layers, width 64, 2 heads, batch 1, sequence 512, "
                         "vocab 512; GPU 12 layers, width 768, 12 heads, batch 4, sequence "
-                        "1024), or both (default); the options below shape both")
+                        "1024), both of them, one of the Hugging Face models that show "
+                        "the dropped tensor regenerated (llama-lora: a PEFT LoRA Llama, t5, "
+                        "bert; defaults: CPU 1 layer, width 256, MLP 688, 4 heads, batch 1, "
+                        "sequence 512, vocab 512, LoRA r=8), hf (those three), or all "
+                        "(default); the options below shape every model")
     m.add_argument("--layers", type=_checked(_positive), metavar="N", help="transformer blocks")
     m.add_argument("--width", type=_checked(_positive), metavar="N", help="model width")
     m.add_argument("--heads", type=_checked(_positive), metavar="N", help="attention heads")
@@ -158,6 +168,14 @@ def build_parser():
                    help="first of part 1's three seeds: SEED, SEED+1, SEED+2 (default: 0)")
     d.add_argument("--no-digits", action="store_true", help="skip part 2")
     d.set_defaults(func=run_demo)
+
+    from fastreg import _build
+
+    k = sub.add_parser("build", help="compile the kernels against the torch installed here",
+                       description=_build.BUILD_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _build.add_arguments(k)
+    k.set_defaults(func=run_build)
     return parser
 
 
@@ -246,12 +264,17 @@ def _run_memory(args, device, env, settings, memory, monitor):
     if len(dtypes) != 1:
         raise SystemExit("fastreg bench --memory: give one --dtype")
     dtype = bench.DTYPES[dtypes[0]]
-    own, gpt2 = args.model in ("both", "own"), args.model in ("both", "gpt2")
-    bar = bench.Progress(len(memory.VARIANTS) * own + len(memory.GPT2_VARIANTS) * gpt2,
-                         enabled=not args.no_progress)
+    hf_cfg = dataclasses.replace(memory.HF_DEFAULTS[device], **given)
+    own = args.model in ("all", "both", "own")
+    gpt2 = args.model in ("all", "both", "gpt2")
+    hf = (memory.HF_MODELS if args.model in ("all", "hf") else
+          (args.model,) if args.model in memory.HF_MODELS else ())
+    bar = bench.Progress(len(memory.VARIANTS) * own + len(memory.GPT2_VARIANTS) * gpt2
+                         + len(memory.HF_VARIANTS) * len(hf), enabled=not args.no_progress)
     with monitor:
         rows = memory.run(cfg, device, dtype, args.steps, bar) if own else None
         gpt2_rows = memory.run_gpt2(gpt2_cfg, device, dtype, args.steps, bar) if gpt2 else None
+        hf_rows = memory.run_hf(hf_cfg, device, dtype, args.steps, bar, hf) if hf else None
     env["load"] = monitor.result
     bar.done()
     lines = bench.header_lines(env)
@@ -261,12 +284,16 @@ def _run_memory(args, device, env, settings, memory, monitor):
         print("\n".join(lines))
     if gpt2:
         print(memory.format_gpt2_table(gpt2_rows, gpt2_cfg, dtypes[0], args.steps), flush=True)
+    if hf:
+        print(memory.format_hf_tables(hf_rows, hf_cfg, dtypes[0], args.steps), flush=True)
     if args.json:
         _write_json(args, env, bench.report(env, settings, [], [], memory={
             "config": dataclasses.asdict(cfg), "dtype": dtypes[0], "steps": args.steps,
             "rows": rows, "gpt2": None if gpt2_rows is None else {
                 "config": dataclasses.asdict(gpt2_cfg), "rows": gpt2_rows,
-                "korthikanti_layer_bytes": memory.korthikanti(gpt2_cfg)}}))
+                "korthikanti_layer_bytes": memory.korthikanti(gpt2_cfg)},
+            "hf": None if hf_rows is None else {
+                "config": dataclasses.asdict(hf_cfg), "models": hf_rows}}))
     return 0
 
 
@@ -278,6 +305,41 @@ def run_demo(args):
     except ImportError as error:
         raise SystemExit(f"fastreg demo: {error}") from None
     return 0
+
+
+def run_build(args):
+    from fastreg import _build, _ops
+
+    if args.print_cache:
+        env = {"FASTREG_CPU_ONLY": "1"} if args.cpu_only else {}
+        with _environ(env):
+            print(os.path.join(_build.cache_root(), _build.cache_key(_build.spec())))
+        return 0
+    loaded = getattr(_ops._C, "__file__", None) if _ops.BACKEND == "extension" else None
+    if loaded and not loaded.startswith(_build.cache_root()):
+        print(f"note: an installed fastreg._C ({_ops._C.__file__}) is loaded first; the "
+              "cached build is used where it is missing", file=sys.stderr)
+    try:
+        path = _build.build_in_subprocess(force=args.force, cpu_only=args.cpu_only,
+                                          verbose=args.verbose)
+    except RuntimeError as error:
+        raise SystemExit(str(error)) from None
+    print(f"{path}\n`import fastreg` in a new process loads it.")
+    return 0
+
+
+@contextlib.contextmanager
+def _environ(values):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv=None):

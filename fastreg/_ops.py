@@ -8,14 +8,36 @@ kernels, run on the CPU for CPU tensors: fastreg/_cudasim.py); otherwise a missi
 broken extension falls back to fastreg.reference with one warning.
 """
 
+import importlib
 import os
 import warnings
 
 import torch
 
+from fastreg import _build
+
 BACKEND_ENV = "FASTREG_BACKEND"
 # (major, minor) of the running torch, for behaviour that differs by release
 TORCH_VERSION = tuple(int(v) for v in torch.__version__.split(".")[:2])
+
+
+def _load_cached_build(error):
+    """(module or None, why not): fastreg._C is not installed (`error`), so the kernels
+    that `python -m fastreg build` compiled for this torch and these sources, from the
+    cache (fastreg/_build.py); with FASTREG_BUILD_ON_IMPORT=1, built first if missing."""
+    if isinstance(error, ModuleNotFoundError) and error.name == "fastreg._C":
+        why = "the compiled extension fastreg._C is not installed"
+    else:
+        why = f"the compiled extension fastreg._C could not be loaded ({error})"
+    try:
+        path = _build.find_cached()
+        if path is None and os.environ.get(_build.BUILD_ON_IMPORT_ENV, "0") == "1":
+            path = _build.build_in_subprocess()
+        if path is None:
+            return None, f"{why} and no cached build for it was found in {_build.cache_root()}"
+        return _build.import_module(path), None
+    except (ImportError, OSError, RuntimeError) as cached_error:
+        return None, f"{why}, nor the cached build ({cached_error})"
 
 
 def _load_extension():
@@ -31,15 +53,17 @@ def _load_extension():
 
         return _cudasim.load(), None
     try:
-        from fastreg import _C
+        _C = importlib.import_module("fastreg._C")
     except (ImportError, OSError) as error:
-        if choice == "extension":
-            raise
-        why = f"the compiled extension fastreg._C could not be loaded ({error})"
-        warnings.warn(f"fastreg: {why}; running torch {torch.__version__}. Falling back to the "
-                      "pure-PyTorch reference (slower, same results). Rebuild with "
-                      "`pip install --no-build-isolation -e .`.", RuntimeWarning, stacklevel=3)
-        return None, why
+        _C, why = _load_cached_build(error)
+        if _C is None:
+            if choice == "extension":
+                raise ImportError(why) from error
+            warnings.warn(f"fastreg: {why}; running torch {torch.__version__}. Falling back "
+                          "to the pure-PyTorch reference (slower, same results). Build the "
+                          f"kernels with `{_build.BUILD_COMMAND}`.", RuntimeWarning,
+                          stacklevel=3)
+            return None, why
     if _C.built_with_torch.split("+")[0] != torch.__version__.split("+")[0]:
         warnings.warn(f"fastreg: extension built for torch {_C.built_with_torch}, running torch "
                       f"{torch.__version__}; rebuild it if operators misbehave.", RuntimeWarning,

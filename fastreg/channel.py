@@ -3,7 +3,7 @@ zeroed under dropout's RNG contract (docs/rng-contract.md)."""
 
 from torch import nn
 
-from fastreg import _checks, _rng
+from fastreg import _checks, _regen, _rng
 from fastreg._modules import DropoutModule, all_dropped, channel_rank_rules
 from fastreg._modules import channel_apply as _channel_apply
 
@@ -32,7 +32,11 @@ def channel_dropout_front(apply, input, p, training, inplace, mask, seed, genera
     elif x.dim() < 2:
         raise RuntimeError("Feature dropout requires at least 2 dimensions in the input")
     else:
-        out = apply(x, p, _rng.rng_state(input.device, seed, generator))
+        state = _rng.rng_state(input.device, seed, generator)
+        if inplace:
+            out = apply(x, p, state)
+        else:  # the batched output, not a view of it, is what can be regenerated
+            out = _regen.regenerated(_regen.call_channel, (x, state), (apply, p), function)
     if not batched:
         out = out.squeeze(0)
     return input.copy_(out) if inplace else out

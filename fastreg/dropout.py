@@ -4,7 +4,7 @@ nn.Dropout drop-in, the mask utility and replace_dropout."""
 import torch
 from torch import nn
 
-from fastreg import _checks, _ops, _rng, channel, reference
+from fastreg import _checks, _ops, _regen, _rng, channel, reference
 from fastreg._modules import DropoutModule, all_dropped, dropout_apply as _apply
 
 
@@ -85,10 +85,11 @@ def dropout_front(apply, input, p, training, inplace, mask, seed, generator, app
             return input.zero_()
         return all_dropped(input)
     state = _rng.rng_state(input.device, seed, generator)
-    if inplace and apply_ is not None:
-        return apply_(input, p, state, mask)
-    out = apply(input, p, state, mask)
-    return input.copy_(out) if inplace else out
+    if inplace:
+        if apply_ is not None:
+            return apply_(input, p, state, mask)
+        return input.copy_(apply(input, p, state, mask))
+    return _regen.regenerated(_regen.call_dropout, (input, state), (apply, p, mask), "dropout")
 
 
 def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
@@ -151,7 +152,7 @@ class Dropout(DropoutModule, nn.Dropout):
     _function = staticmethod(dropout)
 
 
-def replace_dropout(model, *, mask="bits", functional=False):
+def replace_dropout(model, *, mask="bits", functional=False, regenerate=False):
     """Replaces every ``nn.Dropout``, ``nn.Dropout1d``, ``nn.Dropout2d`` and ``nn.Dropout3d``
     in ``model`` (in place) by :class:`fastreg.Dropout`, :class:`fastreg.Dropout1d`, ... with
     the same ``p``, ``inplace`` and training mode; returns ``model``, or the new module if
@@ -165,16 +166,27 @@ def replace_dropout(model, *, mask="bits", functional=False):
     With ``functional=True`` the forward of every module of ``model`` also runs inside a
     :class:`fastreg.DropoutMode` (forward hooks), so that the model's calls of
     ``F.dropout``, ``F.dropout1d/2d/3d`` and ``torch.dropout`` run fastreg's dropout in mode
-    ``mask`` too (docs/functional-routing.md)."""
+    ``mask`` too (docs/functional-routing.md).
+
+    With ``regenerate=True`` the forward of ``model`` runs inside
+    :func:`fastreg.regenerate_dropped` (forward hooks on ``model``, while it is in training
+    mode): the ops after a dropout keep no dropped tensor for backward, the backward
+    regenerates it. With ``mask="recompute"`` dropout then keeps no activation memory
+    beyond the model without dropout (docs/regenerate.md)."""
     _checks.check_module(model, "model", "replace_dropout")
     _checks.check_mask_mode(mask)
     if not isinstance(functional, bool):
         raise TypeError(f"replace_dropout(): functional must be a bool, but got "
                         f"{type(functional).__name__}")
+    if not isinstance(regenerate, bool):
+        raise TypeError(f"replace_dropout(): regenerate must be a bool, but got "
+                        f"{type(regenerate).__name__}")
     model = _swap_modules(model, mask)
     if functional:
         from fastreg.functional_mode import route_functional
         route_functional(model, mask)
+    if regenerate:
+        _regen.regenerate_in_forward(model)
     return model
 
 

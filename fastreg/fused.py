@@ -4,7 +4,7 @@ their front ends (shared with the reference)."""
 
 import torch
 
-from fastreg import _checks, _ops, _rng, reference
+from fastreg import _checks, _ops, _regen, _rng, reference
 
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
@@ -99,7 +99,9 @@ def bias_act_dropout_front(apply, input, bias, p, activation, training, mask, se
     input, bias = promote_fused(input, bias)
     if not training or p == 0.0:
         return apply(input, bias, 0.0, activation, _rng.no_rng_state(input.device), "recompute")
-    return apply(input, bias, p, activation, _rng.rng_state(input.device, seed, generator), mask)
+    state = _rng.rng_state(input.device, seed, generator)
+    return _regen.regenerated(_regen.call_bias_act, (input, bias, state),
+                              (apply, p, activation, mask), function)
 
 
 def _bias_dropout_add(input, bias, residual, p, rng_state, mask):
@@ -167,8 +169,10 @@ def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="
 
         out = keep ? act(input + bias[j]) * scale : 0
 
+    ``input``, ``bias``, ``p``, ``training``, ``mask``, ``seed`` and ``generator`` are as in
+    :func:`bias_dropout_add`.
+
     Args:
-        input, bias, p, training, mask, seed, generator: as in :func:`bias_dropout_add`.
         activation: ``"relu"``, ``"gelu"`` (exact, erf: ``F.gelu(approximate="none")``),
             ``"gelu_tanh"`` (``F.gelu(approximate="tanh")``), ``"silu"`` or ``None`` (else
             ``ValueError``). The formulas are torch's, step by step.

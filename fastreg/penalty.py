@@ -55,12 +55,12 @@ the derivative with respect to that shard. The DTensors of one call share one me
 plain tensors among them count as replicated (each rank's own, counted once, as FSDP2's
 unsharded parameters between forward and backward are). The in-place steps are
 elementwise and work on any mix; a DTensor's gradient must be placed as the DTensor.
-See README, "Distributed training". The value is accumulated in float32 (float64 for float64 tensors)
+See docs/distributed.md. The value is accumulated in float32 (float64 for float64 tensors)
 whatever the dtype, in a fixed order: the compiled kernels give the same bits from run to
 run (on the CPU, for any number of threads). Gradients are formed in float32 (float64)
 and rounded once to each tensor's dtype. Coefficients are plain floats that may change
 from call to call; under ``torch.compile`` a new value means a recompilation (see
-README, "torch.compile and CUDA graphs" under the penalties).
+docs/penalty.md, "torch.compile and CUDA graphs").
 """
 
 import weakref
@@ -169,7 +169,7 @@ def _prox_l1_apply(tensors, thresholds):
 
 # ---- The fast path ----
 #
-# The host work of a call (issue 14): for a list or tuple of plain tensors, or a Module,
+# The host work of a call: for a list or tuple of plain tensors, or a Module,
 # with float coefficients, the per-tensor checks and the coefficient lists are made in
 # C++ (csrc/ops/penalty_front.cpp), which calls the operator through the dispatcher; a
 # Module's selection (requires_grad, tied parameters, exclude) is kept per module and

@@ -133,7 +133,7 @@ def dropout_mask(shape, p, seed, offset=0, *, device=None):
 # The value is accumulated in float64 and rounded once: the oracle the kernels are
 # held to. The gradients and the in-place steps run one torch op per operation of the
 # kernels' formula in the op-math type (float32, float64 for float64), rounded once
-# to the tensor's dtype, so the kernels match them bit for bit (csrc/penalty.h).
+# to the tensor's dtype, so the kernels match them bit for bit (csrc/device/penalty_math.h).
 
 
 def _opmath(dtype):
@@ -263,7 +263,7 @@ def prox_l1_(params, threshold, *, exclude=None):
     _prox_front(prox_l1_apply, params, threshold, exclude)
 # ---- the fused ops ----------------------------------------------------------------
 #
-# The element math of csrc/fused.h written with tensor ops in op-math (float32; float64
+# The element math of csrc/device/fused_math.h written with tensor ops in op-math (float32; float64
 # for float64), in the same order, rounded once at the end. Where only +, *, comparisons
 # and selections are involved (no activation, relu) the kernels match this bit for bit;
 # erf, tanh and exp come from torch here and from each platform's libm in the kernels.

@@ -1,7 +1,9 @@
 """The documentation runs: every ```python block of README.md and docs/*.md, on the CPU,
 the blocks of one file in order in one shared namespace (one test per block). A block
 whose fence has `<!-- skip: reason -->` on the line directly above is skipped with that
-reason (it must still compile). And the option tables of `python -m fastreg bench` and
+reason (it must still compile); one with `<!-- needs: package ... -->` there is skipped
+when a package is not installed (the training frameworks of docs/integrations-*.md). And
+the option tables of `python -m fastreg bench` and
 `demo` (docs/benchmarks.md, docs/demo.md) list exactly the options of their --help."""
 
 import argparse
@@ -17,10 +19,12 @@ from fastreg.__main__ import build_parser
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FILES = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 SKIP = re.compile(r"^<!--\s*skip:\s*(.*?)\s*-->\s*$")
+NEEDS = re.compile(r"^<!--\s*needs:\s*(.*?)\s*-->\s*$")
 
 
 def python_blocks(path):
-    """[(line of the fence, code, skip reason or None)] of the ```python blocks of `path`."""
+    """[(line of the fence, code, skip reason or None, needed packages)] of the ```python
+    blocks of `path`."""
     lines = path.read_text().splitlines()
     blocks, i = [], 0
     while i < len(lines):
@@ -34,13 +38,16 @@ def python_blocks(path):
             end += 1
         if language == "python":
             skip = SKIP.match(lines[i - 1].strip()) if i > 0 else None
+            needs = NEEDS.match(lines[i - 1].strip()) if i > 0 else None
             code = "\n".join(line[len(indent):] for line in lines[i + 1:end]) + "\n"
-            blocks.append((i + 1, code, skip.group(1) if skip else None))
+            blocks.append((i + 1, code, skip.group(1) if skip else None,
+                           needs.group(1).split() if needs else []))
         i = end + 1
     return blocks
 
 
-BLOCKS = [(path, line, code, skip) for path in FILES for line, code, skip in python_blocks(path)]
+BLOCKS = [(path, line, code, skip, needs) for path in FILES
+          for line, code, skip, needs in python_blocks(path)]
 NAMESPACES = {}  # path -> the namespace its blocks share
 FAILED = set()   # paths with a failed block: their later blocks are skipped
 
@@ -58,11 +65,13 @@ def test_the_docs_have_python_blocks():
 
 @pytest.mark.parametrize("block", BLOCKS, ids=[block_id(b) for b in BLOCKS])
 def test_block_runs(block):
-    path, line, code, skip = block
+    path, line, code, skip, needs = block
     where = f"{path.relative_to(ROOT)}:{line}"
     compiled = compile(code, where, "exec")  # a SyntaxError fails even a skipped block
     if skip is not None:
         pytest.skip(skip)
+    for package in needs:
+        pytest.importorskip(package)
     if path in FAILED:
         pytest.skip(f"an earlier block of {path.name} failed")
     namespace = NAMESPACES.setdefault(path, {"__name__": f"docs:{path.name}"})
@@ -85,7 +94,7 @@ def test_skip_markers_sit_on_python_fences():
             if ticks and (fence is None or ticks.group(1).startswith(fence)):
                 fence = ticks.group(1) if fence is None else None
                 continue
-            if fence is None and SKIP.match(line.strip()):
+            if fence is None and (SKIP.match(line.strip()) or NEEDS.match(line.strip())):
                 assert i + 1 < len(lines) and lines[i + 1].strip() == "```python", \
                     f"{path.name}:{i + 1}: skip marker not directly above a ```python fence"
 

@@ -19,24 +19,55 @@ SCRIPT = ROOT / ".ci" / "gpu-check"
 STEPS = ("build", "tests", "sanitize", "bench", "memory")
 
 
-def gpu_check(*args, root=ROOT, timeout=240):
-    env = {**os.environ, "PYTHON": sys.executable}
+def gpu_check(*args, root=ROOT, timeout=240, env=None):
+    env = {**os.environ, "PYTHON": sys.executable, **(env or {})}
     env.pop("OUT", None)
+    if "GPU_SLUG" not in (env or {}):
+        env.pop("GPU_SLUG", None)
     return subprocess.run(["bash", str(root / ".ci" / "gpu-check"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=root)
 
 
 def test_dry_run_passes_and_prints_every_step():
-    result = gpu_check("--dry-run")
+    result = gpu_check("--dry-run", env={"GPU_SLUG": "h100"})
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "dry run: OK" in out
     for step in STEPS:
         assert f"\n{step}:" in out, step
     assert "bench command lines parse" in out
-    assert "--json benchmarks/results/h200.json --plot docs/bench-h200.png" in out
+    assert "--json benchmarks/results/h100.json --plot docs/bench-h100.png" in out
+    assert "--json benchmarks/results/h100-small.json" in out
+    assert "--json benchmarks/results/h100-compile.json" in out
+    assert "--json benchmarks/results/h100-memory.json" in out
+    assert "h200" not in out
     assert "compute-sanitizer --tool {memcheck racecheck initcheck synccheck}" in out
     assert "-n 16" in out and "-m 'cuda'" in out
+
+
+@pytest.mark.parametrize("name, slug", [
+    ("NVIDIA H100 80GB HBM3", "h100"),
+    ("NVIDIA H200", "h200"),
+    ("NVIDIA H200 NVL", "h200"),
+    ("NVIDIA A100-SXM4-40GB", "a100"),
+    ("NVIDIA GeForce RTX 4090", "geforce-rtx-4090"),
+    ("Tesla T4", "t4"),
+    ("", "gpu"),
+])
+def test_results_are_named_after_the_gpu(name, slug):
+    result = gpu_check("--slug-of", name)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == slug
+
+
+def test_dry_run_names_the_results_after_the_gpu_found():
+    import torch
+
+    result = gpu_check("--dry-run", "bench")
+    assert result.returncode == 0, result.stdout + result.stderr
+    slug = (gpu_check("--slug-of", torch.cuda.get_device_name(0)).stdout.strip()
+            if torch.cuda.is_available() else "gpu")
+    assert f"--json benchmarks/results/{slug}.json --plot docs/bench-{slug}.png" in result.stdout
 
 
 def test_dry_run_of_some_steps_plans_only_those():

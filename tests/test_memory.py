@@ -103,3 +103,59 @@ def test_step_time_spread_is_the_interquartile_range_of_the_rounds():
     memory._timing(row, noisy, base)
     assert row["speedup_q1"] < 1.0 < row["speedup_q3"] and row["speedup_clear"] is False
     assert memory._time_cells(row)[2] == "spread too wide"
+
+
+# ---- the Hugging Face models that show the dropped tensor regenerated ---------------------
+
+@requires_extension  # measures what the kernels keep
+def test_hf_report_regenerated_is_within_16_bytes_per_call_of_the_floor(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    if memory._transformers() is None:
+        pytest.skip("transformers disables this torch")
+    path = tmp_path / "m.json"
+    main(["bench", "--memory", "--device", "cpu", "--model", "hf", *TINY, "--json", str(path)])
+    out = capsys.readouterr().out
+    assert "Hugging Face T5" in out and "Hugging Face BERT" in out
+    doc = json.loads(path.read_text())["memory"]
+    assert doc["rows"] is None and doc["gpt2"] is None
+    models = doc["hf"]["models"]
+    assert set(models) == set(memory.HF_MODELS)
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        assert models["llama-lora"] == memory.HF_MISSING["peft"]
+        del models["llama-lora"]
+    expected_calls = {"llama-lora": 7, "bert": 3, "t5": 5}  # T5: (4 encoder + 6 decoder) / 2
+    for name, rows in models.items():
+        rows = {r["variant"]: r for r in rows}
+        assert set(rows) == set(memory.HF_VARIANTS)
+        layer = {v: r["layer_bytes"] for v, r in rows.items()}
+        calls = rows["nn.Dropout"]["dropout_calls_per_layer"]
+        assert calls == expected_calls[name]
+        # the goal: within 16 bytes per dropout call of the floor (the (seed, offset) pair)
+        assert layer[memory.REGENERATED] - layer["no dropout"] <= 16 * calls, name
+        assert layer[memory.REGENERATED] < layer["fastreg:recompute"] \
+            <= layer["fastreg:bits"] < layer["nn.Dropout"], name
+        regen = rows[memory.REGENERATED]
+        assert regen["bf16_gpu_bytes_per_element"] == pytest.approx(
+            16 * calls / regen["dropped_elements_per_layer"] / 2)
+        implied = {v: r["bf16_gpu_bytes_per_element"] for v, r in rows.items()}
+        assert implied["nn.Dropout"] > implied["fastreg:bits"] > implied[memory.REGENERATED]
+        assert "slowdown" in regen["vs_recompute"]
+
+
+def test_implied_bfloat16_bytes_per_element_are_computed_from_the_parts():
+    # torch's CPU dropout in float32: a 4-byte copy and a 4-byte mask -> 2 + 1 on a GPU
+    assert memory.implied_bf16_gpu("nn.Dropout", 8.0, 4) == pytest.approx(3.0)
+    assert memory.implied_bf16_gpu("fastreg:bits", 4.125, 4) == pytest.approx(2.125)
+    assert memory.implied_bf16_gpu(memory.REGENERATED, 0.0, 4) == 0.0
+    assert memory.implied_bf16_gpu("no dropout", 0.0, 4) is None
+
+
+def test_without_peft_the_lora_model_says_so(monkeypatch):
+    monkeypatch.setattr(memory, "_peft", lambda: None)
+    monkeypatch.setattr(memory, "_transformers", lambda: None)
+    result = memory.run_hf(memory.HF_DEFAULTS["cpu"], "cpu", models=("llama-lora",))
+    assert result == {"llama-lora": memory.HF_MISSING["transformers"]}
+    assert "not installed" in memory.format_hf_tables(result, memory.HF_DEFAULTS["cpu"],
+                                                      "float32", 1)

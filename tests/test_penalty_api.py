@@ -1,4 +1,4 @@
-"""The penalty API's argument forms and its fast path (issues 14 and 15): the C++ fast
+"""The penalty API's argument forms and its fast path: the C++ fast
 path and the per-module selection cache give the same bits as the general path, the
 cache is rebuilt on every kind of change to a module's parameters, and the sharp edges
 (a used-up iterator, no coefficient, named parameters, tensor coefficients) raise or
@@ -320,7 +320,7 @@ def test_cache_does_not_keep_the_module_alive():
     assert weak() is None and weak_param() is None
 
 
-# ---- Sharp edges (issue 15) ----
+# ---- Sharp edges ----
 
 @pytest.mark.parametrize("api", [fastreg, reference], ids=["public", "reference"])
 def test_used_up_iterator_raises(api):

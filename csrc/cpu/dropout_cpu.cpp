@@ -1,5 +1,5 @@
 // CPU dropout kernels: the tile loop, keep-flag sources and mask sinks live in
-// dropout_cpu_tiles.h, shared with the fused ops (fused_cpu.cpp).
+// dropout_tiles.h, shared with the fused ops (fused_cpu.cpp).
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

@@ -1,5 +1,5 @@
 // CPU kernels of the fused ops: dropout's tile loop and keep-flag sources and sinks
-// (dropout_cpu_tiles.h) with a fused elementwise step, the element math of fused.h.
+// (dropout_tiles.h) with a fused elementwise step, the element math of device/fused_math.h.
 // Backward writes the input gradient and, in the same pass, sums the bias gradient into
 // per-chunk partial rows that are then added in chunk order: no atomics, and the result
 // depends on the shape only, not on the number of threads.

@@ -5,7 +5,9 @@ cases, :mod:`.baselines` builds each one's callable (fastreg and the native base
 :mod:`.timing` is the timer and the spread statistic, :mod:`.runner` times the
 comparisons, :mod:`.load` watches what other processes take, :mod:`.provenance` records
 the device and commit, :mod:`.report` prints, writes and plots; :mod:`.memory` is
-``bench --memory``. The names callers use are importable from here.
+``bench --memory``; :mod:`.tables` renders the tables of README.md and docs/ from the JSON
+in benchmarks/results/ (``python -m fastreg.bench.tables``, not imported here). The names
+callers use are importable from here.
 """
 
 from fastreg.bench.baselines import (FUSED_UNAVAILABLE, PENALTY_UNAVAILABLE, Prepared,

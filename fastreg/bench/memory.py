@@ -29,6 +29,15 @@ Reported side by side:
 
 "no dropout" (the same model with p=0) gives the floor: what the model keeps without
 any dropout at all.
+
+Three more Hugging Face models (:func:`run_hf`, built from configs, random weights, eager
+attention): a PEFT LoRA Llama (LoRA on all seven projections, ``lora_dropout``), T5 and
+BERT, each with no dropout (the floor), torch's dropout, fastreg's bits mode
+(``replace_dropout(mask="bits", functional=True)``) and fastreg with the dropped tensor
+regenerated (``replace_dropout(mask="recompute", functional=True, regenerate=True)``,
+docs/regenerate.md): the bytes kept per layer, their excess over the floor per dropout
+call and per dropped element, and the bytes per element that implies for bfloat16 on a
+GPU (computed from the CPU measurement, not measured).
 """
 
 import dataclasses
@@ -151,13 +160,19 @@ class _Trainee:
         self.idx, self.targets = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
         self.times, self.peaks, self.loss = [], [], None
 
+    def forward(self):
+        return self.model(self.idx)
+
+    def train_step(self):
+        return _step(self.model, self.optimizer, self.idx, self.targets)
+
     def step(self):
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
-        loss = _step(self.model, self.optimizer, self.idx, self.targets)
+        loss = self.train_step()
         if cuda:
             torch.cuda.synchronize(self.device)
             self.peaks.append(torch.cuda.max_memory_allocated(self.device) - before)
@@ -185,7 +200,7 @@ class _Trainee:
 
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                self.model(self.idx)
+                self.forward()
         finally:
             for handle in handles:
                 handle.remove()
@@ -446,3 +461,288 @@ def format_gpt2_table(rows, cfg, dtype, steps):
         cells += _time_cells(r) + [f"{r['loss']:.4f}"]
         body.append(cells)
     return "\n".join(out + _table(names, body) + [TIME_NOTE])
+
+
+# ---- Hugging Face models with LoRA, T5, BERT: the dropped tensor regenerated -------------
+
+HF_MODELS = ("llama-lora", "t5", "bert")
+HF_VARIANTS = ("no dropout", "nn.Dropout", "fastreg:bits", "fastreg:recompute",
+               "fastreg:regenerated")
+REGENERATED = "fastreg:regenerated"
+
+
+@dataclasses.dataclass(frozen=True)
+class HFConfig:
+    layers: int = 1
+    width: int = 256
+    mlp: int = 688
+    heads: int = 4
+    batch: int = 1
+    seq: int = 512
+    vocab: int = 512
+    p: float = 0.1
+    rank: int = 8
+
+
+HF_DEFAULTS = {"cpu": HFConfig(),
+               "cuda": HFConfig(layers=4, width=1024, mlp=2752, heads=16, batch=4, seq=1024,
+                                vocab=32000, rank=16)}
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        return None
+    return peft
+
+
+def _eager(transformers, cls, config):
+    config._attn_implementation = "eager"
+    try:
+        return cls(config, attn_implementation="eager")
+    except TypeError:
+        return cls(config)
+
+
+def build_hf(transformers, name, cfg, variant, device, dtype=torch.float32, seed=0):
+    """(model, its transformer blocks, the step's inputs) for model `name` in `variant`."""
+    p = 0.0 if variant == "no dropout" else cfg.p
+    torch.manual_seed(seed)
+    if name == "llama-lora":
+        peft = _peft()
+        config = transformers.LlamaConfig(
+            vocab_size=cfg.vocab, hidden_size=cfg.width, intermediate_size=cfg.mlp,
+            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+            num_key_value_heads=cfg.heads, max_position_embeddings=cfg.seq)
+        model = _eager(transformers, transformers.LlamaForCausalLM, config)
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=p,
+            target_modules=list(LORA_TARGETS)))
+        blocks = list(model.base_model.model.model.layers)
+    elif name == "t5":
+        config = transformers.T5Config(
+            vocab_size=cfg.vocab, d_model=cfg.width, d_kv=cfg.width // cfg.heads, d_ff=cfg.mlp,
+            num_layers=cfg.layers, num_decoder_layers=cfg.layers, num_heads=cfg.heads,
+            dropout_rate=p, decoder_start_token_id=0, pad_token_id=0)
+        model = _eager(transformers, transformers.T5ForConditionalGeneration, config)
+        blocks = list(model.encoder.block) + list(model.decoder.block)
+    elif name == "bert":
+        config = transformers.BertConfig(
+            vocab_size=cfg.vocab, hidden_size=cfg.width, intermediate_size=cfg.mlp,
+            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
+            max_position_embeddings=cfg.seq, hidden_dropout_prob=p,
+            attention_probs_dropout_prob=p)
+        model = _eager(transformers, transformers.BertForMaskedLM, config)
+        blocks = list(model.bert.encoder.layer)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    model.config.use_cache = False
+    if variant in ("fastreg:bits", "fastreg:recompute"):
+        fastreg.replace_dropout(model, mask=variant.split(":")[1], functional=True)
+    elif variant == REGENERATED:
+        fastreg.replace_dropout(model, mask="recompute", functional=True, regenerate=True)
+    return model.to(device=device, dtype=dtype).train(), blocks
+
+
+class _HFTrainee(_Trainee):
+    """A Hugging Face model trained on its own loss (labels = the inputs)."""
+
+    def __init__(self, variant, model, blocks, cfg, device):
+        self.variant, self.model, self.blocks = variant, model, blocks
+        self.device = torch.device(device)
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                           lr=1e-4)
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        ids = torch.randint(1, cfg.vocab, (cfg.batch, cfg.seq), generator=gen).to(device)
+        self.inputs = {"input_ids": ids, "labels": ids}
+        self.times, self.peaks, self.loss = [], [], None
+
+    def forward(self):
+        return self.model(**self.inputs)
+
+    def train_step(self):
+        loss = self.forward().loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+
+class _DropoutCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """torch's dropout calls (p > 0) and their elements, per block: its CPU dropout draws
+    with bernoulli_, its CUDA one is native_dropout."""
+
+    OPS = ("aten.bernoulli_", "aten.native_dropout")
+
+    def __init__(self, where):
+        super().__init__()
+        self.where, self.calls, self.elements = where, {}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) in self.OPS and self.where[0] is not None:
+            block = self.where[0]
+            self.calls[block] = self.calls.get(block, 0) + 1
+            self.elements[block] = self.elements.get(block, 0) + args[0].numel()
+        return func(*args, **(kwargs or {}))
+
+
+def count_dropout(trainee):
+    """(dropout calls, dropped elements) per block (medians), from torch's dropout variant."""
+    where = [None]
+    handles = []
+    for i, block in enumerate(trainee.blocks):
+        handles.append(block.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i)))
+        handles.append(block.register_forward_hook(lambda m, a, o: where.__setitem__(0, None),
+                                                   always_call=True))
+    counter = _DropoutCounter(where)
+    try:
+        with torch.no_grad(), counter:
+            trainee.forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    n = len(trainee.blocks)
+    calls = [counter.calls.get(i, 0) for i in range(n)]
+    elements = [counter.elements.get(i, 0) for i in range(n)]
+    return statistics.median(calls), statistics.median(elements)
+
+
+# What each variant keeps per dropped element besides its copy of the dropped tensor: the
+# mask (bytes per element) on the CPU (torch's CPU dropout keeps a mask in the input's
+# dtype) and on a GPU (torch's CUDA dropout a bool mask); and whether the copy is kept.
+_MASK_CPU = {"nn.Dropout": None, "fastreg:bits": 1 / 8, "fastreg:recompute": 0.0,
+             REGENERATED: 0.0}
+_MASK_GPU = {"nn.Dropout": 1.0, "fastreg:bits": 1 / 8, "fastreg:recompute": 0.0,
+             REGENERATED: 0.0}
+
+
+def implied_bf16_gpu(variant, per_element, element_size):
+    """The bytes per dropped element that `per_element` (measured excess over the floor
+    per dropped element, in a dtype of `element_size` bytes, on the CPU) implies for
+    bfloat16 on a GPU: the copy of the dropped tensor scaled to 2 bytes, the mask as the
+    GPU keeps it (computed, not measured)."""
+    if variant not in _MASK_GPU or per_element is None:
+        return None
+    mask_cpu = _MASK_CPU[variant]
+    if mask_cpu is None:
+        mask_cpu = float(element_size)
+    copy = max(per_element - mask_cpu, 0.0)
+    return copy * 2 / element_size + _MASK_GPU[variant]
+
+
+HF_MISSING = {"transformers": "skipped, transformers is not installed (pip install "
+                              "transformers; the models are built from configs, nothing is "
+                              "downloaded)",
+              "peft": "skipped, peft is not installed (pip install peft)"}
+
+
+def run_hf(cfg, device, dtype=torch.float32, steps=5, progress=None, models=HF_MODELS):
+    """{model: rows, or the reason it was skipped} for each of `models`."""
+    transformers = _transformers()
+    results = {}
+    for name in models:
+        if transformers is None:
+            results[name] = HF_MISSING["transformers"]
+            continue
+        if name == "llama-lora" and _peft() is None:
+            results[name] = HF_MISSING["peft"]
+            continue
+        trainees = []
+        for v in HF_VARIANTS:
+            model, blocks = build_hf(transformers, name, cfg, v, device, dtype)
+            trainees.append(_HFTrainee(v, model, blocks, cfg, device))
+        time_steps(trainees, steps, progress, label=name)
+        calls, elements = count_dropout(trainees[HF_VARIANTS.index(BASELINE)])
+        size = torch.empty((), dtype=dtype).element_size()
+        rows = []
+        for t in trainees:
+            kept, per_block = t.kept(t.blocks)
+            layer = statistics.median(per_block.get(i, 0) for i in range(len(t.blocks)))
+            layer = int(layer) if layer == int(layer) else layer
+            rows.append({"variant": t.variant, "kept_bytes": kept, "layer_bytes": layer,
+                         "dropout_calls_per_layer": calls,
+                         "dropped_elements_per_layer": elements,
+                         "trainable_parameters": sum(p.numel() for p in t.model.parameters()
+                                                     if p.requires_grad)})
+        base = trainees[HF_VARIANTS.index(BASELINE)]
+        for row, t in zip(rows, trainees):
+            _timing(row, t, base)
+        # what regeneration costs: its step time against the same mask mode without it
+        plain = trainees[HF_VARIANTS.index("fastreg:recompute")]
+        regen = trainees[HF_VARIANTS.index(REGENERATED)]
+        cost = ratio_summary(regen.times, plain.times)  # > 1: regenerated is slower
+        rows[HF_VARIANTS.index(REGENERATED)]["vs_recompute"] = {
+            k.replace("speedup", "slowdown"): v for k, v in cost.items()}
+        floor = rows[HF_VARIANTS.index("no dropout")]["layer_bytes"]
+        for r in rows:
+            excess = r["layer_bytes"] - floor
+            r["over_floor_bytes"] = excess
+            r["over_floor_per_call"] = excess / calls if calls else None
+            r["over_floor_per_element"] = excess / elements if elements else None
+            r["bf16_gpu_bytes_per_element"] = implied_bf16_gpu(
+                r["variant"], r["over_floor_per_element"], size)
+        results[name] = rows
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+HF_TITLES = {"llama-lora": "PEFT LoRA Llama (LoRA r={rank} on q, k, v, o, gate, up, down; "
+                           "lora_dropout={p})",
+             "t5": "T5 (encoder and decoder; feed-forward, attention and residual dropout "
+                   "p={p})",
+             "bert": "BERT (masked LM; attention-probability and hidden dropout p={p})"}
+
+
+def format_hf_tables(results, cfg, dtype, steps):
+    out = []
+    for name, rows in results.items():
+        title = HF_TITLES[name].format(rank=cfg.rank, p=cfg.p)
+        if isinstance(rows, str):
+            out += ["", f"memory: Hugging Face {title}: {rows}"]
+            continue
+        r0 = rows[0]
+        out += [
+            "",
+            f"memory: Hugging Face {title}, {cfg.layers} layer(s), width {cfg.width}, MLP "
+            f"{cfg.mlp}, {cfg.heads} heads, vocab {cfg.vocab}, {dtype}; batch {cfg.batch} x "
+            f"sequence {cfg.seq}; eager attention; {steps} steps per variant, interleaved",
+            f"per layer: bytes autograd keeps per block (median over blocks); "
+            f"{r0['dropout_calls_per_layer']:g} dropout calls and "
+            f"{r0['dropped_elements_per_layer'] / 1e6:.2f}M dropped elements per layer; "
+            "over floor: per layer less the model without dropout, per call and per dropped "
+            "element; bf16 GPU B/elem: what that implies for bfloat16 on a GPU (computed: "
+            "the copy at 2 bytes, torch's CUDA mask 1 byte, fastreg's bits 1/8; not "
+            "measured); regenerated: replace_dropout(mask=\"recompute\", functional=True, "
+            "regenerate=True); fastreg:recompute the same without regenerate=True",
+        ]
+        names = ["variant", "per layer MiB", "over floor B", "B/call", "B/elem",
+                 "bf16 GPU B/elem (computed)"]
+        cuda = rows[0]["peak_bytes"] is not None
+        if cuda:
+            names += ["step peak MiB"]
+        names += TIME_NAMES + ["loss"]
+        body = []
+        for r in rows:
+            per_call = r["over_floor_per_call"]
+            per_elem = r["over_floor_per_element"]
+            implied = r["bf16_gpu_bytes_per_element"]
+            cells = [r["variant"], f"{r['layer_bytes'] / 2**20:.2f}", f"{r['over_floor_bytes']:,}",
+                     "" if per_call is None else f"{per_call:,.0f}",
+                     "" if per_elem is None else f"{per_elem:.3f}",
+                     "" if implied is None else f"{implied:.3f}"]
+            if cuda:
+                cells += [_mib(r["peak_bytes"])]
+            cells += _time_cells(r) + [f"{r['loss']:.4f}"]
+            body.append(cells)
+        out += _table(names, body) + [TIME_NOTE]
+        cost = rows[HF_VARIANTS.index(REGENERATED)].get("vs_recompute")
+        if cost:
+            out.append(
+                f"regeneration's cost: step time of fastreg:regenerated / fastreg:recompute, "
+                f"median of the per-round ratios {cost['slowdown']:.3f} (interquartile range "
+                f"{cost['slowdown_q1']:.3f}-{cost['slowdown_q3']:.3f})")
+    return "\n".join(out)
