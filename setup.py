@@ -34,7 +34,8 @@ def log(message):
 
 def load_build_module():
     spec = importlib.util.spec_from_file_location(
-        "fastreg_build", os.path.join(ROOT, "fastreg", "_build.py"))
+        "fastreg_build", os.path.join(ROOT, "fastreg", "_build.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -63,24 +64,35 @@ def extensions():
     try:
         import torch  # noqa: F401
     except ImportError:
-        log("torch is not importable here (pip's build isolation hides it), so no kernels "
+        log(
+            "torch is not importable here (pip's build isolation hides it), so no kernels "
             "are compiled now: the package carries their sources; after installing, run "
-            "`python -m fastreg build` (or install with `pip install --no-build-isolation .`)")
+            "`python -m fastreg build` (or install with `pip install --no-build-isolation .`)"
+        )
         return [], {}
     from torch.utils import cpp_extension
 
     spec = load_build_module().spec(root=ROOT)
-    log(("building CUDA kernels: " if spec["with_cuda"] else "building CPU kernels only: ")
-        + spec["reason"])
+    log(
+        ("building CUDA kernels: " if spec["with_cuda"] else "building CPU kernels only: ")
+        + spec["reason"]
+    )
     if not spec["with_cuda"]:
         ext = cpp_extension.CppExtension(
-            "fastreg._C", spec["sources"], include_dirs=spec["include_dirs"],
-            extra_compile_args={"cxx": spec["cxx"]}, extra_link_args=spec["link"])
+            "fastreg._C",
+            spec["sources"],
+            include_dirs=spec["include_dirs"],
+            extra_compile_args={"cxx": spec["cxx"]},
+            extra_link_args=spec["link"],
+        )
     else:
         ext = cpp_extension.CUDAExtension(
-            "fastreg._C", spec["sources"], include_dirs=spec["include_dirs"],
+            "fastreg._C",
+            spec["sources"],
+            include_dirs=spec["include_dirs"],
             extra_compile_args={"cxx": spec["cxx"], "nvcc": spec["nvcc"]},
-            extra_link_args=spec["link"])
+            extra_link_args=spec["link"],
+        )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 

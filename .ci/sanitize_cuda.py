@@ -88,8 +88,10 @@ def fused_calls(dev, dtype):
 
 
 def penalty_calls(dev, dtype):
-    params = [torch.randn(s, device=dev, dtype=dtype, requires_grad=True)
-              for s in ((0,), (1,), (33, 7), (1025,), (300, 301))]
+    params = [
+        torch.randn(s, device=dev, dtype=dtype, requires_grad=True)
+        for s in ((0,), (1,), (33, 7), (1025,), (300, 301))
+    ]
     fastreg.penalty(params, l1=1e-3, l2=1e-2).backward()
     fastreg.penalty_grad_(params, l1=1e-3, l2=1e-2)
     with torch.no_grad():
@@ -99,8 +101,11 @@ def penalty_calls(dev, dtype):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--dtypes", default=",".join(str(d).split(".")[1] for d in DTYPES),
-                        help="comma-separated subset of float16,bfloat16,float32,float64")
+    parser.add_argument(
+        "--dtypes",
+        default=",".join(str(d).split(".")[1] for d in DTYPES),
+        help="comma-separated subset of float16,bfloat16,float32,float64",
+    )
     args = parser.parse_args(argv)
     info = fastreg.info()
     if not info["cuda_kernels" if args.device == "cuda" else "cpu_kernels"]:
@@ -120,13 +125,17 @@ def main(argv=None):
         torch.cuda.synchronize()
     expected = fastreg_ops_with_kernels(dev)
     missed = sorted(set(expected) - recorder.called)
-    print(f"sanitize_cuda: called {len(recorder.called)} fastreg operators on {dev}: "
-          + ", ".join(sorted(recorder.called)))
+    print(
+        f"sanitize_cuda: called {len(recorder.called)} fastreg operators on {dev}: "
+        + ", ".join(sorted(recorder.called))
+    )
     if not expected:
         sys.exit(f"sanitize_cuda: no fastreg operator has a {dev} kernel")
     if missed:
-        sys.exit(f"sanitize_cuda: operators with a {dev} kernel that this driver never "
-                 f"called (add a call): {', '.join(missed)}")
+        sys.exit(
+            f"sanitize_cuda: operators with a {dev} kernel that this driver never "
+            f"called (add a call): {', '.join(missed)}"
+        )
     print(f"sanitize_cuda: every kernel family ran ({len(expected)} operators)")
 
 

@@ -39,7 +39,9 @@ def main(argv=None):
     parser.add_argument("log", nargs="?", help="a .ninja_log (default: build/temp.*/.ninja_log)")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     args = parser.parse_args(argv)
-    logs = [args.log] if args.log else glob.glob(os.path.join(ROOT, "build", "temp.*", ".ninja_log"))
+    logs = (
+        [args.log] if args.log else glob.glob(os.path.join(ROOT, "build", "temp.*", ".ninja_log"))
+    )
     if not logs or not os.path.exists(logs[0]):
         print("no .ninja_log: build first (setup.py build_ext)", file=sys.stderr)
         return 2

@@ -20,20 +20,24 @@ from fastreg import bench
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastreg", "fastreg benchmark grid (see python -m fastreg bench)")
-    group.addoption("--fastreg-device", choices=("cpu", "cuda"), default=None,
-                    help="default: cuda when a GPU is visible, else cpu")
+    group.addoption(
+        "--fastreg-device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="default: cuda when a GPU is visible, else cpu",
+    )
     group.addoption("--fastreg-quick", action="store_true", help="the --quick grid")
     group.addoption("--fastreg-dtype", default=None, help="comma-separated dtypes")
     group.addoption("--fastreg-sizes", default=None, help="comma-separated dropout sizes")
     group.addoption("--fastreg-params", default=None, help="penalty parameter sets: mlp, gpt2")
-    group.addoption("--fastreg-compile", action="store_true",
-                    help="add the torch.compile baselines")
+    group.addoption(
+        "--fastreg-compile", action="store_true", help="add the torch.compile baselines"
+    )
     group.addoption("--fastreg-rounds", type=int, default=10, help="timed rounds per case")
 
 
 def _device(config):
-    return config.getoption("--fastreg-device") or (
-        "cuda" if torch.cuda.is_available() else "cpu")
+    return config.getoption("--fastreg-device") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def pytest_generate_tests(metafunc):
@@ -41,8 +45,9 @@ def pytest_generate_tests(metafunc):
         return
     config = metafunc.config
     family = metafunc.module.FAMILY
-    dtype, sizes, params = (config.getoption(o) for o in
-                            ("--fastreg-dtype", "--fastreg-sizes", "--fastreg-params"))
+    dtype, sizes, params = (
+        config.getoption(o) for o in ("--fastreg-dtype", "--fastreg-sizes", "--fastreg-params")
+    )
     grid = bench.cases(
         _device(config),
         ops=bench.OP_GROUPS[family],
@@ -50,7 +55,8 @@ def pytest_generate_tests(metafunc):
         sizes=[bench.parse_size(s) for s in sizes.split(",")] if sizes else None,
         params=bench.parse_list(params, list(bench.PARAM_SETS)) if params else None,
         quick=config.getoption("--fastreg-quick"),
-        compile=config.getoption("--fastreg-compile"))
+        compile=config.getoption("--fastreg-compile"),
+    )
     metafunc.parametrize("case", grid, ids=[c.name for c in grid])
 
 
@@ -85,9 +91,14 @@ def run_case(benchmark, device, request):
         iterations = max(1, math.ceil(timer.min_block_s / max(first, 1e-9)))
         benchmark.group = f"{case.op} {case.dtype} {case.size_label}"
         benchmark.extra_info.update(
-            op=case.op, impl=case.impl, dtype=case.dtype, numel=case.numel,
-            bytes=prepared.bytes, saved_bytes_per_elem=prepared.saved_per_elem,
-            rel_err=prepared.rel_err)
+            op=case.op,
+            impl=case.impl,
+            dtype=case.dtype,
+            numel=case.numel,
+            bytes=prepared.bytes,
+            saved_bytes_per_elem=prepared.saved_per_elem,
+            rel_err=prepared.rel_err,
+        )
         benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=1)
         stats = benchmark.stats.stats if hasattr(benchmark.stats, "stats") else benchmark.stats
         benchmark.extra_info["gbps"] = prepared.bytes / stats.median / 1e9

@@ -57,16 +57,20 @@ def main():
     ap.add_argument("--log2", type=int, nargs="+", default=[24])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--reps", type=int, default=5, help="calls per block (one block per "
-                    "variant per round)")
+    ap.add_argument(
+        "--reps", type=int, default=5, help="calls per block (one block per variant per round)"
+    )
     ap.add_argument("--p", type=float, default=0.5)
-    ap.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                    help="cpu: the process's CPU time (time.process_time), which a loaded "
-                         "machine does not inflate by descheduling; use it with --threads 1")
+    ap.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: the process's CPU time (time.process_time), which a loaded "
+        "machine does not inflate by descheduling; use it with --threads 1",
+    )
     args = ap.parse_args()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    timer = bench.Timer("cpu", repeats=args.rounds, min_time_s=0.0, number=args.reps,
-                        clock=clock)
+    timer = bench.Timer("cpu", repeats=args.rounds, min_time_s=0.0, number=args.reps, clock=clock)
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     load_before = os.getloadavg()[0]
@@ -85,13 +89,22 @@ def main():
             if name == "native":
                 continue
             s = bench.ratio_summary(times["native"], times[name])
-            cells.append(f"{name} {s['speedup']:.2f}x [{s['speedup_q1']:.2f}-"
-                         f"{s['speedup_q3']:.2f}] {statistics.median(times[name]) * 1e3:.3f}ms")
-        print(f"{args.op} {args.dtype} 2^{k} threads={args.threads} clock={args.clock}: native "
-              f"{statistics.median(times['native']) * 1e3:.3f}ms | " + " | ".join(cells)
-              + f" | copy_ {gbs:.1f} GB/s ({t_copy * 1e3:.3f}ms)", flush=True)
-    print(f"load {load_before:.2f} -> {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
-          f"fastreg {fastreg.__file__}", flush=True)
+            cells.append(
+                f"{name} {s['speedup']:.2f}x [{s['speedup_q1']:.2f}-"
+                f"{s['speedup_q3']:.2f}] {statistics.median(times[name]) * 1e3:.3f}ms"
+            )
+        print(
+            f"{args.op} {args.dtype} 2^{k} threads={args.threads} clock={args.clock}: native "
+            f"{statistics.median(times['native']) * 1e3:.3f}ms | "
+            + " | ".join(cells)
+            + f" | copy_ {gbs:.1f} GB/s ({t_copy * 1e3:.3f}ms)",
+            flush=True,
+        )
+    print(
+        f"load {load_before:.2f} -> {os.getloadavg()[0]:.2f}; torch {torch.__version__}; "
+        f"fastreg {fastreg.__file__}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

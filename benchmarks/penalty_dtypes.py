@@ -7,7 +7,8 @@ one block of `--calls` calls each per round, the order rotated from round to rou
 
 Each row gives, per dtype, the median over rounds of the mean time of one call within a
 round, and the median over rounds of the per-round ratio float16 / bfloat16 with the
-interquartile range of those ratios (fastreg.bench.ratio_summary). Cases, on 100 tensors of (256, 256) (6.6M elements) unless said:
+interquartile range of those ratios (fastreg.bench.ratio_summary). Cases, on 100 tensors
+of (256, 256) (6.6M elements) unless said:
 
   penalty             fastreg.penalty(params, l1=, l2=) under no_grad (the value)
   penalty 2^22        the same on one tensor of 2^22 elements
@@ -66,9 +67,12 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
-    print(f"fastreg penalty, float16 against bfloat16: torch {torch.__version__}, commit "
-          f"{bench.commit()}, torch threads {torch.get_num_threads()}, "
-          f"CPU clone {fastreg._ops._C.cpu_clone if fastreg._ops.HAVE_EXTENSION else 'none (reference)'}")
+    print(
+        f"fastreg penalty, float16 against bfloat16: torch {torch.__version__}, commit "
+        f"{bench.commit()}, torch threads {torch.get_num_threads()}, "
+        "CPU clone "
+        + (fastreg._ops._C.cpu_clone if fastreg._ops.HAVE_EXTENSION else "none (reference)")
+    )
     bf16, f16 = make_cases(torch.bfloat16), make_cases(torch.float16)
     print(f"{'case':<18}{'bfloat16 ms':>13}{'float16 ms':>12}{'f16/bf16':>10}{'  IQR':>14}")
     timer = bench.Timer("cpu", repeats=args.rounds, min_time_s=0.0, number=args.calls)
@@ -79,9 +83,11 @@ def main(argv=None):
         # ratio_summary gives base / other per round: float16's time over bfloat16's
         ratio = bench.ratio_summary(times["f16"], times["bf16"])
         spread = f"{ratio['speedup_q1']:.2f}..{ratio['speedup_q3']:.2f}"
-        print(f"{name:<18}{statistics.median(times['bf16']) * 1e3:>13.3f}"
-              f"{statistics.median(times['f16']) * 1e3:>12.3f}{ratio['speedup']:>10.2f}"
-              f"{spread:>14}")
+        print(
+            f"{name:<18}{statistics.median(times['bf16']) * 1e3:>13.3f}"
+            f"{statistics.median(times['f16']) * 1e3:>12.3f}{ratio['speedup']:>10.2f}"
+            f"{spread:>14}"
+        )
     print(f"load average (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
 
 

@@ -10,7 +10,8 @@ rotated from round to round, so a burst of load hits them all alike. Each row is
 median over rounds of the mean time of one call within a round (after a warm-up); the
 spread printed is the rounds' interquartile range (fastreg.bench.quartiles). With
 `--clock cpu` the times are the process's CPU time (time.process_time), which leaves out
-the time the process was descheduled by competing load. Cases, for 148 tensors (GPT-2 small's parameter count, 4 elements each) and 1,000:
+the time the process was descheduled by competing load. Cases, for 148 tensors (GPT-2
+small's parameter count, 4 elements each) and 1,000:
 
   penalty(list)       fastreg.penalty(params, l1=, l2=) on a list that requires grad
   penalty(list) in step  the same while the parameters are in a live graph (as in a
@@ -150,11 +151,13 @@ def cases(n_tensors):
         "penalty(list) bwd": backward,
         "Penalty(module)": lambda: reg(model),
         "Penalty(module) in step": module_in_step,
-        "penalty(module)": lambda: fastreg.penalty(model, l1=1e-5, l2=1e-4,
-                                                   exclude="bias_and_norm"),
+        "penalty(module)": lambda: fastreg.penalty(
+            model, l1=1e-5, l2=1e-4, exclude="bias_and_norm"
+        ),
         "penalty_grad_(list)": lambda: fastreg.penalty_grad_(params, l1=1e-5, l2=1e-4),
-        "penalty_grad_(mod)": lambda: fastreg.penalty_grad_(model, l1=1e-5, l2=1e-4,
-                                                            exclude="bias_and_norm"),
+        "penalty_grad_(mod)": lambda: fastreg.penalty_grad_(
+            model, l1=1e-5, l2=1e-4, exclude="bias_and_norm"
+        ),
         "prox_l1_(list)": lambda: fastreg.prox_l1_(params, 1e-9),
         "prox_l1_(module)": lambda: fastreg.prox_l1_(model, 1e-9, exclude="bias_and_norm"),
         "_foreach_norm": lambda: torch._foreach_norm(params),
@@ -186,16 +189,22 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=1000, help="calls per round")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--sizes", default="148,1000")
-    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                        help="cpu: the process's CPU time (time.process_time)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="cpu: the process's CPU time (time.process_time)",
+    )
     args = parser.parse_args(argv)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     load_before = os.getloadavg()[0]
-    print(f"fastreg penalty host overhead: torch {torch.__version__}, python "
-          f"{platform.python_version()}, commit {bench.commit()}, {platform.machine()} "
-          f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"extension {'yes' if fastreg._ops.HAVE_EXTENSION else 'no (reference)'}, "
-          f"clock {args.clock}")
+    print(
+        f"fastreg penalty host overhead: torch {torch.__version__}, python "
+        f"{platform.python_version()}, commit {bench.commit()}, {platform.machine()} "
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+        f"extension {'yes' if fastreg._ops.HAVE_EXTENSION else 'no (reference)'}, "
+        f"clock {args.clock}"
+    )
     print(f"{'case':<24}{'tensors':>8}{'median us':>11}{'  IQR us':>18}")
     for size in (int(s) for s in args.sizes.split(",")):
         n, fns = cases(size)

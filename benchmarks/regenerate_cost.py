@@ -56,7 +56,7 @@ def main():
         backward = {t.variant: [] for t in trainees}
         share = []
         for round_ in range(args.rounds + 1):  # round 0: the warm-up
-            for t in (trainees if round_ % 2 else trainees[::-1]):
+            for t in trainees if round_ % 2 else trainees[::-1]:
                 loss = t.forward().loss
                 t.model.zero_grad(set_to_none=True)
                 spent[0] = 0.0
@@ -69,11 +69,14 @@ def main():
                         share.append(spent[0] / took)
         plain, regen = backward["fastreg:recompute"], backward[memory.REGENERATED]
         ratio = quartiles([r / p for p, r in zip(plain, regen)])
-        print(f"{name}: backward CPU ms plain {statistics.median(plain) * 1e3:.1f}, "
-              f"regenerated {statistics.median(regen) * 1e3:.1f}; regenerated / plain "
-              f"{ratio[1]:.3f} (IQR {ratio[0]:.3f}-{ratio[2]:.3f}); regenerating: "
-              f"{statistics.median(share):.1%} of the regenerated backward "
-              f"(IQR {quartiles(share)[0]:.1%}-{quartiles(share)[2]:.1%})", flush=True)
+        print(
+            f"{name}: backward CPU ms plain {statistics.median(plain) * 1e3:.1f}, "
+            f"regenerated {statistics.median(regen) * 1e3:.1f}; regenerated / plain "
+            f"{ratio[1]:.3f} (IQR {ratio[0]:.3f}-{ratio[2]:.3f}); regenerating: "
+            f"{statistics.median(share):.1%} of the regenerated backward "
+            f"(IQR {quartiles(share)[0]:.1%}-{quartiles(share)[2]:.1%})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -3,13 +3,21 @@
 import torch
 
 from fastreg import _ops, reference
+from fastreg._regen import regenerate_dropped
+from fastreg.channel import Dropout1d, Dropout2d, Dropout3d, dropout1d, dropout2d, dropout3d
 from fastreg.dropout import Dropout, dropout, dropout_mask, replace_dropout
 from fastreg.functional_mode import DropoutMode
-from fastreg._regen import regenerate_dropped
-from fastreg.penalty import (L1Penalty, L2Penalty, Penalty, l1_penalty, l2_penalty, penalty,
-                             penalty_grad_, prox_l1_)
-from fastreg.channel import Dropout1d, Dropout2d, Dropout3d, dropout1d, dropout2d, dropout3d
 from fastreg.fused import bias_act_dropout, bias_dropout_add
+from fastreg.penalty import (
+    L1Penalty,
+    L2Penalty,
+    Penalty,
+    l1_penalty,
+    l2_penalty,
+    penalty,
+    penalty_grad_,
+    prox_l1_,
+)
 
 __version__ = "0.1.0"
 
@@ -30,7 +38,29 @@ def info():
     }
 
 
-__all__ = ["Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropoutMode", "L1Penalty", "L2Penalty", "Penalty",
-           "bias_act_dropout", "bias_dropout_add", "dropout", "dropout1d", "dropout2d",
-           "dropout3d", "dropout_mask", "info", "l1_penalty", "l2_penalty", "penalty",
-           "penalty_grad_", "prox_l1_", "reference", "regenerate_dropped", "replace_dropout"]
+__all__ = [
+    "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "DropoutMode",
+    "L1Penalty",
+    "L2Penalty",
+    "Penalty",
+    "bias_act_dropout",
+    "bias_dropout_add",
+    "dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "dropout_mask",
+    "info",
+    "l1_penalty",
+    "l2_penalty",
+    "penalty",
+    "penalty_grad_",
+    "prox_l1_",
+    "reference",
+    "regenerate_dropped",
+    "replace_dropout",
+]

@@ -39,8 +39,9 @@ def csrc_dir():
     for folder in (os.path.join(PACKAGE, "csrc"), os.path.join(os.path.dirname(PACKAGE), "csrc")):
         if os.path.isfile(os.path.join(folder, "ops", "module.cpp")):
             return folder
-    raise FileNotFoundError(f"fastreg: no C++ sources found (looked for csrc/ in {PACKAGE} and "
-                            "its parent folder)")
+    raise FileNotFoundError(
+        f"fastreg: no C++ sources found (looked for csrc/ in {PACKAGE} and its parent folder)"
+    )
 
 
 def log(message):
@@ -90,8 +91,10 @@ def cuda_build_decision():
         return False, f"no working nvcc under CUDA_HOME={cuda_home}"
     torch_major = int(torch.version.cuda.split(".")[0])
     if found[0] != torch_major:
-        return False, (f"nvcc {found[0]}.{found[1]} in {cuda_home} does not match the CUDA "
-                       f"{torch.version.cuda} that torch was built with")
+        return False, (
+            f"nvcc {found[0]}.{found[1]} in {cuda_home} does not match the CUDA "
+            f"{torch.version.cuda} that torch was built with"
+        )
     return True, f"nvcc {found[0]}.{found[1]} in {cuda_home}, torch CUDA {torch.version.cuda}"
 
 
@@ -114,8 +117,10 @@ def spec(with_cuda=None, root=None):
     if with_cuda is None:
         with_cuda, reason = cuda_build_decision()
     csrc = csrc_dir()
-    sources = sorted(glob.glob(os.path.join(csrc, "ops", "*.cpp")) +
-                     glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    sources = sorted(
+        glob.glob(os.path.join(csrc, "ops", "*.cpp"))
+        + glob.glob(os.path.join(csrc, "cpu", "*.cpp"))
+    )
     if with_cuda:
         sources += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
     if root is not None:
@@ -135,8 +140,15 @@ def spec(with_cuda=None, root=None):
         # No --use_fast_math: the kernels' results are promised bit-exact.
         nvcc = ["-O3", "-lineinfo", "-DFASTREG_WITH_CUDA"] + defines
         include_dirs += wheel_cuda_includes()
-    return {"with_cuda": with_cuda, "reason": reason, "sources": sources,
-            "include_dirs": include_dirs, "cxx": cxx, "nvcc": nvcc, "link": link}
+    return {
+        "with_cuda": with_cuda,
+        "reason": reason,
+        "sources": sources,
+        "include_dirs": include_dirs,
+        "cxx": cxx,
+        "nvcc": nvcc,
+        "link": link,
+    }
 
 
 def cache_root():
@@ -227,18 +239,34 @@ def build(with_cuda=None, force=False, verbose=False):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, COMPLETE))
         os.makedirs(folder, exist_ok=True)
-        log(("compiling CUDA and CPU kernels: " if build_spec["with_cuda"] else
-             "compiling CPU kernels only: ") + f"{build_spec['reason']}; into {folder} "
-            "(minutes with CUDA)")
+        log(
+            (
+                "compiling CUDA and CPU kernels: "
+                if build_spec["with_cuda"]
+                else "compiling CPU kernels only: "
+            )
+            + f"{build_spec['reason']}; into {folder} "
+            "(minutes with CUDA)"
+        )
         # is_python_module=False: dlopen only (registers the operators in this process,
         # as importing fastreg._C would); the module itself is imported by fastreg/_ops.py
         path = cpp_extension.load(
-            name="_C", sources=build_spec["sources"], extra_cflags=build_spec["cxx"],
-            extra_cuda_cflags=build_spec["nvcc"], extra_ldflags=build_spec["link"],
-            extra_include_paths=build_spec["include_dirs"], with_cuda=build_spec["with_cuda"],
-            build_directory=folder, verbose=verbose, is_python_module=False)
-        record = {"module": os.path.basename(path), "with_cuda": build_spec["with_cuda"],
-                  "reason": build_spec["reason"]}
+            name="_C",
+            sources=build_spec["sources"],
+            extra_cflags=build_spec["cxx"],
+            extra_cuda_cflags=build_spec["nvcc"],
+            extra_ldflags=build_spec["link"],
+            extra_include_paths=build_spec["include_dirs"],
+            with_cuda=build_spec["with_cuda"],
+            build_directory=folder,
+            verbose=verbose,
+            is_python_module=False,
+        )
+        record = {
+            "module": os.path.basename(path),
+            "with_cuda": build_spec["with_cuda"],
+            "reason": build_spec["reason"],
+        }
         temporary = os.path.join(folder, COMPLETE + ".tmp")
         with open(temporary, "w") as f:
             json.dump(record, f)
@@ -270,8 +298,10 @@ def build_in_subprocess(force=False, cpu_only=False, verbose=False):
     env = dict(os.environ, **({"FASTREG_CPU_ONLY": "1"} if cpu_only else {}))
     result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"fastreg: building the kernels failed (exit status "
-                           f"{result.returncode}; the compiler's messages are above)")
+        raise RuntimeError(
+            f"fastreg: building the kernels failed (exit status "
+            f"{result.returncode}; the compiler's messages are above)"
+        )
     return result.stdout.strip().splitlines()[-1]
 
 
@@ -303,12 +333,15 @@ without."""
 
 def add_arguments(parser):
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
-    parser.add_argument("--cpu-only", action="store_true",
-                        help="CPU kernels only (as FASTREG_CPU_ONLY=1)")
+    parser.add_argument(
+        "--cpu-only", action="store_true", help="CPU kernels only (as FASTREG_CPU_ONLY=1)"
+    )
     parser.add_argument("--verbose", action="store_true", help="show the compiler commands")
-    parser.add_argument("--print-cache", action="store_true",
-                        help="print the cache folder for this torch and these sources, "
-                             "build nothing")
+    parser.add_argument(
+        "--print-cache",
+        action="store_true",
+        help="print the cache folder for this torch and these sources, build nothing",
+    )
 
 
 if __name__ == "__main__":

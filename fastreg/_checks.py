@@ -11,14 +11,17 @@ MASK_MODES = ("bits", "bool", "recompute")
 
 _UINT64 = 1 << 64
 
+
 def check_probability(p, name="p"):
     """p as a float in [0, 1]; the error messages are torch's own. A 0-dim real tensor is
     read as its value, as F.dropout does (a graph break under torch.compile: the value
     decides the code path)."""
     if isinstance(p, torch.Tensor):
         if p.dim() != 0 or p.is_complex() or p.dtype == torch.bool:
-            raise TypeError(f"{name} must be a float or a 0-dim real tensor, but got a tensor "
-                            f"of shape {tuple(p.shape)} and dtype {p.dtype}")
+            raise TypeError(
+                f"{name} must be a float or a 0-dim real tensor, but got a tensor "
+                f"of shape {tuple(p.shape)} and dtype {p.dtype}"
+            )
         p = p.item()
     if isinstance(p, bool) or not isinstance(p, numbers.Real):
         raise TypeError(f"{name} must be a float, but got {type(p).__name__}")
@@ -30,7 +33,9 @@ def check_probability(p, name="p"):
 
 def check_tensor(value, name, function):
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{function}(): argument '{name}' must be Tensor, not {type(value).__name__}")
+        raise TypeError(
+            f"{function}(): argument '{name}' must be Tensor, not {type(value).__name__}"
+        )
 
 
 def check_dropout_input(input, function="dropout"):
@@ -42,13 +47,21 @@ def check_dropout_input(input, function="dropout"):
 # The functions annotated with types below run in TorchScript too: the scripted forward of
 # the dropout modules (fastreg/_modules.py) shares them with the eager functions.
 
+
 def dtype_name(dtype: torch.dtype) -> str:
     """str(dtype); TorchScript holds dtypes as ints, so there the common ones are named."""
     if not torch.jit.is_scripting():
         return str(dtype)
-    names = [(torch.int8, "torch.int8"), (torch.uint8, "torch.uint8"), (torch.int16, "torch.int16"),
-             (torch.int32, "torch.int32"), (torch.int64, "torch.int64"), (torch.bool, "torch.bool"),
-             (torch.complex64, "torch.complex64"), (torch.complex128, "torch.complex128")]
+    names = [
+        (torch.int8, "torch.int8"),
+        (torch.uint8, "torch.uint8"),
+        (torch.int16, "torch.int16"),
+        (torch.int32, "torch.int32"),
+        (torch.int64, "torch.int64"),
+        (torch.bool, "torch.bool"),
+        (torch.complex64, "torch.complex64"),
+        (torch.complex128, "torch.complex128"),
+    ]
     for candidate, name in names:
         if dtype == candidate:
             return name
@@ -59,8 +72,10 @@ def check_dropout_layout(input: torch.Tensor, name: str, function: str) -> None:
     """A strided tensor. Nested tensors, which torch's dropout takes, are a feature not
     there (NotImplementedError); sparse layouts, which it refuses too, a TypeError."""
     if input.is_nested:
-        raise NotImplementedError(f"{function}(): {name} is a nested tensor, which fastreg "
-                                  "does not support (dropout its values tensor instead)")
+        raise NotImplementedError(
+            f"{function}(): {name} is a nested tensor, which fastreg "
+            "does not support (dropout its values tensor instead)"
+        )
     if input.layout != torch.strided:
         got = str(input.layout)
         if torch.jit.is_scripting():  # TorchScript holds a layout as an int
@@ -70,10 +85,16 @@ def check_dropout_layout(input: torch.Tensor, name: str, function: str) -> None:
 
 def check_dropout_dtype(input: torch.Tensor, function: str) -> None:
     dtype = input.dtype
-    if not (dtype == torch.float16 or dtype == torch.bfloat16 or dtype == torch.float32
-            or dtype == torch.float64):
-        raise TypeError(f"{function}(): input must be float16, bfloat16, float32 or float64, "
-                        f"but got {dtype_name(dtype)}")
+    if not (
+        dtype == torch.float16
+        or dtype == torch.bfloat16
+        or dtype == torch.float32
+        or dtype == torch.float64
+    ):
+        raise TypeError(
+            f"{function}(): input must be float16, bfloat16, float32 or float64, "
+            f"but got {dtype_name(dtype)}"
+        )
 
 
 def check_probability_value(p: float) -> None:
@@ -91,23 +112,30 @@ def check_training(training, function):
     """`training` must be a bool, as torch's F.dropout has it (an int, a float, None or a
     tensor raise TypeError there too)."""
     if not isinstance(training, bool):
-        raise TypeError(f"{function}(): argument 'training' must be bool, not "
-                        f"{type(training).__name__}")
+        raise TypeError(
+            f"{function}(): argument 'training' must be bool, not {type(training).__name__}"
+        )
 
 
 def check_inplace_leaf(input: torch.Tensor, function: str) -> None:
     """torch's rule for an in-place op on a leaf that requires grad (see check_inplace)."""
     if input.requires_grad and torch.is_grad_enabled() and input.is_leaf:
-        raise RuntimeError(f"{function}(): a leaf Variable that requires grad is being used in an "
-                           "in-place operation (inplace=True on input)")
+        raise RuntimeError(
+            f"{function}(): a leaf Variable that requires grad is being used in an "
+            "in-place operation (inplace=True on input)"
+        )
 
 
 def check_mask_mode(mask):
     if not isinstance(mask, str):
-        raise TypeError(f"mask must be a str, one of {', '.join(map(repr, MASK_MODES))}, but got "
-                        f"{type(mask).__name__}")
+        raise TypeError(
+            f"mask must be a str, one of {', '.join(map(repr, MASK_MODES))}, but got "
+            f"{type(mask).__name__}"
+        )
     if mask not in MASK_MODES:
-        raise ValueError(f"mask must be one of {', '.join(map(repr, MASK_MODES))}, but got {mask!r}")
+        raise ValueError(
+            f"mask must be one of {', '.join(map(repr, MASK_MODES))}, but got {mask!r}"
+        )
 
 
 def check_shape(shape, function):
@@ -118,10 +146,14 @@ def check_shape(shape, function):
         sizes = list(sizes)
     except TypeError:
         sizes = None
-    if sizes is None or isinstance(shape, (str, bytes)) or any(
-            isinstance(size, bool) or not isinstance(size, numbers.Integral) for size in sizes):
-        raise TypeError(f"{function}(): shape must be an int or a sequence of ints, "
-                        f"but got {shape!r}")
+    if (
+        sizes is None
+        or isinstance(shape, (str, bytes))
+        or any(isinstance(size, bool) or not isinstance(size, numbers.Integral) for size in sizes)
+    ):
+        raise TypeError(
+            f"{function}(): shape must be an int or a sequence of ints, but got {shape!r}"
+        )
     sizes = [int(size) for size in sizes]
     if any(not 0 <= size < (1 << 63) for size in sizes):
         raise RuntimeError(f"{function}(): shape must have sizes in [0, 2**63), but got {sizes}")
@@ -130,8 +162,9 @@ def check_shape(shape, function):
 
 def check_module(value, name, function):
     if not isinstance(value, torch.nn.Module):
-        raise TypeError(f"{function}(): {name} must be an nn.Module, "
-                        f"but got {type(value).__name__}")
+        raise TypeError(
+            f"{function}(): {name} must be an nn.Module, but got {type(value).__name__}"
+        )
 
 
 def check_inplace(input, function):
@@ -141,8 +174,10 @@ def check_inplace(input, function):
         return
     check_inplace_leaf(input, function)
     if input._base is not None and input._base.is_leaf:  # dynamo traces _base, not _is_view()
-        raise RuntimeError(f"{function}(): a view of a leaf Variable that requires grad is being "
-                           "used in an in-place operation (inplace=True on input)")
+        raise RuntimeError(
+            f"{function}(): a view of a leaf Variable that requires grad is being "
+            "used in an in-place operation (inplace=True on input)"
+        )
 
 
 def as_int64(value, name):
@@ -180,19 +215,24 @@ def check_coefficient(value, name, function):
     synchronisation for a CUDA tensor)."""
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"{function}(): {name} must be a float or a 0-dim real tensor, but "
-                            f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+            raise TypeError(
+                f"{function}(): {name} must be a float or a 0-dim real tensor, but "
+                f"got a {value.dtype} tensor of shape {tuple(value.shape)}"
+            )
         if value.requires_grad:
-            raise TypeError(f"{function}(): {name} is a tensor that requires grad, but it is "
-                            "read as a float and would get no gradient: multiply the penalty "
-                            f"by it instead ({name} * fastreg.l1_penalty(params), say)")
+            raise TypeError(
+                f"{function}(): {name} is a tensor that requires grad, but it is "
+                "read as a float and would get no gradient: multiply the penalty "
+                f"by it instead ({name} * fastreg.l1_penalty(params), say)"
+            )
         value = value.item()
     elif isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{function}(): {name} must be a float, but got {type(value).__name__}")
     value = float(value)
     if not value >= 0.0 or value == float("inf"):  # also rejects nan
-        raise ValueError(f"{function}(): {name} must be a non-negative finite float, "
-                         f"but got {value}")
+        raise ValueError(
+            f"{function}(): {name} must be a non-negative finite float, but got {value}"
+        )
     return value
 
 

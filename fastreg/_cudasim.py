@@ -29,10 +29,20 @@ SANITIZE_ENV = "FASTREG_CUDASIM_SANITIZE"
 # The simulated sources are compiled like the extension's C++ (no FMA contraction: the
 # results are promised bit-exact), without strict aliasing (the kernels' vector accesses
 # reinterpret element arrays, which nvcc allows), and with symbols the debugger can read.
-FLAGS = ["-O2", "-g", "-ffp-contract=off", "-fno-strict-aliasing", "-DFASTREG_CUDA_SIM",
-         f"-DFASTREG_BUILT_WITH_TORCH={torch.__version__}"]
-SANITIZER_FLAGS = ["-O1", "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                   "-fno-omit-frame-pointer"]
+FLAGS = [
+    "-O2",
+    "-g",
+    "-ffp-contract=off",
+    "-fno-strict-aliasing",
+    "-DFASTREG_CUDA_SIM",
+    f"-DFASTREG_BUILT_WITH_TORCH={torch.__version__}",
+]
+SANITIZER_FLAGS = [
+    "-O1",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=undefined",
+    "-fno-omit-frame-pointer",
+]
 
 
 def sanitized():
@@ -52,8 +62,7 @@ def _wrappers(build_dir):
     for source in cuda_sources():
         stem = os.path.splitext(os.path.basename(source))[0]
         path = os.path.join(folder, f"{stem}.cpp")
-        text = ('#include "sim/cuda_shim.h"\n'
-                f'#include "cuda/{os.path.basename(source)}"\n')
+        text = f'#include "sim/cuda_shim.h"\n#include "cuda/{os.path.basename(source)}"\n'
         if not os.path.exists(path) or open(path).read() != text:
             with open(path, "w") as f:
                 f.write(text)
@@ -71,16 +80,31 @@ def load(sanitize=None, verbose=None):
     name = "fastreg_cudasim_asan" if sanitize else "fastreg_cudasim"
     build_dir = os.path.join(ROOT, "build", name)
     os.makedirs(build_dir, exist_ok=True)
-    sources = ([os.path.join(CSRC, "sim", f) for f in ("runtime.cpp", "module.cpp", "selftest.cpp")]
-               + [os.path.join(CSRC, "ops", f)
-                  for f in ("schema.cpp", "dropout_autograd.cpp", "inplace_autograd.cpp",
-                            "penalty_autograd.cpp", "penalty_front.cpp")]
-               + _wrappers(build_dir))
+    sources = (
+        [os.path.join(CSRC, "sim", f) for f in ("runtime.cpp", "module.cpp", "selftest.cpp")]
+        + [
+            os.path.join(CSRC, "ops", f)
+            for f in (
+                "schema.cpp",
+                "dropout_autograd.cpp",
+                "inplace_autograd.cpp",
+                "penalty_autograd.cpp",
+                "penalty_front.cpp",
+            )
+        ]
+        + _wrappers(build_dir)
+    )
     flags = FLAGS + (SANITIZER_FLAGS if sanitize else [])
     return cpp_extension.load(
-        name=name, sources=sources, extra_cflags=flags,
+        name=name,
+        sources=sources,
+        extra_cflags=flags,
         extra_ldflags=["-fsanitize=address,undefined"] if sanitize else [],
-        extra_include_paths=[CSRC], build_directory=build_dir, with_cuda=False, verbose=verbose)
+        extra_include_paths=[CSRC],
+        build_directory=build_dir,
+        with_cuda=False,
+        verbose=verbose,
+    )
 
 
 def asan_preload():
@@ -88,17 +112,24 @@ def asan_preload():
     since the Python executable is not instrumented, and libstdc++, so that ASan's
     __cxa_throw interceptor finds the real one (a failed launch throws)."""
     cxx = os.environ.get("CXX", "c++")
-    return " ".join(subprocess.check_output([cxx, f"-print-file-name={lib}"], text=True).strip()
-                    for lib in ("libasan.so", "libstdc++.so"))
+    return " ".join(
+        subprocess.check_output([cxx, f"-print-file-name={lib}"], text=True).strip()
+        for lib in ("libasan.so", "libstdc++.so")
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastreg._cudasim",
-                                     description="Build the CUDA simulator module.")
-    parser.add_argument("--sanitize", action="store_true",
-                        help="build with AddressSanitizer and UndefinedBehaviorSanitizer")
-    parser.add_argument("--print-preload", action="store_true",
-                        help="print the ASan runtime to preload, and exit")
+    parser = argparse.ArgumentParser(
+        prog="python -m fastreg._cudasim", description="Build the CUDA simulator module."
+    )
+    parser.add_argument(
+        "--sanitize",
+        action="store_true",
+        help="build with AddressSanitizer and UndefinedBehaviorSanitizer",
+    )
+    parser.add_argument(
+        "--print-preload", action="store_true", help="print the ASan runtime to preload, and exit"
+    )
     parser.add_argument("--verbose", action="store_true", help="show the compiler's commands")
     args = parser.parse_args(argv)
     if args.print_preload:
@@ -106,7 +137,9 @@ def main(argv=None):
         return 0
     # In a child that loads fastreg on this backend, so that fastreg._C (which registers
     # the same operators) is not loaded; a sanitized module also needs the ASan runtime.
-    env = dict(os.environ, FASTREG_BACKEND="cudasim", **{SANITIZE_ENV: "1" if args.sanitize else "0"})
+    env = dict(
+        os.environ, FASTREG_BACKEND="cudasim", **{SANITIZE_ENV: "1" if args.sanitize else "0"}
+    )
     if args.sanitize:
         env.update(LD_PRELOAD=asan_preload(), ASAN_OPTIONS="detect_leaks=0")
     if args.verbose:

@@ -49,15 +49,19 @@ def check(function, tensors, label, one_mesh):
             continue
         for dim, placement in enumerate(tensor.placements):
             if not (placement.is_shard() or placement.is_replicate()):
-                raise TypeError(f"{function}(): {label(i)} must be a DTensor placed by Shard or "
-                                f"Replicate, but mesh dimension {dim} has {placement}")
+                raise TypeError(
+                    f"{function}(): {label(i)} must be a DTensor placed by Shard or "
+                    f"Replicate, but mesh dimension {dim} has {placement}"
+                )
         if first is None:
             first = i
         elif one_mesh and tensor.device_mesh != tensors[first].device_mesh:
-            raise RuntimeError(f"{function}(): all DTensors must be on one device mesh, but "
-                               f"{label(first)} is on {tensors[first].device_mesh} and "
-                               f"{label(i)} on {tensor.device_mesh}; call it once per mesh "
-                               f"and add the values")
+            raise RuntimeError(
+                f"{function}(): all DTensors must be on one device mesh, but "
+                f"{label(first)} is on {tensors[first].device_mesh} and "
+                f"{label(i)} on {tensor.device_mesh}; call it once per mesh "
+                f"and add the values"
+            )
 
 
 def has_dtensors(tensors):
@@ -83,8 +87,11 @@ def penalty(apply, tensors, l1s, l2s):
         groups.setdefault(sharded, []).append(i)
     total = None
     for sharded, members in groups.items():
-        value = apply([local(tensors[i], dtensor) for i in members], [l1s[i] for i in members],
-                      [l2s[i] for i in members])
+        value = apply(
+            [local(tensors[i], dtensor) for i in members],
+            [l1s[i] for i in members],
+            [l2s[i] for i in members],
+        )
         if sharded:
             # Partial (a pending sum) where the parameters are sharded, Replicate where
             # each rank already holds the whole value; full_tensor() all-reduces over the
@@ -107,14 +114,16 @@ def local_grads(function, tensors, grads):
         return (t.device_mesh, t.placements) if isinstance(t, dtensor) else None
 
     def describe(t):
-        return f"a DTensor placed {t.placements} on {t.device_mesh}" if placed(t) else \
-            "a plain tensor"
+        return (
+            f"a DTensor placed {t.placements} on {t.device_mesh}" if placed(t) else "a plain tensor"
+        )
 
     for tensor, grad in zip(tensors, grads):
         # A Partial gradient (pending a sum over ranks) would get the slope once per rank.
         if placed(grad) != placed(tensor):
-            raise RuntimeError(f"{function}(): a gradient must be placed as its parameter, but "
-                               f"a parameter is {describe(tensor)} and its gradient "
-                               f"{describe(grad)}")
+            raise RuntimeError(
+                f"{function}(): a gradient must be placed as its parameter, but "
+                f"a parameter is {describe(tensor)} and its gradient "
+                f"{describe(grad)}"
+            )
     return [local(grad, dtensor) for grad in grads]
-

@@ -4,7 +4,8 @@ kernels or reference per device, p = 1's output, channel dropout's rank rules.
 
 Eager, the forward calls the public function (fastreg.dropout, dropout1d/2d/3d). Under
 ``torch.jit.script`` it runs ``script_dropout`` or ``script_channel_dropout`` below: the same
-steps as the eager fronts (fastreg/dropout.py, fastreg/channel.py) for arguments the module has already checked, through
+steps as the eager fronts (fastreg/dropout.py, fastreg/channel.py) for arguments the
+module has already checked, through
 the same kernels (``torch.ops.fastreg.*``) or the same reference code, with the (seed,
 offset) pair drawn by the same ``torch.randint``. So after ``torch.manual_seed(s)`` a
 scripted model draws the very masks of the eager one. TorchScript cannot see module
@@ -18,8 +19,8 @@ import torch
 
 from fastreg import _checks, _ops, _rng, reference
 
-
 # ---- the kernels or the reference, per device (eager and TorchScript) ----------------
+
 
 def _kernels_none(device: torch.device) -> bool:
     return False
@@ -41,8 +42,10 @@ else:
     has_kernels = _kernels_cpu
 
 if _ops.HAVE_EXTENSION:
-    def dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor,
-                      mask: str) -> torch.Tensor:
+
+    def dropout_apply(
+        input: torch.Tensor, p: float, rng_state: torch.Tensor, mask: str
+    ) -> torch.Tensor:
         """The dropout of a drawn rng_state: the kernel where there is one, else the
         reference."""
         if has_kernels(input.device):
@@ -58,8 +61,10 @@ if _ops.HAVE_EXTENSION:
             keep = torch.ops.fastreg.dropout_mask(rng_state, size, p)
         return reference.channel_dropout_apply(input, p, rng_state, keep)
 else:  # the reference backend: torch.ops.fastreg does not exist, TorchScript must not see it
-    def dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor,
-                      mask: str) -> torch.Tensor:
+
+    def dropout_apply(
+        input: torch.Tensor, p: float, rng_state: torch.Tensor, mask: str
+    ) -> torch.Tensor:
         """The dropout of a drawn rng_state (reference backend)."""
         return reference.dropout_apply(input, p, rng_state, mask)
 
@@ -69,6 +74,7 @@ else:  # the reference backend: torch.ops.fastreg does not exist, TorchScript mu
 
 
 # ---- p = 1, and channel dropout's rank rules (eager and TorchScript) -----------------
+
 
 class _AllDropped(torch.autograd.Function):
     """zeros_like(input) (written, not read: as fast as a memset) with a zero gradient in
@@ -116,7 +122,8 @@ def channel_rank_rules(input: torch.Tensor, spatial: int, stacklevel: int) -> bo
                 f"dropout1d: Expected 2D or 3D input, but received a {dim}D input. "
                 "Note that dropout1d exists to provide channel-wise dropout on inputs with 1 "
                 "spatial dimension, a channel dimension, and an optional batch dimension "
-                "(i.e. 2D or 3D inputs).")
+                "(i.e. 2D or 3D inputs)."
+            )
         return dim == 3
     batched_dims = (spatial + 1, spatial + 2)
     if dim not in batched_dims:
@@ -126,7 +133,9 @@ def channel_rank_rules(input: torch.Tensor, spatial: int, stacklevel: int) -> bo
             f"and silence this warning, please use dropout instead. Note that {name} "
             f"exists to provide channel-wise dropout on inputs with {spatial} spatial dimensions, "
             "a channel dimension, and an optional batch dimension (i.e. "
-            f"{batched_dims[0]}D or {batched_dims[1]}D inputs).", stacklevel=stacklevel)
+            f"{batched_dims[0]}D or {batched_dims[1]}D inputs).",
+            stacklevel=stacklevel,
+        )
     if spatial == 2:
         # torch reads a 3-D input as batched 1-D channels (N, C, L), with a warning
         # (pytorch/pytorch#77081), and never adds a batch dimension.
@@ -134,19 +143,29 @@ def channel_rank_rules(input: torch.Tensor, spatial: int, stacklevel: int) -> bo
             warnings.warn(
                 "dropout2d: Received a 3D input to dropout2d and assuming that channel-wise "
                 "1D dropout behavior is desired - input is interpreted as shape (N, C, L), where C "
-                "is the channel dim. This behavior will change in a future release to interpret the "
+                "is the channel dim. This behavior will change in a future release to interpret "
+                "the "
                 "input as one without a batch dimension, i.e. shape (C, H, W). To maintain the 1D "
                 "channel-wise dropout behavior, please switch to using dropout1d instead.",
-                stacklevel=stacklevel)
+                stacklevel=stacklevel,
+            )
         return True
     return dim == 5
 
 
 # ---- TorchScript's forward ------------------------------------------------------------
 
-def script_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool, mask: str,
-                   generator: Optional[torch.Generator]) -> torch.Tensor:
-    """fastreg.dropout.dropout_front with apply=dropout_apply, for a module's arguments (no seed)."""
+
+def script_dropout(
+    input: torch.Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    mask: str,
+    generator: Optional[torch.Generator],
+) -> torch.Tensor:
+    """fastreg.dropout.dropout_front with apply=dropout_apply, for a module's arguments (no
+    seed)."""
     _checks.check_probability_value(p)
     _checks.check_dropout_layout(input, "input", "dropout")
     _checks.check_dropout_dtype(input, "dropout")
@@ -162,9 +181,15 @@ def script_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool,
     return input.copy_(out) if inplace else out
 
 
-def script_channel_dropout(input: torch.Tensor, p: float, training: bool, inplace: bool,
-                           mask: str, generator: Optional[torch.Generator],
-                           spatial: int) -> torch.Tensor:
+def script_channel_dropout(
+    input: torch.Tensor,
+    p: float,
+    training: bool,
+    inplace: bool,
+    mask: str,
+    generator: Optional[torch.Generator],
+    spatial: int,
+) -> torch.Tensor:
     """fastreg.channel.channel_dropout_front with apply=channel_apply, for a module's arguments."""
     function = f"dropout{spatial}d"
     _checks.check_probability_value(p)
@@ -190,6 +215,7 @@ def script_channel_dropout(input: torch.Tensor, p: float, training: bool, inplac
 
 # ---- the mixin ------------------------------------------------------------------------
 
+
 class DropoutModule:
     """Mixed in before nn.Dropout or nn.Dropout1d/2d/3d, whose p and inplace it keeps: the
     mask mode and the generator (plain attributes, so the state dict stays torch's), and a
@@ -209,16 +235,19 @@ class DropoutModule:
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             if self._spatial == 0:
-                return script_dropout(input, self.p, self.training, self.inplace, self.mask,
-                                      self.generator)
-            return script_channel_dropout(input, self.p, self.training, self.inplace,
-                                          self.mask, self.generator, self._spatial)
+                return script_dropout(
+                    input, self.p, self.training, self.inplace, self.mask, self.generator
+                )
+            return script_channel_dropout(
+                input, self.p, self.training, self.inplace, self.mask, self.generator, self._spatial
+            )
         return self._eager_forward(input)
 
     @torch.jit.unused
     def _eager_forward(self, input: torch.Tensor) -> torch.Tensor:
-        return type(self)._function(input, self.p, self.training, self.inplace, mask=self.mask,
-                                    generator=self.generator)
+        return type(self)._function(
+            input, self.p, self.training, self.inplace, mask=self.mask, generator=self.generator
+        )
 
     def extra_repr(self):
         return f"{super().extra_repr()}, mask={self.mask!r}"

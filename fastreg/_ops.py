@@ -44,8 +44,10 @@ def _load_extension():
     """(module or None, why not)"""
     choice = os.environ.get(BACKEND_ENV, "auto")
     if choice not in ("auto", "extension", "reference", "cudasim"):
-        raise ValueError(f"{BACKEND_ENV} must be 'auto', 'extension', 'reference' or 'cudasim', "
-                         f"but got {choice!r}")
+        raise ValueError(
+            f"{BACKEND_ENV} must be 'auto', 'extension', 'reference' or 'cudasim', "
+            f"but got {choice!r}"
+        )
     if choice == "reference":
         return None, f"{BACKEND_ENV}=reference"
     if choice == "cudasim":
@@ -59,23 +61,34 @@ def _load_extension():
         if _C is None:
             if choice == "extension":
                 raise ImportError(why) from error
-            warnings.warn(f"fastreg: {why}; running torch {torch.__version__}. Falling back "
-                          "to the pure-PyTorch reference (slower, same results). Build the "
-                          f"kernels with `{_build.BUILD_COMMAND}`.", RuntimeWarning,
-                          stacklevel=3)
+            warnings.warn(
+                f"fastreg: {why}; running torch {torch.__version__}. Falling back "
+                "to the pure-PyTorch reference (slower, same results). Build the "
+                f"kernels with `{_build.BUILD_COMMAND}`.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return None, why
     if _C.built_with_torch.split("+")[0] != torch.__version__.split("+")[0]:
-        warnings.warn(f"fastreg: extension built for torch {_C.built_with_torch}, running torch "
-                      f"{torch.__version__}; rebuild it if operators misbehave.", RuntimeWarning,
-                      stacklevel=3)
+        warnings.warn(
+            f"fastreg: extension built for torch {_C.built_with_torch}, running torch "
+            f"{torch.__version__}; rebuild it if operators misbehave.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return _C, None
 
 
 _C, WHY_REFERENCE = _load_extension()
 HAVE_EXTENSION = _C is not None
 # "extension", "reference", or "cudasim" (the simulated CUDA kernels serve CPU tensors).
-BACKEND = ("reference" if _C is None else
-           "cudasim" if getattr(_C, "cuda_simulator", False) else "extension")
+BACKEND = (
+    "reference"
+    if _C is None
+    else "cudasim"
+    if getattr(_C, "cuda_simulator", False)
+    else "extension"
+)
 
 
 def has_kernels(device):
@@ -101,8 +114,9 @@ def with_strides(tensor, stride):
     """`tensor`, copied into the dense layout `stride` unless it has it already."""
     if tensor.stride() == tuple(stride):
         return tensor
-    return torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype,
-                               device=tensor.device).copy_(tensor)
+    return torch.empty_strided(
+        tensor.shape, stride, dtype=tensor.dtype, device=tensor.device
+    ).copy_(tensor)
 
 
 # The Python autograd formulas below (dropout_bwd's, grad_with_strides', the fused ops')
@@ -129,8 +143,7 @@ def register_autograd(name, backward, setup_context):
     *grads)` as for torch.library.register_autograd (tensor and scalar arguments only)."""
     global _AUTOGRAD_LIB
     if _SingleLevelFunction is None:
-        torch.library.register_autograd(f"fastreg::{name}", backward,
-                                        setup_context=setup_context)
+        torch.library.register_autograd(f"fastreg::{name}", backward, setup_context=setup_context)
         return
     op = getattr(torch.ops.fastreg, name).default
 
@@ -145,17 +158,22 @@ def register_autograd(name, backward, setup_context):
         with torch.enable_grad():
             return below_autograd(*args)
 
-    function = type("".join(part.title() for part in name.split("_")), (_SingleLevelFunction,), {
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward),
-        # compiled autograd's key for the node, as torch.autograd.Function gives it
-        "_compiled_autograd_key": staticmethod(lambda ctx: (ctx._autograd_function_id,)),
-    })
+    function = type(
+        "".join(part.title() for part in name.split("_")),
+        (_SingleLevelFunction,),
+        {
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+            # compiled autograd's key for the node, as torch.autograd.Function gives it
+            "_compiled_autograd_key": staticmethod(lambda ctx: (ctx._autograd_function_id,)),
+        },
+    )
 
     def autograd_kernel(*args):
-        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad
-                                           for a in args):
+        if torch.is_grad_enabled() and any(
+            isinstance(a, torch.Tensor) and a.requires_grad for a in args
+        ):
             with enable_single_level_autograd_function():
                 return function.apply(*args)
         return below_autograd(*args)
@@ -199,8 +217,9 @@ def _register_dropout():
 
     def dropout_bwd_backward(ctx, grad_grad):
         mask, rng_state = ctx.saved_tensors
-        grad = ops.dropout_bwd(with_strides(grad_grad, ctx.stride), mask, ctx.p, rng_state,
-                               ctx.mode)
+        grad = ops.dropout_bwd(
+            with_strides(grad_grad, ctx.stride), mask, ctx.p, rng_state, ctx.mode
+        )
         return grad, None, None, None, None
 
     register_autograd("dropout_bwd", dropout_bwd_backward, setup_bwd_context)
@@ -210,8 +229,9 @@ def _register_dropout():
     def grad_with_strides_backward(ctx, grad):
         return grad, None
 
-    register_autograd("grad_with_strides", grad_with_strides_backward,
-                      lambda ctx, inputs, output: None)
+    register_autograd(
+        "grad_with_strides", grad_with_strides_backward, lambda ctx, inputs, output: None
+    )
 
 
 def _register_penalty():
@@ -280,15 +300,18 @@ def _register_fused():
             input = with_strides(input, ctx.stride)
         if torch.is_grad_enabled():
             keep = reference.keep_from_mask(mask, ctx.mode, ctx.p, rng_state, grad)
-            return reference.bias_act_dropout_backward(grad, input, bias, keep, ctx.p,
-                                                       ctx.activation, need_bias)
-        return ops.bias_act_dropout_bwd(grad, input, bias, mask, ctx.p, ctx.activation,
-                                        rng_state, ctx.mode, need_bias)
+            return reference.bias_act_dropout_backward(
+                grad, input, bias, keep, ctx.p, ctx.activation, need_bias
+            )
+        return ops.bias_act_dropout_bwd(
+            grad, input, bias, mask, ctx.p, ctx.activation, rng_state, ctx.mode, need_bias
+        )
 
     def setup_fused_context(ctx, mask, rng_state, p, mode, out, input, bias, activation):
         keeps_input = activation != "none"
-        ctx.save_for_backward(mask, rng_state, input if keeps_input else None,
-                              bias if keeps_input else None)
+        ctx.save_for_backward(
+            mask, rng_state, input if keeps_input else None, bias if keeps_input else None
+        )
         ctx.p, ctx.mode, ctx.stride, ctx.activation = p, mode, out.stride(), activation
 
     def setup_bias_dropout_add(ctx, inputs, output):
@@ -300,8 +323,14 @@ def _register_fused():
         grad_input = grad_bias = None
         if need_input or need_bias:
             grad_input, grad_bias = fused_backward(ctx, grad_out, need_input, need_bias)
-        return (grad_input if need_input else None, grad_bias if need_bias else None,
-                grad_out if need_residual else None, None, None, None)
+        return (
+            grad_input if need_input else None,
+            grad_bias if need_bias else None,
+            grad_out if need_residual else None,
+            None,
+            None,
+            None,
+        )
 
     def setup_bias_act_dropout(ctx, inputs, output):
         input, bias, p, activation, rng_state, mode = inputs
@@ -312,8 +341,14 @@ def _register_fused():
         grad_input = grad_bias = None
         if need_input or need_bias:
             grad_input, grad_bias = fused_backward(ctx, grad_out, need_input, need_bias)
-        return (grad_input if need_input else None, grad_bias if need_bias else None,
-                None, None, None, None)
+        return (
+            grad_input if need_input else None,
+            grad_bias if need_bias else None,
+            None,
+            None,
+            None,
+            None,
+        )
 
     register_autograd("bias_dropout_add_fwd", bias_dropout_add_backward, setup_bias_dropout_add)
     register_autograd("bias_act_dropout_fwd", bias_act_dropout_backward, setup_bias_act_dropout)

@@ -11,10 +11,13 @@ from fastreg._checks import DROPOUT_DTYPES, check_coefficient
 PENALTY_DTYPES = DROPOUT_DTYPES
 EXCLUDE_RULES = ("bias_and_norm",)
 
+
 def missing_coefficients(function, names, where=""):
     keys = " or ".join(names)
-    return TypeError(f"{function}() needs a coefficient: give {keys}{where} (0.0 turns a "
-                     f"term off); a call without one would be a silent zero")
+    return TypeError(
+        f"{function}() needs a coefficient: give {keys}{where} (0.0 turns a "
+        f"term off); a call without one would be a silent zero"
+    )
 
 
 def check_exclude(exclude, params, function, named=False):
@@ -24,32 +27,48 @@ def check_exclude(exclude, params, function, named=False):
         return
     if isinstance(exclude, str):
         if exclude not in EXCLUDE_RULES:
-            raise ValueError(f"{function}(): exclude must be None, a callable or one of "
-                             f"{', '.join(map(repr, EXCLUDE_RULES))}, but got {exclude!r}")
+            raise ValueError(
+                f"{function}(): exclude must be None, a callable or one of "
+                f"{', '.join(map(repr, EXCLUDE_RULES))}, but got {exclude!r}"
+            )
     elif not callable(exclude):
-        raise TypeError(f"{function}(): exclude must be None, a str or a callable "
-                        f"(name, param) -> bool, but got {type(exclude).__name__}")
+        raise TypeError(
+            f"{function}(): exclude must be None, a str or a callable "
+            f"(name, param) -> bool, but got {type(exclude).__name__}"
+        )
     if isinstance(params, torch.nn.Module):
         return
     if not named:
-        raise ValueError(f"{function}(): exclude selects parameters by name, so params must "
-                         f"be an nn.Module, but got {type(params).__name__}; named parameters "
-                         "(a dict of names to tensors, or model.named_parameters()) take a "
-                         "callable exclude too")
+        raise ValueError(
+            f"{function}(): exclude selects parameters by name, so params must "
+            f"be an nn.Module, but got {type(params).__name__}; named parameters "
+            "(a dict of names to tensors, or model.named_parameters()) take a "
+            "callable exclude too"
+        )
     if isinstance(exclude, str):
-        raise ValueError(f"{function}(): exclude={exclude!r} needs the nn.Module, to find its "
-                         "normalization layers, but got named parameters; pass the module, "
-                         "or a callable exclude(name, param)")
+        raise ValueError(
+            f"{function}(): exclude={exclude!r} needs the nn.Module, to find its "
+            "normalization layers, but got named parameters; pass the module, "
+            "or a callable exclude(name, param)"
+        )
 
 
 def _is_pair(item):
-    return (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-            and isinstance(item[1], torch.Tensor))
+    return (
+        isinstance(item, tuple)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], torch.Tensor)
+    )
 
 
 def _norm_types():
-    types = [torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm,
-             torch.nn.LocalResponseNorm]
+    types = [
+        torch.nn.modules.batchnorm._NormBase,
+        torch.nn.LayerNorm,
+        torch.nn.GroupNorm,
+        torch.nn.LocalResponseNorm,
+    ]
     if hasattr(torch.nn, "RMSNorm"):  # torch >= 2.4
         types.append(torch.nn.RMSNorm)
     return tuple(types)
@@ -81,8 +100,9 @@ def module_params(module, exclude):
         if not param.requires_grad:
             continue
         if exclude == "bias_and_norm":
-            if name in norm_params or (param.dim() <= 1 and
-                                       name.rsplit(".", 1)[-1].endswith("bias")):
+            if name in norm_params or (
+                param.dim() <= 1 and name.rsplit(".", 1)[-1].endswith("bias")
+            ):
                 continue
         elif exclude is not None and exclude(name, param):
             continue
@@ -133,8 +153,9 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
         check_tensors(function, tensors, label, one_mesh)
         return tensors, values, label
     if isinstance(params, Mapping) and "params" not in params:
-        return _collect_named(function, list(params.items()), coefficients, exclude,
-                              one_mesh, mapping=True)
+        return _collect_named(
+            function, list(params.items()), coefficients, exclude, one_mesh, mapping=True
+        )
     if isinstance(params, (torch.Tensor, Mapping)):
         items = [params]
     else:
@@ -142,14 +163,18 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
             one_shot = iter(params) is params
             items = list(params)
         except TypeError:
-            raise TypeError(f"{function}(): params must be an nn.Module, a tensor, an iterable "
-                            f"of tensors or of parameter groups, but got "
-                            f"{type(params).__name__}") from None
+            raise TypeError(
+                f"{function}(): params must be an nn.Module, a tensor, an iterable "
+                f"of tensors or of parameter groups, but got "
+                f"{type(params).__name__}"
+            ) from None
         if one_shot and not items:
-            raise ValueError(f"{function}(): params is an iterator that yielded nothing: a "
-                             "generator such as model.parameters() is used up by the first "
-                             "call that reads it; pass the module itself, or a list "
-                             "(list(model.parameters())), to use it for every call")
+            raise ValueError(
+                f"{function}(): params is an iterator that yielded nothing: a "
+                "generator such as model.parameters() is used up by the first "
+                "call that reads it; pass the module itself, or a list "
+                "(list(model.parameters())), to use it for every call"
+            )
         if items and all(_is_pair(item) for item in items):
             return _collect_named(function, items, coefficients, exclude, one_mesh)
     check_exclude(exclude, params, function)
@@ -163,8 +188,9 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
     given_any = any(value is not None for value in coefficients.values())
     for g, group in enumerate(items):
         if not isinstance(group, dict):
-            raise TypeError(f"{function}(): params mixes parameter groups (dicts) and "
-                            f"{type(group).__name__}")
+            raise TypeError(
+                f"{function}(): params mixes parameter groups (dicts) and {type(group).__name__}"
+            )
         if "params" not in group:
             raise ValueError(f"{function}(): parameter group {g} has no 'params' key")
         group_tensors = _group_tensors(group["params"])
@@ -176,8 +202,9 @@ def collect_params(function, params, coefficients, exclude=None, group_keys=None
         where += [(g, i) for i in range(len(group_tensors))]
         tensors += group_tensors
     if not given_any:
-        raise missing_coefficients(function, list(coefficients),
-                                   " (as arguments or as keys of the parameter groups)")
+        raise missing_coefficients(
+            function, list(coefficients), " (as arguments or as keys of the parameter groups)"
+        )
     values = {key: [0.0 if v is None else v for v in vs] for key, vs in values.items()}
     label = lambda k: "params[{}]['params'][{}]".format(*where[k])  # noqa: E731
     check_tensors(function, tensors, label, one_mesh)
@@ -192,15 +219,20 @@ def _collect_named(function, items, coefficients, exclude, one_mesh, mapping=Fal
     coefficients = _resolve(function, coefficients)
     for name, _ in items:
         if not isinstance(name, str):
-            raise TypeError(f"{function}(): the names of named parameters must be str, but got "
-                            f"{type(name).__name__}")
+            raise TypeError(
+                f"{function}(): the names of named parameters must be str, but got "
+                f"{type(name).__name__}"
+            )
     hint = " (a dict without a 'params' key is read as names to tensors)" if mapping else ""
     for name, tensor in items:
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{function}(): params[{name!r}] must be a Tensor, but got "
-                            f"{type(tensor).__name__}{hint}")
-    named = [(name, tensor) for name, tensor in items
-             if exclude is None or not exclude(name, tensor)]
+            raise TypeError(
+                f"{function}(): params[{name!r}] must be a Tensor, but got "
+                f"{type(tensor).__name__}{hint}"
+            )
+    named = [
+        (name, tensor) for name, tensor in items if exclude is None or not exclude(name, tensor)
+    ]
     tensors = [tensor for _, tensor in named]
     values = {key: [value] * len(tensors) for key, value in coefficients.items()}
     label = lambda i: f"params[{named[i][0]!r}]"  # noqa: E731
@@ -215,15 +247,22 @@ def check_tensors(function, tensors, label, one_mesh=False):
     device = tensors[0].device if tensors and isinstance(tensors[0], torch.Tensor) else None
     for i, tensor in enumerate(tensors):
         if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{function}(): {label(i)} must be a Tensor, but got "
-                            f"{type(tensor).__name__}")
+            raise TypeError(
+                f"{function}(): {label(i)} must be a Tensor, but got {type(tensor).__name__}"
+            )
         if tensor.dtype not in PENALTY_DTYPES:
-            raise TypeError(f"{function}(): {label(i)} must be float16, bfloat16, float32 or "
-                            f"float64, but got {tensor.dtype}")
+            raise TypeError(
+                f"{function}(): {label(i)} must be float16, bfloat16, float32 or "
+                f"float64, but got {tensor.dtype}"
+            )
         if tensor.layout != torch.strided or tensor.is_nested:
-            raise TypeError(f"{function}(): {label(i)} must be a strided (dense) tensor, but "
-                            f"got {'a nested tensor' if tensor.is_nested else tensor.layout}")
+            raise TypeError(
+                f"{function}(): {label(i)} must be a strided (dense) tensor, but "
+                f"got {'a nested tensor' if tensor.is_nested else tensor.layout}"
+            )
         if tensor.device != device:
-            raise RuntimeError(f"{function}(): all tensors must be on one device, but "
-                               f"{label(0)} is on {device} and {label(i)} on {tensor.device}")
+            raise RuntimeError(
+                f"{function}(): all tensors must be on one device, but "
+                f"{label(0)} is on {device} and {label(i)} on {tensor.device}"
+            )
     _distributed.check(function, tensors, label, one_mesh)

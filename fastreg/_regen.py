@@ -81,15 +81,15 @@ class _Recipe:
             tensors = self.tensors
             if not self.inputs_unchanged():
                 now = ", ".join(str(t._version) for t in tensors if t is not None)
-                then = ", ".join(str(v) for t, v in zip(tensors, self.versions)
-                                 if t is not None)
+                then = ", ".join(str(v) for t, v in zip(tensors, self.versions) if t is not None)
                 raise RuntimeError(
                     "one of the variables needed for gradient computation has been modified "
                     f"by an inplace operation: the input of fastreg's {self.name}, from which "
                     "the backward regenerates its output (fastreg.regenerate_dropped), is at "
                     f"version {now}; expected version {then} instead. Hint: do not modify a "
                     "dropout's input in place before the backward, or run that dropout "
-                    "outside regenerate_dropped().")
+                    "outside regenerate_dropped()."
+                )
         with torch.no_grad():
             out = self.fn(*tensors, *self.args)
         shape, stride, dtype = self.layout
@@ -97,7 +97,8 @@ class _Recipe:
             raise RuntimeError(  # an internal error: never expected
                 f"fastreg.regenerate_dropped: the regenerated output of {self.name} has shape "
                 f"{tuple(out.shape)}, strides {out.stride()}, {out.dtype}; the forward's had "
-                f"{tuple(shape)}, {stride}, {dtype}")
+                f"{tuple(shape)}, {stride}, {dtype}"
+            )
         return out
 
 
@@ -130,7 +131,8 @@ def _modified(t, then):
         f"inplace operation: [{t.type()} {list(t.shape)}] is at version {t._version}; "
         f"expected version {then} instead. Hint: inside fastreg.regenerate_dropped the "
         "saved tensors are checked by its hooks; find the operation with "
-        "torch.autograd.set_detect_anomaly(True), or run it outside the context.")
+        "torch.autograd.set_detect_anomaly(True), or run it outside the context."
+    )
 
 
 class _Hooks:
@@ -148,8 +150,12 @@ class _Hooks:
         base = t._base
         owner = t if base is None else base
         recipe = getattr(owner, _ATTR, None)
-        if (recipe is None or owner._version != recipe.out_version or t.dtype != owner.dtype
-                or not recipe.inputs_unchanged()):
+        if (
+            recipe is None
+            or owner._version != recipe.out_version
+            or t.dtype != owner.dtype
+            or not recipe.inputs_unchanged()
+        ):
             # not a fastreg dropout's output, or it (or its input) was modified in place
             # since the dropout: the tensor itself is kept. (detached: a saved output must
             # not hold its own grad_fn, torch.autograd.graph.saved_tensors_hooks' rule)
@@ -225,8 +231,9 @@ class regenerate_dropped:
 
     def __init__(self, enabled=True):
         if not isinstance(enabled, bool):
-            raise TypeError(f"regenerate_dropped(): enabled must be a bool, but got "
-                            f"{type(enabled).__name__}")
+            raise TypeError(
+                f"regenerate_dropped(): enabled must be a bool, but got {type(enabled).__name__}"
+            )
         self.enabled = enabled
         self._entered = []
 
@@ -255,6 +262,7 @@ class regenerate_dropped:
 
 # ---- replace_dropout(..., regenerate=True): the context around the model's forward ----
 
+
 class _ForwardHooks:
     """A forward pre-hook and an always-called forward hook on the model that run its
     forward in training mode inside a regenerate_dropped context; picklable (not a
@@ -280,6 +288,7 @@ def regenerate_in_forward(model):
 
 
 # ---- torch.compile: the dropout's operator tagged MUST_RECOMPUTE ----------------------
+
 
 def _must_recompute(ctx, op, *args, **kwargs):
     return torch.utils.checkpoint.CheckpointPolicy.MUST_RECOMPUTE
@@ -311,6 +320,7 @@ def regenerated(fn, tensors, args, name):
             # torch < 2.8: no selective checkpointing (2.4), or a partitioner seen to get
             # its tags wrong (2.5, 2.6; fastreg/_rng.py): the graph keeps the output
             return fn(*tensors, *args)
-        return torch.utils.checkpoint.checkpoint(fn, *tensors, *args, use_reentrant=False,
-                                                 context_fn=_must_recompute_contexts)
+        return torch.utils.checkpoint.checkpoint(
+            fn, *tensors, *args, use_reentrant=False, context_fn=_must_recompute_contexts
+        )
     return record(fn(*tensors, *args), fn, tensors, args, name)

@@ -13,8 +13,14 @@ def draw_rng_state(device: torch.device, generator: Optional[torch.Generator]) -
     """The (seed, offset) pair drawn from `generator` or the device's default generator by
     a torch random op on `device` (out of place: torch.compile traces randint, not
     random_), over nearly the full int64 range."""
-    return torch.randint(-9223372036854775807 - 1, 9223372036854775807, [2], dtype=torch.int64,
-                         device=device, generator=generator)
+    return torch.randint(
+        -9223372036854775807 - 1,
+        9223372036854775807,
+        [2],
+        dtype=torch.int64,
+        device=device,
+        generator=generator,
+    )
 
 
 def rng_state(device, seed=None, generator=None):
@@ -54,6 +60,7 @@ def compiling():
 # selective checkpointing (2.4) or its partitioner still recomputed the node (2.5, 2.6),
 # a budget below 1 is refused.
 
+
 def _must_save(ctx, op, *args, **kwargs):
     return torch.utils.checkpoint.CheckpointPolicy.MUST_SAVE
 
@@ -89,8 +96,9 @@ def _saved_draw(device):
     check_no_memory_budget()
     if not _have_selective_checkpointing():
         return draw_rng_state(device, None)
-    return torch.utils.checkpoint.checkpoint(draw_rng_state, device, None, use_reentrant=False,
-                                             context_fn=_must_save_contexts)
+    return torch.utils.checkpoint.checkpoint(
+        draw_rng_state, device, None, use_reentrant=False, context_fn=_must_save_contexts
+    )
 
 
 def check_no_memory_budget():
@@ -103,7 +111,8 @@ def check_no_memory_budget():
             f"dropout(): torch._functorch.config.activation_memory_budget is {budget}, and "
             f"this torch ({torch.__version__}) {refusal}: the backward pass would recompute "
             "the dropout's random draw and apply another mask. Use a budget of 1.0 or "
-            f"torch >= {first}.")
+            f"torch >= {first}."
+        )
 
 
 def _graph_task_running():
@@ -121,7 +130,8 @@ def check_not_recomputing():
         "dropout(): a forward with an explicit generator is being re-run in the backward pass "
         "(activation checkpointing): torch.utils.checkpoint restores the default generators "
         "only, so the recomputed mask would differ from the forward's. Draw from the default "
-        "generator (generator=None) or pass seed= inside checkpointed regions.")
+        "generator (generator=None) or pass seed= inside checkpointed regions."
+    )
 
 
 def no_rng_state(device):

@@ -58,10 +58,13 @@ def _channel_doc(spatial):
 
 
 def _channel_dropout(spatial):
-    def function(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
-                 generator=None):
-        return channel_dropout_front(_channel_apply, input, p, training, inplace, mask,
-                                           seed, generator, spatial)
+    def function(
+        input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None, generator=None
+    ):
+        return channel_dropout_front(
+            _channel_apply, input, p, training, inplace, mask, seed, generator, spatial
+        )
+
     function.__name__ = function.__qualname__ = f"dropout{spatial}d"
     function.__doc__ = _channel_doc(spatial)
     return function

@@ -19,8 +19,8 @@ import statistics
 import time
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 import fastreg
 from fastreg import bench
@@ -37,8 +37,10 @@ DIGITS_TRAIN = 200
 DIGITS_EPOCHS = 60
 DIGITS_HIDDEN = 256
 DIGITS_SEEDS = (0, 1, 2)
-SKLEARN_MISSING = ("digits: skipped, scikit-learn is not installed (an optional dependency "
-                   "of the demo): pip install scikit-learn")
+SKLEARN_MISSING = (
+    "digits: skipped, scikit-learn is not installed (an optional dependency "
+    "of the demo): pip install scikit-learn"
+)
 
 
 def penalty_fn():
@@ -46,8 +48,10 @@ def penalty_fn():
     api = bench.penalty_api()
     if api is not None:
         return api[0], None
-    return (lambda params, l1=0.0, l2=0.0: bench.penalty_loop(list(params), l1, l2),
-            "fastreg.penalty is not in this build: the penalty runs as a Python loop")
+    return (
+        lambda params, l1=0.0, l2=0.0: bench.penalty_loop(list(params), l1, l2),
+        "fastreg.penalty is not in this build: the penalty runs as a Python loop",
+    )
 
 
 def curve_data(seed):
@@ -62,8 +66,13 @@ def curve_data(seed):
 
 
 def curve_net(dropout):
-    layers = [nn.Linear(1, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
-              nn.Linear(HIDDEN, 1)]
+    layers = [
+        nn.Linear(1, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, HIDDEN),
+        nn.ReLU(),
+        nn.Linear(HIDDEN, 1),
+    ]
     if dropout:
         layers.insert(4, fastreg.Dropout(dropout))
         layers.insert(2, fastreg.Dropout(dropout))
@@ -90,17 +99,23 @@ def fit_curve(variant, x, y, seed, penalty, steps=None):
 
 
 def curve_variants():
-    return (("none", "no regularization"), ("dropout", "fastreg.Dropout(0.5)"),
-            ("l2", f"L2 penalty, l2={L2:g}"), ("l1", f"L1 penalty, l1={L1:g}"))
+    return (
+        ("none", "no regularization"),
+        ("dropout", "fastreg.Dropout(0.5)"),
+        ("l2", f"L2 penalty, l2={L2:g}"),
+        ("l1", f"L1 penalty, l1={L1:g}"),
+    )
 
 
 def curves(seed=0, plot_path=None, out=print):
     """Part 1 over CURVE_SEEDS data sets (seed, seed + 1, ...); the plot shows the first."""
     penalty, note = penalty_fn()
     seeds = [seed + k for k in range(CURVE_SEEDS)]
-    out(f"1. Overfitting: {N_SAMPLES} samples of y = x + 0.3 noise, a 1-{HIDDEN}-{HIDDEN}-1 MLP, "
+    out(
+        f"1. Overfitting: {N_SAMPLES} samples of y = x + 0.3 noise, a 1-{HIDDEN}-{HIDDEN}-1 MLP, "
         f"Adam lr={LR}, {STEPS} full-batch steps; test MSE on {N_TEST} fresh samples; "
-        f"mean over seeds {', '.join(map(str, seeds))}")
+        f"mean over seeds {', '.join(map(str, seeds))}"
+    )
     if note:
         out(f"   ({note})")
     out(f"   {'':<24}{'train MSE':>10}{'test MSE':>10}   per seed (test)")
@@ -114,8 +129,10 @@ def curves(seed=0, plot_path=None, out=print):
                 train.append(F.mse_loss(net(x), y).item())
                 test.append(F.mse_loss(net(x_test), y_test).item())
             nets.setdefault(key, (label, net))
-        out(f"   {label:<24}{statistics.mean(train):>10.4f}{statistics.mean(test):>10.4f}   "
-            + " ".join(f"{t:.4f}" for t in test))
+        out(
+            f"   {label:<24}{statistics.mean(train):>10.4f}{statistics.mean(test):>10.4f}   "
+            + " ".join(f"{t:.4f}" for t in test)
+        )
     true_train = statistics.mean(F.mse_loss(x, y).item() for x, y, _, _ in data)
     true_test = statistics.mean(F.mse_loss(xt, yt).item() for _, _, xt, yt in data)
     out(f"   {'(the true line y = x)':<24}{true_train:>10.4f}{true_test:>10.4f}")
@@ -137,8 +154,10 @@ def _plot_curves(nets, data, seed, path):
     ax.plot(grid, grid, color="black", ls=":", lw=1, label="y = x")
     ax.set_ylim(-2.2, 2.2)
     ax.legend(fontsize=8, loc="upper left")
-    ax.set_title(f"fastreg demo: {N_SAMPLES} noisy samples, a 1-{HIDDEN}-{HIDDEN}-1 MLP "
-                 f"(seed {seed})", fontsize=10)
+    ax.set_title(
+        f"fastreg demo: {N_SAMPLES} noisy samples, a 1-{HIDDEN}-{HIDDEN}-1 MLP (seed {seed})",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -157,9 +176,15 @@ def load_digits():
 
 def digits_net(dropout):
     h = DIGITS_HIDDEN
-    return nn.Sequential(nn.Linear(64, h), nn.ReLU(), fastreg.Dropout(0.2 if dropout else 0.0),
-                         nn.Linear(h, h), nn.ReLU(), fastreg.Dropout(0.5 if dropout else 0.0),
-                         nn.Linear(h, 10))
+    return nn.Sequential(
+        nn.Linear(64, h),
+        nn.ReLU(),
+        fastreg.Dropout(0.2 if dropout else 0.0),
+        nn.Linear(h, h),
+        nn.ReLU(),
+        fastreg.Dropout(0.5 if dropout else 0.0),
+        nn.Linear(h, 10),
+    )
 
 
 def fit_digits(x_train, y_train, dropout, seed, epochs=None, batch=32):
@@ -184,9 +209,11 @@ def digits(seeds=DIGITS_SEEDS, out=print):
         return
     x, y = data
     h = DIGITS_HIDDEN
-    out(f"2. Digits (scikit-learn, {len(x)} 8x8 images): a 64-{h}-{h}-10 MLP trained on "
+    out(
+        f"2. Digits (scikit-learn, {len(x)} 8x8 images): a 64-{h}-{h}-10 MLP trained on "
         f"{DIGITS_TRAIN} images, tested on the other {len(x) - DIGITS_TRAIN}; Adam, "
-        f"{DIGITS_EPOCHS} epochs of batches of 32; seeds {', '.join(map(str, seeds))}")
+        f"{DIGITS_EPOCHS} epochs of batches of 32; seeds {', '.join(map(str, seeds))}"
+    )
     results = {False: [], True: []}
     for seed in seeds:
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(100 + seed))
@@ -200,7 +227,7 @@ def digits(seeds=DIGITS_SEEDS, out=print):
     out(f"   {'':<27}{'test accuracy':>14}{'test loss':>10}   per seed (accuracy)")
     for dropout, label in ((False, "no dropout"), (True, "fastreg.Dropout 0.2 / 0.5")):
         accuracy = statistics.mean(a for a, _ in results[dropout])
-        loss = statistics.mean(l for _, l in results[dropout])
+        loss = statistics.mean(value for _, value in results[dropout])
         per_seed = " ".join(f"{a:.1%}" for a, _ in results[dropout])
         out(f"   {label:<27}{accuracy:>14.1%}{loss:>10.3f}   {per_seed}")
 
@@ -217,5 +244,7 @@ def main(seed=0, plot_path=None, skip_digits=False, out=print):
         if not skip_digits:
             out("")
             digits(out=out)
-    out(f"\n({time.perf_counter() - start:.0f}s on 1 CPU thread, fastreg {fastreg.__version__}, "
-        f"torch {torch.__version__})")
+    out(
+        f"\n({time.perf_counter() - start:.0f}s on 1 CPU thread, fastreg {fastreg.__version__}, "
+        f"torch {torch.__version__})"
+    )

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from fastreg import _checks, _ops, _regen, _rng, channel, reference
-from fastreg._modules import DropoutModule, all_dropped, dropout_apply as _apply
+from fastreg._modules import DropoutModule, all_dropped
+from fastreg._modules import dropout_apply as _apply
 
 
 class _DropoutInplace(torch.autograd.Function):
@@ -31,7 +32,12 @@ class _DropoutInplace(torch.autograd.Function):
     def backward(ctx, grad, _grad_mask):
         mask, rng_state = ctx.saved_tensors
         grad = _ops.with_strides(grad, ctx.stride)
-        return torch.ops.fastreg.dropout_bwd(grad, mask, ctx.p, rng_state, ctx.mode), None, None, None
+        return (
+            torch.ops.fastreg.dropout_bwd(grad, mask, ctx.p, rng_state, ctx.mode),
+            None,
+            None,
+            None,
+        )
 
 
 def _is_dense(t):
@@ -92,8 +98,7 @@ def dropout_front(apply, input, p, training, inplace, mask, seed, generator, app
     return _regen.regenerated(_regen.call_dropout, (input, state), (apply, p, mask), "dropout")
 
 
-def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
-            generator=None):
+def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None, generator=None):
     """Inverted dropout, a drop-in for ``torch.nn.functional.dropout``.
 
     Each element is zeroed with probability ``p`` and the others are scaled by
@@ -118,8 +123,9 @@ def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=Non
 
     Dropped elements are exactly 0, also where ``input`` is NaN or infinite.
     """
-    return dropout_front(_apply, input, p, training, inplace, mask, seed, generator,
-                               apply_=_apply_inplace)
+    return dropout_front(
+        _apply, input, p, training, inplace, mask, seed, generator, apply_=_apply_inplace
+    )
 
 
 def dropout_mask(shape, p, seed, offset=0, *, device=None):
@@ -129,8 +135,11 @@ def dropout_mask(shape, p, seed, offset=0, *, device=None):
         return reference.dropout_mask(shape, p, seed, offset, device=device)
     p = _checks.check_probability(p)
     shape = _checks.check_shape(shape, "dropout_mask")
-    state = torch.tensor([_checks.as_int64(seed, "seed"), _checks.as_int64(offset, "offset")],
-                         dtype=torch.int64, device=device)
+    state = torch.tensor(
+        [_checks.as_int64(seed, "seed"), _checks.as_int64(offset, "offset")],
+        dtype=torch.int64,
+        device=device,
+    )
     return torch.ops.fastreg.dropout_mask(state, shape, p)
 
 
@@ -176,14 +185,17 @@ def replace_dropout(model, *, mask="bits", functional=False, regenerate=False):
     _checks.check_module(model, "model", "replace_dropout")
     _checks.check_mask_mode(mask)
     if not isinstance(functional, bool):
-        raise TypeError(f"replace_dropout(): functional must be a bool, but got "
-                        f"{type(functional).__name__}")
+        raise TypeError(
+            f"replace_dropout(): functional must be a bool, but got {type(functional).__name__}"
+        )
     if not isinstance(regenerate, bool):
-        raise TypeError(f"replace_dropout(): regenerate must be a bool, but got "
-                        f"{type(regenerate).__name__}")
+        raise TypeError(
+            f"replace_dropout(): regenerate must be a bool, but got {type(regenerate).__name__}"
+        )
     model = _swap_modules(model, mask)
     if functional:
         from fastreg.functional_mode import route_functional
+
         route_functional(model, mask)
     if regenerate:
         _regen.regenerate_in_forward(model)
@@ -191,8 +203,12 @@ def replace_dropout(model, *, mask="bits", functional=False, regenerate=False):
 
 
 def _swap_modules(model, mask):
-    classes = {nn.Dropout: Dropout, nn.Dropout1d: channel.Dropout1d,
-               nn.Dropout2d: channel.Dropout2d, nn.Dropout3d: channel.Dropout3d}
+    classes = {
+        nn.Dropout: Dropout,
+        nn.Dropout1d: channel.Dropout1d,
+        nn.Dropout2d: channel.Dropout2d,
+        nn.Dropout3d: channel.Dropout3d,
+    }
 
     def swap(module):
         new = classes[type(module)](module.p, module.inplace, mask=mask)

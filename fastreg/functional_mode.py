@@ -32,8 +32,10 @@ def _plain_type(cls):
     if cls in (torch.Tensor, torch.nn.Parameter):
         return True
     tf = getattr(cls, "__torch_function__", None)
-    return getattr(tf, "__func__", tf) in (torch.Tensor.__torch_function__.__func__,
-                                           torch._C._disabled_torch_function_impl)
+    return getattr(tf, "__func__", tf) in (
+        torch.Tensor.__torch_function__.__func__,
+        torch._C._disabled_torch_function_impl,
+    )
 
 
 def _plain(tensor):
@@ -51,8 +53,10 @@ def _bind(names, defaults, args, kwargs):
     return bound
 
 
-_DROPOUT_ARGS = (("input", "p", "training", "inplace"), {"p": 0.5, "training": True,
-                                                         "inplace": False})
+_DROPOUT_ARGS = (
+    ("input", "p", "training", "inplace"),
+    {"p": 0.5, "training": True, "inplace": False},
+)
 _TORCH_DROPOUT_ARGS = (("input", "p", "train"), {})
 
 
@@ -63,20 +67,34 @@ def _handlers():
     def functional(fn):
         def serve(mode, args, kwargs):
             a = _bind(*_DROPOUT_ARGS, args, kwargs)
-            return fn(a["input"], a["p"], a["training"], a["inplace"], mask=mode.mask,
-                      generator=mode.generator)
+            return fn(
+                a["input"],
+                a["p"],
+                a["training"],
+                a["inplace"],
+                mask=mode.mask,
+                generator=mode.generator,
+            )
+
         return serve
 
     def torch_dropout(inplace):
         def serve(mode, args, kwargs):
             a = _bind(*_TORCH_DROPOUT_ARGS, args, kwargs)
-            return dropout(a["input"], a["p"], a["train"], inplace, mask=mode.mask,
-                           generator=mode.generator)
+            return dropout(
+                a["input"], a["p"], a["train"], inplace, mask=mode.mask, generator=mode.generator
+            )
+
         return serve
 
-    return {F.dropout: functional(dropout), F.dropout1d: functional(channel.dropout1d),
-            F.dropout2d: functional(channel.dropout2d), F.dropout3d: functional(channel.dropout3d),
-            torch.dropout: torch_dropout(False), torch.dropout_: torch_dropout(True)}
+    return {
+        F.dropout: functional(dropout),
+        F.dropout1d: functional(channel.dropout1d),
+        F.dropout2d: functional(channel.dropout2d),
+        F.dropout3d: functional(channel.dropout3d),
+        torch.dropout: torch_dropout(False),
+        torch.dropout_: torch_dropout(True),
+    }
 
 
 _HANDLERS = {}
@@ -84,9 +102,14 @@ _HANDLERS = {}
 #: The calls :class:`DropoutMode` serves; every other call (``F.alpha_dropout``,
 #: ``F.feature_alpha_dropout``, ``torch.feature_dropout``, ``torch.native_dropout``, the
 #: ``dropout_p`` of ``F.scaled_dot_product_attention``) stays torch's.
-ROUTED = ("torch.nn.functional.dropout", "torch.nn.functional.dropout1d",
-          "torch.nn.functional.dropout2d", "torch.nn.functional.dropout3d", "torch.dropout",
-          "torch.dropout_")
+ROUTED = (
+    "torch.nn.functional.dropout",
+    "torch.nn.functional.dropout1d",
+    "torch.nn.functional.dropout2d",
+    "torch.nn.functional.dropout3d",
+    "torch.dropout",
+    "torch.dropout_",
+)
 
 
 class DropoutMode(TorchFunctionMode):
@@ -113,9 +136,11 @@ class DropoutMode(TorchFunctionMode):
     def __init__(self, mask="bits", generator=None):
         if _DYNAMO_DROPS_THE_MODE and torch.compiler.is_compiling():
             # a graph break (fullgraph=True: an error): the mode then runs eagerly
-            raise RuntimeError("DropoutMode: torch 2.5's Dynamo does not route the dropout "
-                               "calls of a mode entered inside a compiled function; enter it "
-                               "around the compiled call, or use torch >= 2.6")
+            raise RuntimeError(
+                "DropoutMode: torch 2.5's Dynamo does not route the dropout "
+                "calls of a mode entered inside a compiled function; enter it "
+                "around the compiled call, or use torch >= 2.6"
+            )
         super().__init__()
         _checks.check_mask_mode(mask)
         self.mask = mask
@@ -142,9 +167,12 @@ class DropoutMode(TorchFunctionMode):
         calls inside another overridable Python function stay torch's. So do those of a
         call given a tensor subclass with its own __torch_function__, which is owed the
         outer call."""
-        if (_redispatch is not None and isinstance(func, types_.FunctionType)
-                and getattr(func, "__module__", None) == "torch.nn.functional"
-                and all(_plain_type(t) for t in types)):
+        if (
+            _redispatch is not None
+            and isinstance(func, types_.FunctionType)
+            and getattr(func, "__module__", None) == "torch.nn.functional"
+            and all(_plain_type(t) for t in types)
+        ):
             with self:
                 return _redispatch(func, types, args, kwargs)
         return func(*args, **kwargs)
@@ -154,6 +182,7 @@ class DropoutMode(TorchFunctionMode):
 
 
 # ---- replace_dropout(..., functional=True): the mode around every module's forward ----
+
 
 class _ForwardHooks:
     """Forward pre- and post-hooks that run a module's forward inside a DropoutMode; a

@@ -6,7 +6,6 @@ import torch
 
 from fastreg import _checks, _ops, _regen, _rng, reference
 
-
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
 
@@ -17,8 +16,10 @@ def check_activation(activation):
     if not isinstance(activation, str):
         raise TypeError(f"activation must be a str or None, but got {type(activation).__name__}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))} or None, "
-                         f"but got {activation!r}")
+        raise ValueError(
+            f"activation must be one of {', '.join(map(repr, ACTIVATIONS))} or None, "
+            f"but got {activation!r}"
+        )
     return activation
 
 
@@ -26,13 +27,17 @@ def _check_like(value, name, input, function, shape, what):
     _checks.check_tensor(value, name, function)
     _checks.check_dropout_layout(value, name, function)
     if value.shape != shape:
-        raise RuntimeError(f"{function}(): {name} must have shape {tuple(shape)} ({what}), "
-                           f"but got {tuple(value.shape)}")
+        raise RuntimeError(
+            f"{function}(): {name} must have shape {tuple(shape)} ({what}), "
+            f"but got {tuple(value.shape)}"
+        )
     if value.is_complex():
         raise TypeError(f"{function}(): {name} must be a real tensor, but got {value.dtype}")
     if value.device != input.device:
-        raise RuntimeError(f"{function}(): {name} must be on input's device {input.device}, but is "
-                           f"on {value.device}")
+        raise RuntimeError(
+            f"{function}(): {name} must be on input's device {input.device}, but is "
+            f"on {value.device}"
+        )
 
 
 def check_bias(bias, input, function):
@@ -42,10 +47,13 @@ def check_bias(bias, input, function):
         return
     if input.dim() == 0:
         _checks.check_tensor(bias, "bias", function)
-        raise RuntimeError(f"{function}(): a bias needs an input with at least 1 dimension, "
-                           "but input is 0-dimensional")
-    _check_like(bias, "bias", input, function, torch.Size([input.shape[-1]]),
-                "input's last dimension")
+        raise RuntimeError(
+            f"{function}(): a bias needs an input with at least 1 dimension, "
+            "but input is 0-dimensional"
+        )
+    _check_like(
+        bias, "bias", input, function, torch.Size([input.shape[-1]]), "input's last dimension"
+    )
 
 
 def check_residual(residual, input, function):
@@ -100,8 +108,9 @@ def bias_act_dropout_front(apply, input, bias, p, activation, training, mask, se
     if not training or p == 0.0:
         return apply(input, bias, 0.0, activation, _rng.no_rng_state(input.device), "recompute")
     state = _rng.rng_state(input.device, seed, generator)
-    return _regen.regenerated(_regen.call_bias_act, (input, bias, state),
-                              (apply, p, activation, mask), function)
+    return _regen.regenerated(
+        _regen.call_bias_act, (input, bias, state), (apply, p, activation, mask), function
+    )
 
 
 def _bias_dropout_add(input, bias, residual, p, rng_state, mask):
@@ -116,8 +125,9 @@ def _bias_act_dropout(input, bias, p, activation, rng_state, mask):
     return torch.ops.fastreg.bias_act_dropout_fwd(input, bias, p, activation, rng_state, mask)[0]
 
 
-def bias_dropout_add(input, bias, residual, p, training=True, *, mask="bits", seed=None,
-                     generator=None):
+def bias_dropout_add(
+    input, bias, residual, p, training=True, *, mask="bits", seed=None, generator=None
+):
     """``residual + dropout(input + bias, p, training)`` in one kernel, forward and backward
     (Megatron-LM's and Apex's bias_dropout_add).
 
@@ -155,12 +165,14 @@ def bias_dropout_add(input, bias, residual, p, training=True, *, mask="bits", se
 
     The bias gradient is summed in float32 (float64) without atomics, deterministically.
     """
-    return bias_dropout_add_front(_bias_dropout_add, input, bias, residual, p, training,
-                                  mask, seed, generator)
+    return bias_dropout_add_front(
+        _bias_dropout_add, input, bias, residual, p, training, mask, seed, generator
+    )
 
 
-def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="bits",
-                     seed=None, generator=None):
+def bias_act_dropout(
+    input, bias, p, activation="gelu", training=True, *, mask="bits", seed=None, generator=None
+):
     """``dropout(act(input + bias), p, training)`` in one kernel, forward and backward
     (xformers' fused bias-activation-dropout).
 
@@ -181,5 +193,6 @@ def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="
     memory) when there is an activation: its derivative needs ``act'(input + bias)``.
     With ``training=False`` (or p = 0) the result is ``act(input + bias)``.
     """
-    return bias_act_dropout_front(_bias_act_dropout, input, bias, p, activation, training,
-                                        mask, seed, generator)
+    return bias_act_dropout_front(
+        _bias_act_dropout, input, bias, p, activation, training, mask, seed, generator
+    )

@@ -76,10 +76,13 @@ _is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.i
 def penalty_front(apply, function, params, exclude, l1, l2, group_keys=("l1", "l2")):
     """The value of a penalty through `apply(tensors, l1s, l2s)`; an empty selection
     gives a float32 zero (on the CPU: it has no device to take)."""
-    coefficients = {"l1": _checks.check_optional_coefficient(l1, "l1", function),
-                    "l2": _checks.check_optional_coefficient(l2, "l2", function)}
-    tensors, values, _ = _params.collect_params(function, params, coefficients, exclude, group_keys,
-                                        one_mesh=True)
+    coefficients = {
+        "l1": _checks.check_optional_coefficient(l1, "l1", function),
+        "l2": _checks.check_optional_coefficient(l2, "l2", function),
+    }
+    tensors, values, _ = _params.collect_params(
+        function, params, coefficients, exclude, group_keys, one_mesh=True
+    )
     if not tensors:
         return torch.zeros((), dtype=torch.float32)
     if _distributed.has_dtensors(tensors):
@@ -92,15 +95,19 @@ def penalty_grad_front(apply, params, l1, l2, exclude):
     a gradient gets a zero one first; tensors whose coefficients are both zero are left
     alone."""
     function = "penalty_grad_"
-    coefficients = {"l1": _checks.check_optional_coefficient(l1, "l1", function),
-                    "l2": _checks.check_optional_coefficient(l2, "l2", function)}
+    coefficients = {
+        "l1": _checks.check_optional_coefficient(l1, "l1", function),
+        "l2": _checks.check_optional_coefficient(l2, "l2", function),
+    }
     tensors, values, label = _params.collect_params(function, params, coefficients, exclude)
     keep = [i for i in range(len(tensors)) if values["l1"][i] or values["l2"][i]]
     for i in keep:
         grad = tensors[i].grad
         if grad is not None and grad.layout != torch.strided:
-            raise TypeError(f"{function}(): the gradient of {label(i)} must be strided (dense), "
-                            f"but got {grad.layout}")
+            raise TypeError(
+                f"{function}(): the gradient of {label(i)} must be strided (dense), "
+                f"but got {grad.layout}"
+            )
     if not keep:
         return
     with torch.no_grad():
@@ -260,8 +267,9 @@ def penalty(params, l1=None, l2=None, *, exclude=None):
     if l1 is not None or l2 is not None:
         tensors = _fast_tensors("penalty", params, exclude)
         if tensors:
-            value = _FAST.penalty_fast(tensors, 0.0 if l1 is None else l1,
-                                       0.0 if l2 is None else l2)
+            value = _FAST.penalty_fast(
+                tensors, 0.0 if l1 is None else l1, 0.0 if l2 is None else l2
+            )
             if value is not None:
                 return value
     return penalty_front(_penalty_apply, "penalty", params, exclude, l1, l2)
@@ -276,8 +284,9 @@ def l1_penalty(params, weight=1.0, *, exclude=None):
         if value is not None:
             return value
     weight = _checks.check_coefficient(weight, "weight", "l1_penalty")
-    return penalty_front(_penalty_apply, "l1_penalty", params, exclude, weight, 0.0,
-                               group_keys=("l1",))
+    return penalty_front(
+        _penalty_apply, "l1_penalty", params, exclude, weight, 0.0, group_keys=("l1",)
+    )
 
 
 def l2_penalty(params, weight=1.0, *, exclude=None):
@@ -289,8 +298,9 @@ def l2_penalty(params, weight=1.0, *, exclude=None):
         if value is not None:
             return value
     weight = _checks.check_coefficient(weight, "weight", "l2_penalty")
-    return penalty_front(_penalty_apply, "l2_penalty", params, exclude, 0.0, weight,
-                               group_keys=("l2",))
+    return penalty_front(
+        _penalty_apply, "l2_penalty", params, exclude, 0.0, weight, group_keys=("l2",)
+    )
 
 
 def penalty_grad_(params, l1=None, l2=None, *, exclude=None):
@@ -305,8 +315,9 @@ def penalty_grad_(params, l1=None, l2=None, *, exclude=None):
     """
     if l1 is not None or l2 is not None:
         tensors = _fast_tensors("penalty_grad_", params, exclude)
-        if tensors and _FAST.penalty_grad_fast(tensors, 0.0 if l1 is None else l1,
-                                               0.0 if l2 is None else l2):
+        if tensors and _FAST.penalty_grad_fast(
+            tensors, 0.0 if l1 is None else l1, 0.0 if l2 is None else l2
+        ):
             return
     penalty_grad_front(_penalty_grad_apply, params, l1, l2, exclude)
 
@@ -363,7 +374,9 @@ class L1Penalty(Penalty):
     """``L1Penalty(weight)(model)`` is ``l1_penalty(model, weight)``."""
 
     def __init__(self, weight, *, exclude=None):
-        super().__init__(l1=_checks.check_coefficient(weight, "weight", "L1Penalty"), exclude=exclude)
+        super().__init__(
+            l1=_checks.check_coefficient(weight, "weight", "L1Penalty"), exclude=exclude
+        )
 
     @torch.jit.unused
     def forward(self, params):
@@ -374,7 +387,9 @@ class L2Penalty(Penalty):
     """``L2Penalty(weight)(model)`` is ``l2_penalty(model, weight)``."""
 
     def __init__(self, weight, *, exclude=None):
-        super().__init__(l2=_checks.check_coefficient(weight, "weight", "L2Penalty"), exclude=exclude)
+        super().__init__(
+            l2=_checks.check_coefficient(weight, "weight", "L2Penalty"), exclude=exclude
+        )
 
     @torch.jit.unused
     def forward(self, params):

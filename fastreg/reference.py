@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 
 from fastreg import _checks
+
 # The front ends (checks, identity cases, the RNG draw) are the public functions' own, so
 # that both backends accept and reject the same calls. (These modules import this one:
 # fastreg/__init__.py imports it first, and they read its names only when called.)
@@ -29,8 +30,8 @@ _PHILOX_WEYL = (0x9E3779B9, 0xBB67AE85)
 
 def _mulhilo32(a, b):
     """(hi, lo) words of the 64-bit product of the constant a and the words b < 2**32."""
-    t = a * (b & 0xFFFF)                # < 2**48
-    u = a * (b >> 16) + (t >> 16)       # a * b == u * 2**16 + (t & 0xFFFF), u < 2**49
+    t = a * (b & 0xFFFF)  # < 2**48
+    u = a * (b >> 16) + (t >> 16)  # a * b == u * 2**16 + (t & 0xFFFF), u < 2**49
     return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
 
 
@@ -62,9 +63,15 @@ def _keep_flat_ops(numel: int, p: float, rng_state: torch.Tensor) -> torch.Tenso
         return torch.zeros(numel, dtype=torch.bool, device=device)
     seed, offset = rng_state[0], rng_state[1]
     q = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device)
-    words = philox4x32_10(q & _MASK32, q >> 32, offset & _MASK32, (offset >> 32) & _MASK32,
-                          seed & _MASK32, (seed >> 32) & _MASK32)
-    return (torch.stack(words, dim=1).reshape(-1)[:numel] >= keep_threshold(p))
+    words = philox4x32_10(
+        q & _MASK32,
+        q >> 32,
+        offset & _MASK32,
+        (offset >> 32) & _MASK32,
+        seed & _MASK32,
+        (seed >> 32) & _MASK32,
+    )
+    return torch.stack(words, dim=1).reshape(-1)[:numel] >= keep_threshold(p)
 
 
 # Inductor would inline the ten Philox rounds into one pointwise expression whose
@@ -102,8 +109,9 @@ def memory_order_view(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat.view([like.shape[d] for d in order]).permute(inverse)
 
 
-def dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor,
-                  mask: str = "bits") -> torch.Tensor:
+def dropout_apply(
+    input: torch.Tensor, p: float, rng_state: torch.Tensor, mask: str = "bits"
+) -> torch.Tensor:
     """The dropout forward of the RNG contract for a drawn rng_state. `mask` only matters
     to the kernels' memory use; the reference keeps what autograd keeps. (TorchScript too.)"""
     layout = torch.empty_like(input)  # the output's layout: the input's, when dense
@@ -114,8 +122,7 @@ def dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor,
     return out if out.stride() == layout.stride() else layout.copy_(out)
 
 
-def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
-            generator=None):
+def dropout(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None, generator=None):
     """Reference of fastreg.dropout."""
     return _dropout_front(dropout_apply, input, p, training, inplace, mask, seed, generator)
 
@@ -124,8 +131,11 @@ def dropout_mask(shape, p, seed, offset=0, *, device=None):
     """Reference of fastreg.dropout_mask: the bool keep-mask (contiguous) of `shape`."""
     p = _checks.check_probability(p)
     shape = torch.Size(_checks.check_shape(shape, "dropout_mask"))
-    state = torch.tensor([_checks.as_int64(seed, "seed"), _checks.as_int64(offset, "offset")],
-                         dtype=torch.int64, device=device)
+    state = torch.tensor(
+        [_checks.as_int64(seed, "seed"), _checks.as_int64(offset, "offset")],
+        dtype=torch.int64,
+        device=device,
+    )
     return keep_flat(shape.numel(), p, state).view(shape)
 
 
@@ -201,8 +211,12 @@ class _PenaltyFunction(torch.autograd.Function):
         tensors = ctx.saved_tensors
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         grads = [None] * len(tensors)
-        computed = penalty_backward(grad_out, [tensors[i] for i in wanted],
-                                    [ctx.l1s[i] for i in wanted], [ctx.l2s[i] for i in wanted])
+        computed = penalty_backward(
+            grad_out,
+            [tensors[i] for i in wanted],
+            [ctx.l1s[i] for i in wanted],
+            [ctx.l2s[i] for i in wanted],
+        )
         for i, grad in zip(wanted, computed):
             grads[i] = grad
         return (None, None, *grads)
@@ -220,8 +234,7 @@ def penalty_grad_apply(grads, tensors, l1s, l2s):
             if tensor.numel() == 0 or (not l1 and not l2):
                 continue
             opmath = _opmath(tensor.dtype)
-            grad.copy_((grad.to(opmath) + penalty_slope(tensor.to(opmath), l1, l2))
-                       .to(grad.dtype))
+            grad.copy_((grad.to(opmath) + penalty_slope(tensor.to(opmath), l1, l2)).to(grad.dtype))
 
 
 def prox_l1_apply(tensors, thresholds):
@@ -242,15 +255,17 @@ def penalty(params, l1=None, l2=None, *, exclude=None):
 def l1_penalty(params, weight=1.0, *, exclude=None):
     """Reference of fastreg.l1_penalty."""
     weight = _checks.check_coefficient(weight, "weight", "l1_penalty")
-    return _penalty_front(penalty_apply, "l1_penalty", params, exclude, weight, 0.0,
-                               group_keys=("l1",))
+    return _penalty_front(
+        penalty_apply, "l1_penalty", params, exclude, weight, 0.0, group_keys=("l1",)
+    )
 
 
 def l2_penalty(params, weight=1.0, *, exclude=None):
     """Reference of fastreg.l2_penalty."""
     weight = _checks.check_coefficient(weight, "weight", "l2_penalty")
-    return _penalty_front(penalty_apply, "l2_penalty", params, exclude, 0.0, weight,
-                               group_keys=("l2",))
+    return _penalty_front(
+        penalty_apply, "l2_penalty", params, exclude, 0.0, weight, group_keys=("l2",)
+    )
 
 
 def penalty_grad_(params, l1=None, l2=None, *, exclude=None):
@@ -261,6 +276,8 @@ def penalty_grad_(params, l1=None, l2=None, *, exclude=None):
 def prox_l1_(params, threshold, *, exclude=None):
     """Reference of fastreg.prox_l1_."""
     _prox_front(prox_l1_apply, params, threshold, exclude)
+
+
 # ---- the fused ops ----------------------------------------------------------------
 #
 # The element math of csrc/device/fused_math.h written with tensor ops in op-math (float32; float64
@@ -268,9 +285,9 @@ def prox_l1_(params, threshold, *, exclude=None):
 # and selections are involved (no activation, relu) the kernels match this bit for bit;
 # erf, tanh and exp come from torch here and from each platform's libm in the kernels.
 
-_SQRT1_2 = 0.70710678118654752440          # M_SQRT1_2
-_INV_SQRT_2PI = 0.39894228040143267794     # M_2_SQRTPI * M_SQRT1_2 / 2
-_SQRT_2_OVER_PI = 0.79788456080286535588   # M_SQRT2 * M_2_SQRTPI / 2
+_SQRT1_2 = 0.70710678118654752440  # M_SQRT1_2
+_INV_SQRT_2PI = 0.39894228040143267794  # M_2_SQRTPI * M_SQRT1_2 / 2
+_SQRT_2_OVER_PI = 0.79788456080286535588  # M_SQRT2 * M_2_SQRTPI / 2
 _KAPPA = 0.044715
 
 
@@ -391,29 +408,35 @@ def bias_act_dropout_backward(grad, input, bias, keep, p, activation, bias_grad=
     grad_bias = None
     if bias_grad:
         dims = tuple(range(grad.dim() - 1))
-        grad_bias = (grad_input.to(opmath).sum(dims) if dims else grad_input.to(opmath))
+        grad_bias = grad_input.to(opmath).sum(dims) if dims else grad_input.to(opmath)
         grad_bias = grad_bias.to(grad.dtype)
     return grad_input, grad_bias
 
 
-def bias_dropout_add(input, bias, residual, p, training=True, *, mask="bits", seed=None,
-                     generator=None):
+def bias_dropout_add(
+    input, bias, residual, p, training=True, *, mask="bits", seed=None, generator=None
+):
     """Reference of fastreg.bias_dropout_add."""
-    return _bias_dropout_add_front(bias_dropout_add_apply, input, bias, residual, p,
-                                        training, mask, seed, generator)
+    return _bias_dropout_add_front(
+        bias_dropout_add_apply, input, bias, residual, p, training, mask, seed, generator
+    )
 
 
-def bias_act_dropout(input, bias, p, activation="gelu", training=True, *, mask="bits",
-                     seed=None, generator=None):
+def bias_act_dropout(
+    input, bias, p, activation="gelu", training=True, *, mask="bits", seed=None, generator=None
+):
     """Reference of fastreg.bias_act_dropout."""
-    return _bias_act_dropout_front(bias_act_dropout_apply, input, bias, p, activation,
-                                        training, mask, seed, generator)
+    return _bias_act_dropout_front(
+        bias_act_dropout_apply, input, bias, p, activation, training, mask, seed, generator
+    )
 
 
 # ---- channel dropout ----------------------------------------------------------------
 
-def channel_dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor,
-                          keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+
+def channel_dropout_apply(
+    input: torch.Tensor, p: float, rng_state: torch.Tensor, keep: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Channel dropout of an input (N, C, *) for a drawn rng_state: channel (n, c) is kept
     iff element n * C + c of the contract is (the flags of dropout_mask((N, C), p, S, O)),
     kept channels scaled by 1 / (1 - p) in op-math and rounded once, dropped ones exactly 0.
@@ -427,11 +450,21 @@ def channel_dropout_apply(input: torch.Tensor, p: float, rng_state: torch.Tensor
 
 
 def _channel_dropout(spatial):
-    def function(input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None,
-                 generator=None):
+    def function(
+        input, p=0.5, training=True, inplace=False, *, mask="bits", seed=None, generator=None
+    ):
         return _channel_dropout_front(
-            lambda x, p_, state: channel_dropout_apply(x, p_, state), input, p, training,
-            inplace, mask, seed, generator, spatial)
+            lambda x, p_, state: channel_dropout_apply(x, p_, state),
+            input,
+            p,
+            training,
+            inplace,
+            mask,
+            seed,
+            generator,
+            spatial,
+        )
+
     function.__name__ = function.__qualname__ = f"dropout{spatial}d"
     function.__doc__ = f"Reference of fastreg.dropout{spatial}d."
     return function

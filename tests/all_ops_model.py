@@ -26,15 +26,17 @@ class AllOps(nn.Module):
 
     def forward(self, x):
         h = self.drop2d(torch.relu(self.conv(x))).flatten(1)
-        h = fastreg.bias_act_dropout(self.fc1(h), self.b1, 0.25, "gelu", self.training,
-                                     mask=self.mask)
+        h = fastreg.bias_act_dropout(
+            self.fc1(h), self.b1, 0.25, "gelu", self.training, mask=self.mask
+        )
         h = fastreg.bias_dropout_add(self.fc2(h), self.b2, h, 0.25, self.training, mask=self.mask)
         return self.head(self.drop(h))
 
 
 def loss_fn(model, x, y):
-    return (F.cross_entropy(model(x), y)
-            + fastreg.penalty(model, l1=1e-4, l2=1e-3, exclude="bias_and_norm"))
+    return F.cross_entropy(model(x), y) + fastreg.penalty(
+        model, l1=1e-4, l2=1e-3, exclude="bias_and_norm"
+    )
 
 
 def batch(device="cpu", n=8, seed=0):

@@ -14,8 +14,9 @@ MASK_MODES = ["bits", "bool", "recompute"]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 # Tests of the kernels themselves (their operators, buffers, memory, agreement with the
 # reference): they skip on the reference backend (FASTREG_BACKEND=reference).
-requires_extension = pytest.mark.skipif(not _ops.HAVE_EXTENSION,
-                                        reason="needs the compiled extension")
+requires_extension = pytest.mark.skipif(
+    not _ops.HAVE_EXTENSION, reason="needs the compiled extension"
+)
 
 
 class OpLog(TorchDispatchMode):
@@ -66,8 +67,9 @@ def device(request):
 try:  # hypothesis: bounded runs; HYPOTHESIS_PROFILE=ci draws the same examples every run
     from hypothesis import HealthCheck, settings
 
-    settings.register_profile("default", max_examples=150, deadline=None,
-                              suppress_health_check=[HealthCheck.too_slow])
+    settings.register_profile(
+        "default", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
     settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
     settings.load_profile(__import__("os").environ.get("HYPOTHESIS_PROFILE", "default"))
 except ImportError:

@@ -18,8 +18,9 @@ for precision in ("fp32", "bf16"):
     for accum in (1, 4):
         for clip in (True, False):
             name = f"{precision}-accum{accum}-clip{int(clip)}"
-            model, calls, trainer, start = cases.train_with_callback(out / name, precision,
-                                                                     accum, clip)
+            model, calls, trainer, start = cases.train_with_callback(
+                out / name, precision, accum, clip
+            )
             assert trainer.args.world_size == 2 and dist.is_initialized()
             expected = cases.hand_written(start, calls, precision, accum, clip, ddp=True)
             difference = torch.tensor(cases.max_difference(model, expected))

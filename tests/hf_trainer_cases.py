@@ -8,7 +8,6 @@ scaled by a GradScaler, unscaled, clipped, stepped."""
 import copy
 
 import torch
-
 import transformers
 from transformers import Trainer, TrainingArguments
 
@@ -16,36 +15,62 @@ from fastreg.integrations.huggingface import FastregCallback
 
 L1, L2, LR, MAX_NORM = 2e-3, 2e-2, 0.1, 0.5
 BATCH = 2
-INIT_SCALE = 2.0 ** 8
+INIT_SCALE = 2.0**8
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def config(dropout=0.0):
     return transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=24, max_position_embeddings=16, num_labels=3,
-        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
 
 
 def make_model(dropout=0.0, seed=0):
     torch.manual_seed(seed)
     return transformers.AutoModelForSequenceClassification.from_config(
-        config(dropout), attn_implementation="eager").train()
+        config(dropout), attn_implementation="eager"
+    ).train()
 
 
 def dataset(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [{"input_ids": torch.randint(50, (8,), generator=g),
-             "labels": torch.randint(3, (), generator=g)} for _ in range(n)]
+    return [
+        {
+            "input_ids": torch.randint(50, (8,), generator=g),
+            "labels": torch.randint(3, (), generator=g),
+        }
+        for _ in range(n)
+    ]
 
 
 def training_args(out, precision="fp32", accum=1, clip=True, steps=3, **extra):
-    kwargs = dict(per_device_train_batch_size=BATCH, gradient_accumulation_steps=accum,
-                  max_steps=steps, max_grad_norm=MAX_NORM if clip else 0.0, optim="sgd",
-                  learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0,
-                  use_cpu=True, report_to="none", save_strategy="no", logging_steps=1,
-                  disable_tqdm=True, seed=0, bf16=precision == "bf16",
-                  fp16=precision == "fp16", dataloader_num_workers=0)
+    kwargs = dict(
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=accum,
+        max_steps=steps,
+        max_grad_norm=MAX_NORM if clip else 0.0,
+        optim="sgd",
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        dataloader_num_workers=0,
+    )
     kwargs.update(extra)
     return TrainingArguments(out, **kwargs)
 
@@ -72,15 +97,28 @@ def record_inputs(model):
     return calls
 
 
-def train_with_callback(out, precision="fp32", accum=1, clip=True, steps=3, model=None,
-                        callback=None, data=None, **extra):
+def train_with_callback(
+    out,
+    precision="fp32",
+    accum=1,
+    clip=True,
+    steps=3,
+    model=None,
+    callback=None,
+    data=None,
+    **extra,
+):
     """(trained model, recorded calls, trainer, initial state dict)."""
     model = make_model() if model is None else model
     start = copy.deepcopy(model.state_dict())
     calls = record_inputs(model)
     callback = FastregCallback(l1=L1, l2=L2) if callback is None else callback
-    trainer = Trainer(model=model, args=training_args(out, precision, accum, clip, steps, **extra),
-                      train_dataset=dataset() if data is None else data, callbacks=[callback])
+    trainer = Trainer(
+        model=model,
+        args=training_args(out, precision, accum, clip, steps, **extra),
+        train_dataset=dataset() if data is None else data,
+        callbacks=[callback],
+    )
     if precision == "fp16":
         use_cpu_grad_scaler(trainer)
     trainer.train()
@@ -98,8 +136,9 @@ def hand_penalty(model, times=1.0):
     return total * times
 
 
-def hand_written(start, calls, precision="fp32", accum=1, clip=True, steps=3, penalty_times=1.0,
-                 ddp=False):
+def hand_written(
+    start, calls, precision="fp32", accum=1, clip=True, steps=3, penalty_times=1.0, ddp=False
+):
     """The loop the Trainer run must equal, on `calls` (a Trainer run's micro-batches)."""
     model = make_model()
     model.load_state_dict(start)
@@ -109,7 +148,7 @@ def hand_written(start, calls, precision="fp32", accum=1, clip=True, steps=3, pe
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if precision == "fp16" else None
     assert len(calls) == accum * steps, len(calls)
     for step in range(steps):
-        batch = calls[step * accum:(step + 1) * accum]
+        batch = calls[step * accum : (step + 1) * accum]
         for i, kwargs in enumerate(batch):
             sync = net.no_sync() if ddp and i < accum - 1 else _null()
             with sync:
@@ -148,4 +187,3 @@ def max_difference(a, b):
     pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
     assert pa.keys() == pb.keys()
     return max((pa[k].detach() - pb[k].detach()).abs().max().item() for k in pa)
-

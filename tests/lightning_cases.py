@@ -16,14 +16,15 @@ from fastreg.integrations.lightning import FastregCallback
 
 L1, L2, LR, MAX_NORM = 2e-3, 2e-2, 0.1, 0.5
 BATCH = 2
-INIT_SCALE = 2.0 ** 8
+INIT_SCALE = 2.0**8
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_net(dropout=0.0, seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Dropout(dropout),
-                         nn.Linear(16, 3))
+    return nn.Sequential(
+        nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Dropout(dropout), nn.Linear(16, 3)
+    )
 
 
 class Module(L.LightningModule):
@@ -46,8 +47,9 @@ class Module(L.LightningModule):
 
 def data(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    dataset = torch.utils.data.TensorDataset(torch.randn(n, 6, generator=g),
-                                             torch.randint(3, (n,), generator=g))
+    dataset = torch.utils.data.TensorDataset(
+        torch.randn(n, 6, generator=g), torch.randint(3, (n,), generator=g)
+    )
     return torch.utils.data.DataLoader(dataset, batch_size=BATCH, shuffle=False)
 
 
@@ -62,18 +64,39 @@ def plugins(precision):
     return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=scaler)]}
 
 
-def fit(root, precision="fp32", accum=1, clip=True, steps=3, module=None, callback=None,
-        devices=1, strategy="auto", **extra):
+def fit(
+    root,
+    precision="fp32",
+    accum=1,
+    clip=True,
+    steps=3,
+    module=None,
+    callback=None,
+    devices=1,
+    strategy="auto",
+    **extra,
+):
     """(module, its initial state dict, trainer)."""
     module = Module() if module is None else module
     start = copy.deepcopy(module.net.state_dict())
     callback = FastregCallback(l1=L1, l2=L2) if callback is None else callback
-    trainer = L.Trainer(default_root_dir=root, accelerator="cpu", devices=devices,
-                        strategy=strategy, max_steps=steps, accumulate_grad_batches=accum,
-                        gradient_clip_val=MAX_NORM if clip else None, callbacks=[callback],
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, log_every_n_steps=1,
-                        **plugins(precision), **extra)
+    trainer = L.Trainer(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=steps,
+        accumulate_grad_batches=accum,
+        gradient_clip_val=MAX_NORM if clip else None,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        **plugins(precision),
+        **extra,
+    )
     trainer.fit(module, data())
     return module, start, trainer
 
@@ -86,8 +109,9 @@ def hand_penalty(net, times=1.0):
     return total * times
 
 
-def hand_written(start, batches, precision="fp32", accum=1, clip=True, steps=3,
-                 penalty_times=1.0, ddp=False):
+def hand_written(
+    start, batches, precision="fp32", accum=1, clip=True, steps=3, penalty_times=1.0, ddp=False
+):
     net = make_net()
     net.load_state_dict(start)
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
@@ -96,7 +120,7 @@ def hand_written(start, batches, precision="fp32", accum=1, clip=True, steps=3,
     scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if precision == "fp16" else None
     assert len(batches) == accum * steps, len(batches)
     for step in range(steps):
-        for i, (x, y) in enumerate(batches[step * accum:(step + 1) * accum]):
+        for i, (x, y) in enumerate(batches[step * accum : (step + 1) * accum]):
             with model.no_sync() if ddp and i < accum - 1 else _null():
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                     loss = F.cross_entropy(model(x), y)

@@ -19,11 +19,11 @@ for precision in ("fp32", "bf16", "fp16"):
     for accum in (1, 4):
         for clip in (True, False):
             name = f"{precision}-accum{accum}-clip{int(clip)}"
-            module, start, trainer = cases.fit(out / name, precision, accum, clip, devices=2,
-                                               strategy="ddp")
+            module, start, trainer = cases.fit(
+                out / name, precision, accum, clip, devices=2, strategy="ddp"
+            )
             assert trainer.world_size == 2 and dist.is_initialized()
-            expected = cases.hand_written(start, module.batches, precision, accum, clip,
-                                          ddp=True)
+            expected = cases.hand_written(start, module.batches, precision, accum, clip, ddp=True)
             difference = torch.tensor(cases.max_difference(module.net, expected))
             dist.all_reduce(difference, op=dist.ReduceOp.MAX)
             differences[name] = difference.item()

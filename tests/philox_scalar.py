@@ -22,11 +22,12 @@ def keep_list(numel, p, seed, offset=0, start=0):
     offset %= 1 << 64
     if p >= 1:
         return [False] * numel
-    t = int(p * 2.0 ** 32)
+    t = int(p * 2.0**32)
     flags = []
     for q in range(start // 4, (start + numel + 3) // 4):
-        words = philox4x32_10((q & M32, q >> 32, offset & M32, offset >> 32),
-                              (seed & M32, seed >> 32))
+        words = philox4x32_10(
+            (q & M32, q >> 32, offset & M32, offset >> 32), (seed & M32, seed >> 32)
+        )
         flags += [w >= t for w in words]
     first = start % 4
-    return flags[first:first + numel]
+    return flags[first : first + numel]

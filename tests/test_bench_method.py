@@ -13,8 +13,23 @@ import fastreg
 from fastreg import bench
 from fastreg.__main__ import main
 
-TINY = ["bench", "--device", "cpu", "--ops", "dropout_fwd", "--sizes", "2^10", "--dtype",
-        "float32", "--repeats", "1", "--quick", "--no-progress", "--threads", "1"]
+TINY = [
+    "bench",
+    "--device",
+    "cpu",
+    "--ops",
+    "dropout_fwd",
+    "--sizes",
+    "2^10",
+    "--dtype",
+    "float32",
+    "--repeats",
+    "1",
+    "--quick",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 # ---------------------------------------------------------------- ratios and spread
@@ -26,7 +41,7 @@ def test_quartiles_are_inclusive_and_one_value_is_its_own_spread():
 
 
 def test_per_round_ratios_median_and_spread():
-    base = [2.0, 2.2, 4.0, 2.0, 2.1]     # round 3: the machine was slow for everyone
+    base = [2.0, 2.2, 4.0, 2.0, 2.1]  # round 3: the machine was slow for everyone
     impl = [1.0, 1.1, 2.0, 1.0, 1.05]
     s = bench.ratio_summary(base, impl)
     assert s["speedup"] == pytest.approx(2.0)
@@ -99,7 +114,9 @@ def test_a_fixed_number_of_calls_per_block_skips_the_sizing_call():
     def counted(name):
         def fn():
             calls[name] += 1
+
         return fn
+
     timer = bench.Timer("cpu", repeats=4, min_time_s=0.0, number=3)
     times, numbers, errors = timer.interleaved({n: counted(n) for n in calls})
     assert numbers == {"a": 3, "b": 3} and errors == {}
@@ -121,16 +138,17 @@ def test_interleaved_drops_an_impl_that_fails():
 
     def broken():
         raise RuntimeError("kernel missing")
-    times, _, errors = timer.interleaved({"a": lambda: "a", "b": lambda: "b",
-                                          "bad": broken})
+
+    times, _, errors = timer.interleaved({"a": lambda: "a", "b": lambda: "b", "bad": broken})
     assert set(times) == {"a", "b"} and len(times["a"]) == 3
     assert isinstance(errors["bad"], RuntimeError)
 
 
 def test_run_gives_every_row_its_rounds_and_spread():
     grid = bench.cases("cpu", ops=["dropout_fwd"], dtypes=["float32"], sizes=[1024])
-    rows, _ = bench.run(grid, "cpu", timer=bench.Timer("cpu", repeats=3, min_time_s=0.0),
-                        progress=False)
+    rows, _ = bench.run(
+        grid, "cpu", timer=bench.Timer("cpu", repeats=3, min_time_s=0.0), progress=False
+    )
     assert {r["impl"] for r in rows} == set(bench.DROPOUT_IMPLS)
     for r in rows:
         assert r["rounds"] == 3 and r["median_ms"] > 0 and r["iqr_ms"] >= 0
@@ -186,14 +204,17 @@ def test_interleaved_cuda_rounds_flush_before_every_timed_call(monkeypatch):
     timer, log = fake_cuda_timer(monkeypatch, l2_flush=True)
     timer.repeats, timer.min_time_s = 3, 0.0
     times, numbers, errors = timer.interleaved(
-        {name: (lambda name=name: log.append(name)) for name in ("native", "fastreg:bits")})
+        {name: (lambda name=name: log.append(name)) for name in ("native", "fastreg:bits")}
+    )
     assert errors == {} and all(len(t) == 3 for t in times.values())
     timed = 0
     for i, entry in enumerate(log):
         if entry in ("native", "fastreg:bits"):
-            if log[i - 1] == "sync":        # a warm-up call, not timed
+            if log[i - 1] == "sync":  # a warm-up call, not timed
                 continue
-            assert log[i - 2:i] == ["flush", "record"] and log[i + 1] == "record", log[i - 2:i + 2]
+            assert log[i - 2 : i] == ["flush", "record"] and log[i + 1] == "record", log[
+                i - 2 : i + 2
+            ]
             timed += 1
     assert timed == sum(numbers[n] * 3 for n in numbers) + len(numbers)  # + the sizing call
 
@@ -201,6 +222,7 @@ def test_interleaved_cuda_rounds_flush_before_every_timed_call(monkeypatch):
 def test_the_flush_buffer_outsizes_l2(monkeypatch):
     class Props:
         L2_cache_size = 60 * 2**20  # an H200
+
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
     assert bench.l2_flush_bytes("cuda") == 256 * 2**20
     Props.L2_cache_size = 100 * 2**20
@@ -225,17 +247,37 @@ def test_the_header_says_how_gpu_timings_were_taken(monkeypatch):
 
 def _row(impl, speedup, q1, q3, clear):
     row = bench.empty_row(bench.Case("dropout_fwdbwd", impl, "float32", 2**20))
-    row.update(median_ms=1.0, gbps=10.0, copy_frac=0.5, speedup=speedup, speedup_q1=q1,
-               speedup_q3=q3, speedup_clear=clear, saved_bytes_per_elem=0.125)
+    row.update(
+        median_ms=1.0,
+        gbps=10.0,
+        copy_frac=0.5,
+        speedup=speedup,
+        speedup_q1=q1,
+        speedup_q3=q3,
+        speedup_clear=clear,
+        saved_bytes_per_elem=0.125,
+    )
     return row
 
 
 def test_table_prints_spread_too_wide_instead_of_a_speedup():
-    env = {"device": "cpu: test", "date": "today", "torch": torch.__version__,
-           "fastreg": "0", "backend": "extension", "commit": "abc", "device_type": "cpu",
-           "threads": 1, "cpus": 2, "load_before": None}
-    rows = [_row("native", 1.0, 1.0, 1.0, True), _row("fastreg:bits", 1.43, 1.40, 1.47, True),
-            _row("fastreg:bool", 1.02, 0.93, 1.11, False)]
+    env = {
+        "device": "cpu: test",
+        "date": "today",
+        "torch": torch.__version__,
+        "fastreg": "0",
+        "backend": "extension",
+        "commit": "abc",
+        "device_type": "cpu",
+        "threads": 1,
+        "cpus": 2,
+        "load_before": None,
+    }
+    rows = [
+        _row("native", 1.0, 1.0, 1.0, True),
+        _row("fastreg:bits", 1.43, 1.40, 1.47, True),
+        _row("fastreg:bool", 1.02, 0.93, 1.11, False),
+    ]
     text = bench.format_table(rows, env)
     bits = next(line for line in text.splitlines() if "fastreg:bits" in line)
     assert "1.43x" in bits and "1.40-1.47" in bits
@@ -255,16 +297,21 @@ def fake_monitor(busy, own, wall=10.0, cpus=2, loads=(0.1, 0.2)):
     machine = iter([(100.0, cpus), (100.0 + busy if busy is not None else None, cpus)])
     mine = iter([5.0, 5.0 + own])
     load = iter(loads)
-    return bench.LoadMonitor(own_threads=1, interval_s=0, clock=lambda: next(clock),
-                             machine=lambda: next(machine), own=lambda: next(mine),
-                             load=lambda: next(load))
+    return bench.LoadMonitor(
+        own_threads=1,
+        interval_s=0,
+        clock=lambda: next(clock),
+        machine=lambda: next(machine),
+        own=lambda: next(mine),
+        load=lambda: next(load),
+    )
 
 
 def test_load_monitor_counts_what_others_took():
     result = fake_monitor(busy=12.0, own=2.0).start().stop()  # others: 10 of 20 CPU-s
     assert result["others_cpu_share"] == pytest.approx(0.5)
     assert result["competed"] is True and "50%" in result["why"]
-    result = fake_monitor(busy=2.5, own=2.0).start().stop()   # others: 0.5 of 20
+    result = fake_monitor(busy=2.5, own=2.0).start().stop()  # others: 0.5 of 20
     assert result["others_cpu_share"] == pytest.approx(0.025)
     assert result["competed"] is False
     assert (result["load_before"], result["load_after"], result["load_max"]) == (0.1, 0.2, 0.2)
@@ -279,6 +326,7 @@ def test_load_monitor_falls_back_on_the_load_average():
 
 def test_load_monitor_samples_during_the_run():
     import time
+
     with bench.LoadMonitor(interval_s=0.01) as monitor:
         time.sleep(0.1)
     assert monitor.result["load_samples"] >= 1
@@ -300,9 +348,13 @@ def competed(monkeypatch):
     class Competed(bench.LoadMonitor):
         def stop(self):
             super().stop()
-            self.result.update(competed=True, others_cpu_share=0.6,
-                               why="other processes took 60% of the 2 CPUs' time (fake)")
+            self.result.update(
+                competed=True,
+                others_cpu_share=0.6,
+                why="other processes took 60% of the 2 CPUs' time (fake)",
+            )
             return self.result
+
     monkeypatch.setattr(bench, "LoadMonitor", Competed)
 
 
@@ -335,7 +387,8 @@ def test_a_competed_run_may_write_elsewhere(competed, tmp_path):
 def test_host_rows_cover_every_call_on_tiny_cpu_tensors():
     grid = bench.cases("cuda", ops=bench.HOST_OPS)  # CPU tensors whatever the device
     assert {(c.op, c.impl) for c in grid} == {
-        (op, impl) for op in bench.HOST_OPS for impl in bench.HOST_IMPLS[op]}
+        (op, impl) for op in bench.HOST_OPS for impl in bench.HOST_IMPLS[op]
+    }
     assert {c.params for c in grid} == {"tiny148", "tiny1000"}
     assert {c.params for c in bench.cases("cpu", ops=bench.HOST_OPS, quick=True)} == {"tiny148"}
     assert all(c.numel == bench.HOST_SETS[c.params] * 4 for c in grid)
@@ -362,8 +415,21 @@ def test_host_calls_compute_what_the_loop_does():
 
 
 def test_host_table_in_microseconds(capsys):
-    main(["bench", "--device", "cpu", "--ops", "host_prox_l1", "--quick", "--repeats", "1",
-          "--no-progress", "--threads", "1"])
+    main(
+        [
+            "bench",
+            "--device",
+            "cpu",
+            "--ops",
+            "host_prox_l1",
+            "--quick",
+            "--repeats",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert "the penalty's host overhead" in out and "median us" in out
     assert "prox_l1_" in out and "tiny148" in out and "per tensor us" in out
@@ -374,13 +440,19 @@ def test_every_bench_option_is_in_the_documented_option_table():
     """README's option table (or the docs page it moves to) lists every option of
     `python -m fastreg bench --help`."""
     from pathlib import Path
+
     from fastreg.__main__ import build_parser
+
     root = Path(__file__).resolve().parent.parent
     text = "\n".join(p.read_text() for p in [root / "README.md", *(root / "docs").glob("*.md")])
     rows = "\n".join(line for line in text.splitlines() if line.startswith("| `--"))
     bench_parser = build_parser()._subparsers._group_actions[0].choices["bench"]
-    options = {o for a in bench_parser._actions for o in a.option_strings
-               if o.startswith("--") and o != "--help"}
+    options = {
+        o
+        for a in bench_parser._actions
+        for o in a.option_strings
+        if o.startswith("--") and o != "--help"
+    }
     missing = sorted(o for o in options if f"`{o}" not in rows)  # --layers etc.: the --memory row
     assert not missing, f"options without a row in the option table: {missing}"
 
@@ -411,6 +483,7 @@ def test_an_interrupted_run_reports_what_it_timed():
                 raise KeyboardInterrupt
             calls.append(1)
             return super().interleaved(fns)
+
     timer = StopsAfterOneComparison("cpu", repeats=1, min_time_s=0.0)
     rows, _ = bench.run(grid, "cpu", timer=timer, progress=False)
     assert len(rows) == len(grid)
@@ -424,11 +497,29 @@ def test_sigterm_stops_the_bench_but_the_json_is_written(tmp_path):
     import signal
     import subprocess
     import sys
+
     path = tmp_path / "out.json"
-    proc = subprocess.Popen([sys.executable, "-m", "fastreg", "bench", "--device", "cpu",
-                             "--ops", "dropout", "--sizes", "2^20,2^22,2^24", "--threads", "1",
-                             "--json", str(path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastreg",
+            "bench",
+            "--device",
+            "cpu",
+            "--ops",
+            "dropout",
+            "--sizes",
+            "2^20,2^22,2^24",
+            "--threads",
+            "1",
+            "--json",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stderr:  # the progress lines: the run has started
         if line.startswith("[") and "dropout_fwd" in line:
             break

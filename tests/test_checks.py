@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FLOAT_DTYPES, MASK_MODES
 
 import fastreg
 from fastreg import reference
-from conftest import FLOAT_DTYPES, MASK_MODES
 
 APIS = [fastreg, reference]
 
@@ -19,10 +19,12 @@ TRAINING_CALLS = {
     "dropout1d": lambda api, t: api.dropout1d(torch.randn(2, 32, 4), 0.5, t),
     "dropout2d": lambda api, t: api.dropout2d(torch.randn(2, 32, 2, 2), 0.5, t),
     "dropout3d": lambda api, t: api.dropout3d(torch.randn(2, 32, 1, 2, 2), 0.5, t),
-    "bias_dropout_add": lambda api, t: api.bias_dropout_add(torch.randn(8, 8), torch.randn(8),
-                                                            torch.randn(8, 8), 0.5, t),
-    "bias_act_dropout": lambda api, t: api.bias_act_dropout(torch.randn(8, 8), torch.randn(8),
-                                                            0.5, "relu", t),
+    "bias_dropout_add": lambda api, t: api.bias_dropout_add(
+        torch.randn(8, 8), torch.randn(8), torch.randn(8, 8), 0.5, t
+    ),
+    "bias_act_dropout": lambda api, t: api.bias_act_dropout(
+        torch.randn(8, 8), torch.randn(8), 0.5, "relu", t
+    ),
 }
 # The same calls with nothing dropped, drawing their inputs in the same order.
 NO_DROPOUT = {
@@ -31,7 +33,8 @@ NO_DROPOUT = {
     "dropout2d": lambda: torch.randn(2, 32, 2, 2),
     "dropout3d": lambda: torch.randn(2, 32, 1, 2, 2),
     "bias_dropout_add": lambda: (lambda x, b, r: r + (x + b))(
-        torch.randn(8, 8), torch.randn(8), torch.randn(8, 8)),
+        torch.randn(8, 8), torch.randn(8), torch.randn(8, 8)
+    ),
     "bias_act_dropout": lambda: torch.relu(torch.randn(8, 8) + torch.randn(8)),
 }
 NOT_BOOLS = [0.5, 1, 0, None, "yes", torch.tensor(True)]
@@ -48,8 +51,9 @@ def test_training_that_is_not_a_bool_raises_as_torch(value):
         for api in APIS:
             with pytest.raises(TypeError) as info:
                 call(api, value)
-            assert str(info.value) == (f"{name}(): argument 'training' must be bool, not "
-                                       f"{type(value).__name__}")
+            assert str(info.value) == (
+                f"{name}(): argument 'training' must be bool, not {type(value).__name__}"
+            )
 
 
 @pytest.mark.parametrize("name", TRAINING_CALLS)
@@ -78,9 +82,11 @@ def test_inplace_is_read_for_truth_as_torch_reads_it():
 
 # ---- p = 1 ------------------------------------------------------------------------
 
+
 def _input(dtype, layout):
-    x = torch.tensor([1.5, -2.0, math.nan, math.inf, -math.inf, -0.0] * 20,
-                     dtype=torch.float64).to(dtype)
+    x = torch.tensor([1.5, -2.0, math.nan, math.inf, -math.inf, -0.0] * 20, dtype=torch.float64).to(
+        dtype
+    )
     if layout == "channels_last":
         return x[:96].view(2, 3, 4, 4).contiguous(memory_format=torch.channels_last)
     if layout == "strided":
@@ -96,8 +102,7 @@ def test_p_one_gives_plus_zeros_and_zero_gradients(mode, dtype, layout):
         x = _input(dtype, layout).requires_grad_()
         before = torch.random.get_rng_state()
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t,
-                                                      lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             out = api.dropout(x, 1.0, mask=mode)
         assert torch.equal(torch.random.get_rng_state(), before), "p = 1 draws nothing"
         assert saved == [], "p = 1 keeps nothing for backward"
@@ -108,8 +113,9 @@ def test_p_one_gives_plus_zeros_and_zero_gradients(mode, dtype, layout):
         (grad,) = torch.autograd.grad(out, x, torch.full_like(out, 3.0), create_graph=True)
         assert torch.equal(grad, torch.zeros_like(x))
         assert grad.stride() == out.stride()
-        (grad,) = torch.autograd.grad(api.dropout(x, 1.0, mask=mode), x,
-                                      torch.ones(x.shape, dtype=dtype))  # a contiguous one
+        (grad,) = torch.autograd.grad(
+            api.dropout(x, 1.0, mask=mode), x, torch.ones(x.shape, dtype=dtype)
+        )  # a contiguous one
         assert torch.equal(grad, torch.zeros_like(x)) and grad.stride() == out.stride()
         # the same as the contract's rule for p = 1 (every element dropped) and as torch
         assert torch.equal(out, api.dropout(x.detach(), 1.0, mask=mode, seed=5))
@@ -146,8 +152,7 @@ def test_p_one_inplace_and_checks():
 
 def test_p_one_under_compile():
     x = torch.randn(16, requires_grad=True)
-    compiled = torch.compile(lambda t: fastreg.dropout(t, 1.0), backend="aot_eager",
-                             fullgraph=True)
+    compiled = torch.compile(lambda t: fastreg.dropout(t, 1.0), backend="aot_eager", fullgraph=True)
     out = compiled(x)
     assert torch.equal(out, torch.zeros(16))
     out.sum().backward()

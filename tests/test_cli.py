@@ -7,17 +7,41 @@ import sys
 
 import pytest
 import torch
+from conftest import requires_extension
 
 import fastreg
 from fastreg import bench, demo
-from fastreg.bench import memory
 from fastreg.__main__ import build_parser, main
-from conftest import requires_extension
+from fastreg.bench import memory
 
-QUICK = ["bench", "--quick", "--sizes", "65536", "--dtype", "float32", "--repeats", "1",
-         "--no-progress", "--device", "cpu", "--threads", "1"]
-ROW_KEYS = {"op", "impl", "dtype", "numel", "median_ms", "gbps", "copy_frac", "speedup",
-            "saved_bytes_per_elem", "rel_err", "note"}
+QUICK = [
+    "bench",
+    "--quick",
+    "--sizes",
+    "65536",
+    "--dtype",
+    "float32",
+    "--repeats",
+    "1",
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+]
+ROW_KEYS = {
+    "op",
+    "impl",
+    "dtype",
+    "numel",
+    "median_ms",
+    "gbps",
+    "copy_frac",
+    "speedup",
+    "saved_bytes_per_elem",
+    "rel_err",
+    "note",
+}
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"], ["demo", "--help"]])
@@ -28,8 +52,19 @@ def test_help(argv, capsys):
     out = capsys.readouterr().out
     assert "usage: python -m fastreg" in out
     if argv[0] == "bench":
-        for option in ("--device", "--quick", "--dtype", "--sizes", "--ops", "--compile",
-                       "--json", "--plot", "--memory", "--layers", "--seq"):
+        for option in (
+            "--device",
+            "--quick",
+            "--dtype",
+            "--sizes",
+            "--ops",
+            "--compile",
+            "--json",
+            "--plot",
+            "--memory",
+            "--layers",
+            "--seq",
+        ):
             assert option in out
 
 
@@ -38,8 +73,9 @@ def test_no_command_prints_the_help_and_succeeds(capsys):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: python -m fastreg") and "bench" in out and "demo" in out
-    result = subprocess.run([sys.executable, "-m", "fastreg"], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastreg"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "usage: python -m fastreg" in result.stdout and "demo" in result.stdout
 
@@ -52,8 +88,9 @@ def test_unknown_command_still_fails(capsys):
 
 
 def test_module_runs_as_script():
-    result = subprocess.run([sys.executable, "-m", "fastreg", "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastreg", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "bench" in result.stdout and "demo" in result.stdout
 
@@ -81,11 +118,13 @@ def test_bench_json_rows_cover_the_grid(quick_json):
     rows = quick_json["results"]
     dropout = [r for r in rows if r["op"] in bench.DROPOUT_OPS]
     assert {(r["op"], r["impl"]) for r in dropout} == {
-        (op, impl) for op in bench.DROPOUT_OPS for impl in bench.DROPOUT_IMPLS}
+        (op, impl) for op in bench.DROPOUT_OPS for impl in bench.DROPOUT_IMPLS
+    }
     assert all(r["numel"] == 65536 and r["median_ms"] > 0 and r["gbps"] > 0 for r in dropout)
     fused = [r for r in rows if r["op"] in bench.FUSED_OPS]
     assert {(r["op"], r["impl"]) for r in fused} == {
-        (op, impl) for op in bench.FUSED_OPS for impl in bench.FUSED_IMPLS}
+        (op, impl) for op in bench.FUSED_OPS for impl in bench.FUSED_IMPLS
+    }
     for r in fused:
         if r["impl"] != "native" and not hasattr(fastreg, "bias_dropout_add"):
             assert r["note"] == bench.FUSED_UNAVAILABLE and r["median_ms"] is None
@@ -93,7 +132,8 @@ def test_bench_json_rows_cover_the_grid(quick_json):
             assert r["median_ms"] > 0 and r["saved_bytes_per_elem"] is not None, r
     penalty = [r for r in rows if r["op"].startswith("penalty")]
     assert {(r["op"], r["impl"]) for r in penalty} == {
-        (op, impl) for op in bench.PENALTY_OPS for impl in bench.PENALTY_IMPLS}
+        (op, impl) for op in bench.PENALTY_OPS for impl in bench.PENALTY_IMPLS
+    }
     for r in penalty:
         if r["impl"] == "fastreg" and bench.penalty_api() is None:
             assert r["note"] == bench.PENALTY_UNAVAILABLE and r["median_ms"] is None
@@ -105,8 +145,11 @@ def test_bench_json_rows_cover_the_grid(quick_json):
 
 @requires_extension  # measures what the kernels keep
 def test_bench_measures_what_each_mask_mode_keeps(quick_json):
-    kept = {r["impl"]: r["saved_bytes_per_elem"] for r in quick_json["results"]
-            if r["op"] == "dropout_fwd"}
+    kept = {
+        r["impl"]: r["saved_bytes_per_elem"]
+        for r in quick_json["results"]
+        if r["op"] == "dropout_fwd"
+    }
     constant = 64 / 65536  # the (seed, offset) pair, and some slack
     assert 0.125 <= kept["fastreg:bits"] <= 0.125 + constant
     assert 1 <= kept["fastreg:bool"] <= 1 + constant
@@ -118,8 +161,11 @@ def test_bench_measures_what_each_mask_mode_keeps(quick_json):
 def test_bench_measures_what_each_fused_mask_mode_keeps(quick_json):
     constant = 64 / 65536  # the (seed, offset) pair, and some slack
     for op in bench.FUSED_OPS:
-        kept = {r["impl"]: r["saved_bytes_per_elem"] for r in quick_json["results"]
-                if r["op"] == op and r["numel"] == 65536}
+        kept = {
+            r["impl"]: r["saved_bytes_per_elem"]
+            for r in quick_json["results"]
+            if r["op"] == op and r["numel"] == 65536
+        }
         assert 0.125 <= kept["fastreg:bits"] <= 0.125 + constant, (op, kept)
         assert 1 <= kept["fastreg:bool"] <= 1 + constant, (op, kept)
         assert kept["fastreg:recompute"] <= constant, (op, kept)
@@ -161,13 +207,16 @@ def test_plot_draws_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["bench", "--dtype", "float64"], "unknown dtype"),
-    (["bench", "--ops", "dropout_fw"], "unknown op"),
-    (["bench", "--sizes", "2^x"], "cannot read size"),
-    (["bench", "--params", "resnet"], "unknown parameter set"),
-    (["bench", "--p", "1.5"], "dropout probability"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--dtype", "float64"], "unknown dtype"),
+        (["bench", "--ops", "dropout_fw"], "unknown op"),
+        (["bench", "--sizes", "2^x"], "cannot read size"),
+        (["bench", "--params", "resnet"], "unknown parameter set"),
+        (["bench", "--p", "1.5"], "dropout probability"),
+    ],
+)
 def test_bad_arguments_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit:
         main(argv)
@@ -177,10 +226,23 @@ def test_bad_arguments_are_refused(argv, message, capsys):
 
 def test_arguments_parse():
     args = build_parser().parse_args(
-        ["bench", "--dtype", "bf16,float32", "--sizes", "2^16,64k,1M", "--ops", "dropout",
-         "--params", "gpt2", "--compile", "--threads", "1"])
+        [
+            "bench",
+            "--dtype",
+            "bf16,float32",
+            "--sizes",
+            "2^16,64k,1M",
+            "--ops",
+            "dropout",
+            "--params",
+            "gpt2",
+            "--compile",
+            "--threads",
+            "1",
+        ]
+    )
     assert args.dtype == ["bfloat16", "float32"]
-    assert args.sizes == [65536, 65536, 2 ** 20]
+    assert args.sizes == [65536, 65536, 2**20]
     assert args.ops == list(bench.DROPOUT_OPS)
     assert build_parser().parse_args(["bench", "--ops", "fused"]).ops == list(bench.FUSED_OPS)
     assert args.params == ["gpt2"] and args.compile and args.threads == 1
@@ -191,10 +253,10 @@ def test_arguments_parse():
 
 def test_cases_grid():
     full = bench.cases("cpu")
-    assert {c.numel for c in full if c.family == "dropout"} == {2 ** k for k in range(16, 25, 2)}
+    assert {c.numel for c in full if c.family == "dropout"} == {2**k for k in range(16, 25, 2)}
     assert {c.dtype for c in full} == set(bench.DTYPES)
     gpu = bench.cases("cuda", ops=["dropout_fwd"])
-    assert max(c.numel for c in gpu) == 2 ** 28
+    assert max(c.numel for c in gpu) == 2**28
     assert len({c.name for c in full}) == len(full)  # ids unique: --benchmark-compare pairs by them
     compiled = bench.cases("cpu", ops=["penalty_value"], quick=True, compile=True)
     assert [c.impl for c in compiled] == list(bench.PENALTY_IMPLS) + ["compile"]
@@ -209,23 +271,57 @@ def test_param_sets_are_the_documented_sizes():
 
 def test_sizes_read_and_print():
     assert [bench.parse_size(s) for s in ("65536", "2^20", "2**10", "16M", "1k")] == [
-        65536, 2 ** 20, 1024, 2 ** 24, 1024]
-    assert bench.human_size(2 ** 24) == "2^24" and bench.human_size(3_289_600) == "3.29M"
+        65536,
+        2**20,
+        1024,
+        2**24,
+        1024,
+    ]
+    assert bench.human_size(2**24) == "2^24" and bench.human_size(3_289_600) == "3.29M"
 
 
 @requires_extension  # measures what the kernels keep
 def test_memory_report_runs_and_bits_keep_less(tmp_path, capsys):
     path = tmp_path / "m.json"
-    main(["bench", "--memory", "--device", "cpu", "--layers", "1", "--width", "32",
-          "--heads", "2", "--batch", "2", "--seq", "16", "--vocab", "64", "--steps", "1",
-          "--no-progress", "--threads", "1", "--json", str(path)])
+    main(
+        [
+            "bench",
+            "--memory",
+            "--device",
+            "cpu",
+            "--layers",
+            "1",
+            "--width",
+            "32",
+            "--heads",
+            "2",
+            "--batch",
+            "2",
+            "--seq",
+            "16",
+            "--vocab",
+            "64",
+            "--steps",
+            "1",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--json",
+            str(path),
+        ]
+    )
     out = capsys.readouterr().out
     assert "nn.Dropout" in out and "fastreg:recompute" in out and "kept MiB" in out
     rows = {r["variant"]: r for r in json.loads(path.read_text())["memory"]["rows"]}
     assert set(rows) == set(memory.VARIANTS)
     kept = {v: r["kept_bytes"] for v, r in rows.items()}
-    assert kept["no dropout"] < kept["fastreg:recompute"] < kept["fastreg:bits"] \
-        < kept["fastreg:bool"] < kept["nn.Dropout"]
+    assert (
+        kept["no dropout"]
+        < kept["fastreg:recompute"]
+        < kept["fastreg:bits"]
+        < kept["fastreg:bool"]
+        < kept["nn.Dropout"]
+    )
 
 
 def test_demo_penalty_matches_the_definition():

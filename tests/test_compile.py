@@ -6,10 +6,10 @@ import io
 
 import pytest
 import torch
-
-from fastreg import _ops
 from all_ops_model import AllOps, batch, loss_fn, train
 from conftest import MASK_MODES, requires_extension
+
+from fastreg import _ops
 
 
 @pytest.fixture(autouse=True)
@@ -44,10 +44,12 @@ def test_compiled_training_equals_eager_for_the_same_seed(mode, backend):
     eager_model = AllOps(mode)
     compiled_model = copy.deepcopy(eager_model)
     eager = train(eager_model, 3, seed=7)
-    compiled = train(compiled_model, 3, seed=7,
-                     step_fn=torch.compile(loss_fn, fullgraph=True, backend=backend))
-    pairs = list(zip(eager, compiled)) + list(zip(eager_model.parameters(),
-                                                  compiled_model.parameters()))
+    compiled = train(
+        compiled_model, 3, seed=7, step_fn=torch.compile(loss_fn, fullgraph=True, backend=backend)
+    )
+    pairs = list(zip(eager, compiled)) + list(
+        zip(eager_model.parameters(), compiled_model.parameters())
+    )
     for a, b in pairs:
         if backend == "aot_eager":
             assert torch.equal(a, b)
@@ -66,9 +68,13 @@ def test_compiled_graph_calls_the_fastreg_operators():
     x, y = batch()
     torch.compile(loss_fn, fullgraph=True, backend=backend)(AllOps(), x, y)
     # Dropout2d draws its per-channel flags with dropout_mask
-    assert fastreg_ops_in(graphs[0]) == {"fastreg.bias_act_dropout_fwd",
-                                         "fastreg.bias_dropout_add_fwd", "fastreg.dropout_fwd",
-                                         "fastreg.dropout_mask", "fastreg.penalty"}
+    assert fastreg_ops_in(graphs[0]) == {
+        "fastreg.bias_act_dropout_fwd",
+        "fastreg.bias_dropout_add_fwd",
+        "fastreg.dropout_fwd",
+        "fastreg.dropout_mask",
+        "fastreg.penalty",
+    }
 
 
 def test_export_of_an_eval_model_runs_saves_and_loads():
@@ -81,8 +87,10 @@ def test_export_of_an_eval_model_runs_saves_and_loads():
     if _ops.HAVE_EXTENSION:
         # In eval mode the fused ops still run (one kernel for the bias and residual adds);
         # dropout and channel dropout are the identity and leave no node.
-        assert fastreg_ops_in(program.graph_module) == {"fastreg.bias_act_dropout_fwd",
-                                                        "fastreg.bias_dropout_add_fwd"}
+        assert fastreg_ops_in(program.graph_module) == {
+            "fastreg.bias_act_dropout_fwd",
+            "fastreg.bias_dropout_add_fwd",
+        }
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     buffer.seek(0)

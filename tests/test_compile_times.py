@@ -26,6 +26,10 @@ def test_prints_a_markdown_table(tmp_path, capsys):
     log.write_text(LOG)
     assert compile_times.main([str(log), "--markdown"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[:4] == ["| translation unit | seconds |", "| --- | --- |",
-                       "| `csrc/cuda/dropout_cuda.cu` | 75 |", "| `csrc/cpu/dropout_cpu.cpp` | 10 |"]
+    assert out[:4] == [
+        "| translation unit | seconds |",
+        "| --- | --- |",
+        "| `csrc/cuda/dropout_cuda.cu` | 75 |",
+        "| `csrc/cpu/dropout_cpu.cpp` | 10 |",
+    ]
     assert out[4] == "2 units, 85 s in all (one core each)"

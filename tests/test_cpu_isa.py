@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import FLOAT_DTYPES, MASK_MODES, requires_extension
 
 import fastreg
 from fastreg import _ops, reference
-from conftest import FLOAT_DTYPES, MASK_MODES, requires_extension
 
 pytestmark = requires_extension
 
@@ -58,8 +58,9 @@ def test_selection_reports_the_cpu():
 def test_environment_variable_forces_a_path(name):
     code = "import fastreg._C as C; print(C.philox_isa())"
     env = dict(os.environ, FASTREG_CPU_PHILOX=name)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()[-1]
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
     assert out == (name if name in runnable_paths() else _ops._C.philox_isa())
 
 
@@ -94,8 +95,9 @@ def test_cpu_math_is_inlined_into_the_loops():
     # into which gcc does not inline a plain inline function: called out of line, exp_cpu
     # kept the gelu and silu loops scalar (about 7x slower). No out-of-line copy of them
     # may be left in the library.
-    symbols = subprocess.run(["nm", "-C", "--defined-only", _ops._C.__file__],
-                             capture_output=True, text=True, check=True).stdout
+    symbols = subprocess.run(
+        ["nm", "-C", "--defined-only", _ops._C.__file__], capture_output=True, text=True, check=True
+    ).stdout
     assert "apply_keep" in symbols  # nm read the symbols
     for name in ("exp_cpu", "erf_cpu", "tanh_cpu"):
         assert f"fastreg::{name}(" not in symbols, f"{name} is called out of line"

@@ -12,14 +12,15 @@ import contextlib
 
 import pytest
 import torch
+from conftest import FLOAT_DTYPES, MASK_MODES
 
 import fastreg
 from fastreg import _ops, reference
-from conftest import FLOAT_DTYPES, MASK_MODES
 
 pytestmark = pytest.mark.skipif(
-    _ops.BACKEND != "cudasim", reason="runs on the CUDA simulator: FASTREG_BACKEND=cudasim "
-    "(make test-cudasim)")
+    _ops.BACKEND != "cudasim",
+    reason="runs on the CUDA simulator: FASTREG_BACKEND=cudasim (make test-cudasim)",
+)
 
 sim = _ops._C
 
@@ -47,7 +48,9 @@ def across_configs(fn):
             results.append((order, blocks, fn()))
     first = results[0][2]
     for order, blocks, result in results[1:]:
-        for a, b in zip(torch.utils._pytree.tree_leaves(first), torch.utils._pytree.tree_leaves(result)):
+        for a, b in zip(
+            torch.utils._pytree.tree_leaves(first), torch.utils._pytree.tree_leaves(result)
+        ):
             assert same_bits(a, b), f"results differ between block orders/grids: {order}, {blocks}"
     return first
 
@@ -73,15 +76,20 @@ def state(seed, offset=0):
 
 # ---- The simulator itself ----
 
+
 def test_collectives_give_cuda_results():
     out = sim.selftest("collectives").view(2, 256, 8)
     lane = torch.arange(256) % 32
     ballot = sum(1 << i for i in range(32) if i % 3 == 0)
     assert torch.equal(out[..., 0], torch.full((2, 256), ballot))
     # shfl_down by 3: lanes 29..31 keep their own value
-    assert torch.equal(out[..., 1], torch.where(lane + 3 < 32, (lane + 3) * 10, lane * 10).expand(2, -1))
+    assert torch.equal(
+        out[..., 1], torch.where(lane + 3 < 32, (lane + 3) * 10, lane * 10).expand(2, -1)
+    )
     # shfl_up by 5 within segments of 16
-    assert torch.equal(out[..., 2], torch.where(lane % 16 >= 5, (lane - 5) * 10, lane * 10).expand(2, -1))
+    assert torch.equal(
+        out[..., 2], torch.where(lane % 16 >= 5, (lane - 5) * 10, lane * 10).expand(2, -1)
+    )
     assert torch.equal(out[..., 3], ((lane ^ 9) * 10).expand(2, -1))
     # shfl of lane 7 of each 8-lane segment, doubles: 2 * (src + 0.5)
     assert torch.equal(out[..., 4], (2 * ((lane // 8) * 8 + 7) + 1).expand(2, -1))
@@ -103,17 +111,31 @@ def test_a_missing_syncthreads_gives_a_wrong_sum():
     assert not torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("name, message", [
-    ("deadlock", "deadlock in block 0, warp 0: lane 0 waits in __ballot_sync(mask 0xffffffff) "
-                 "while lane 16 waits at __syncthreads"),
-    ("different_collectives", "lanes of one warp in different collectives: lane 0 in "
-                              "__ballot_sync(mask 0xffffffff), lane 16 in __shfl_sync"),
-    ("exited_lane", "lane 7 of its mask has returned"),
-    ("mask_without_self", "lane 5 calls __ballot_sync(mask 0x1) with a mask that leaves itself out"),
-    ("misaligned_vector", "misaligned 16-byte vector load"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "deadlock",
+            "deadlock in block 0, warp 0: lane 0 waits in __ballot_sync(mask 0xffffffff) "
+            "while lane 16 waits at __syncthreads",
+        ),
+        (
+            "different_collectives",
+            "lanes of one warp in different collectives: lane 0 in "
+            "__ballot_sync(mask 0xffffffff), lane 16 in __shfl_sync",
+        ),
+        ("exited_lane", "lane 7 of its mask has returned"),
+        (
+            "mask_without_self",
+            "lane 5 calls __ballot_sync(mask 0x1) with a mask that leaves itself out",
+        ),
+        ("misaligned_vector", "misaligned 16-byte vector load"),
+    ],
+)
 def test_planted_synchronisation_bugs_fail_the_launch(name, message):
-    with pytest.raises(RuntimeError, match="cudasim: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        RuntimeError, match="cudasim: .*" + message.replace("(", r"\(").replace(")", r"\)")
+    ):
         sim.selftest(name)
     # and the simulator works again afterwards
     assert torch.equal(sim.selftest("shared_sum")[:1], torch.tensor([sum(range(256))]))
@@ -195,13 +217,13 @@ def test_dropout_probabilities(p, mode):
 def test_dropout_layouts(layout, dtype):
     base = inputs(4 * 6 * 9 * 11 + 8, dtype)
     if layout == "unaligned":
-        x = base[1:1 + 4 * 6 * 9 * 11].view(4, 6, 9, 11)
+        x = base[1 : 1 + 4 * 6 * 9 * 11].view(4, 6, 9, 11)
     elif layout == "channels_last":
-        x = base[:4 * 6 * 9 * 11].view(4, 6, 9, 11).contiguous(memory_format=torch.channels_last)
+        x = base[: 4 * 6 * 9 * 11].view(4, 6, 9, 11).contiguous(memory_format=torch.channels_last)
     elif layout == "strided":
-        x = base[:4 * 6 * 9 * 11].view(4, 6, 9, 11)[:, ::2]
+        x = base[: 4 * 6 * 9 * 11].view(4, 6, 9, 11)[:, ::2]
     else:
-        x = base[:4 * 6 * 9 * 11].view(4, 6, 99).transpose(0, 2)
+        x = base[: 4 * 6 * 9 * 11].view(4, 6, 99).transpose(0, 2)
     for mode in MASK_MODES:
         y = across_configs(lambda: fastreg.dropout(x, 0.4, mask=mode, seed=5))
         assert same_bits(y, reference.dropout(x, 0.4, mask=mode, seed=5))
@@ -238,8 +260,9 @@ def test_backward_reads_a_bool_mask_view_at_an_odd_offset(activation, offset):
         rng = state(11)
         grad = torch.ops.fastreg.dropout_bwd(g, mask, 0.5, rng, "bool")
         assert same_bits(grad, torch.ops.fastreg.dropout_bwd(g, keep, 0.5, rng, "bool"))
-        fused, _ = torch.ops.fastreg.bias_act_dropout_bwd(g, x, None, mask, 0.5, activation, rng,
-                                                          "bool", False)
+        fused, _ = torch.ops.fastreg.bias_act_dropout_bwd(
+            g, x, None, mask, 0.5, activation, rng, "bool", False
+        )
         expected, _ = reference.bias_act_dropout_backward(g, x, None, keep, 0.5, activation, False)
         if activation == "none":
             assert same_bits(fused, expected)
@@ -265,13 +288,18 @@ def test_bias_act_dropout(mode, activation, dtype):
     g = inputs(37 * 300, dtype, seed=4).view(300, 37)
     rng = state(21, 5)
     out, mask = across_configs(
-        lambda: torch.ops.fastreg.bias_act_dropout_fwd(x, bias, 0.2, activation, rng, mode))
+        lambda: torch.ops.fastreg.bias_act_dropout_fwd(x, bias, 0.2, activation, rng, mode)
+    )
     close_or_equal(out, reference.bias_act_dropout_apply(x, bias, 0.2, activation, rng), activation)
-    grad_input, grad_bias = across_configs(lambda: torch.ops.fastreg.bias_act_dropout_bwd(
-        g, x, bias, mask, 0.2, activation, rng, mode, True))
+    grad_input, grad_bias = across_configs(
+        lambda: torch.ops.fastreg.bias_act_dropout_bwd(
+            g, x, bias, mask, 0.2, activation, rng, mode, True
+        )
+    )
     keep = reference.keep_from_mask(mask, mode, 0.2, rng, g)
-    expected_input, expected_bias = reference.bias_act_dropout_backward(g, x, bias, keep, 0.2,
-                                                                         activation)
+    expected_input, expected_bias = reference.bias_act_dropout_backward(
+        g, x, bias, keep, 0.2, activation
+    )
     close_or_equal(grad_input, expected_input, activation)
     torch.testing.assert_close(grad_bias, expected_bias, equal_nan=True)
 
@@ -291,7 +319,8 @@ def test_bias_dropout_add_layouts(layout, dtype):
     rng = state(77)
     for mode in MASK_MODES:
         out, _ = across_configs(
-            lambda: torch.ops.fastreg.bias_dropout_add_fwd(x, bias, residual, 0.5, rng, mode))
+            lambda: torch.ops.fastreg.bias_dropout_add_fwd(x, bias, residual, 0.5, rng, mode)
+        )
         assert same_bits(out, reference.bias_dropout_add_apply(x, bias, residual, 0.5, rng))
 
 

@@ -37,8 +37,9 @@ WORKER = ROOT / "tools" / "distributed_worker.py"
 # where fsdp skips
 SCENARIOS = ("ddp", "generators", "placements", "fsdp")
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
-                                reason="torch is built without torch.distributed")
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch is built without torch.distributed"
+)
 
 
 def run_workers(scenarios):
@@ -47,18 +48,33 @@ def run_workers(scenarios):
     # The test holds the rendezvous store on a port the system picks (port 0): no race
     # for a free port between picking it and binding it.
     store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
     logs, workers = [], []
     failed = False
     try:
         for rank in range(WORLD_SIZE):
             logs.append(tempfile.TemporaryFile("w+"))
-            workers.append(subprocess.Popen(
-                [sys.executable, str(WORKER), ",".join(scenarios), str(rank), str(WORLD_SIZE),
-                 str(store.port)],
-                cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT,
-                start_new_session=True))  # its own process group, to kill it with its children
+            workers.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(WORKER),
+                        ",".join(scenarios),
+                        str(rank),
+                        str(WORLD_SIZE),
+                        str(store.port),
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=logs[-1],
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )  # its own process group, to kill it with its children
         deadline = time.monotonic() + TIMEOUT
         while any(w.poll() is None for w in workers):
             failed = any(w.returncode not in (None, 0) for w in workers)
@@ -76,8 +92,10 @@ def run_workers(scenarios):
         log.seek(0)
         outputs.append(log.read())
         log.close()
-    report = "\n".join(f"---- rank {rank}, exit code {worker.returncode} ----\n{output}"
-                       for rank, (worker, output) in enumerate(zip(workers, outputs)))
+    report = "\n".join(
+        f"---- rank {rank}, exit code {worker.returncode} ----\n{output}"
+        for rank, (worker, output) in enumerate(zip(workers, outputs))
+    )
     return [output.splitlines() for output in outputs], report, timed_out
 
 
@@ -89,11 +107,12 @@ def launch():
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_scenario(launch, scenario):
     lines, report, timed_out = launch
-    results = [[line for line in rank_lines if line.startswith(f"{scenario}: ")]
-               for rank_lines in lines]
+    results = [
+        [line for line in rank_lines if line.startswith(f"{scenario}: ")] for rank_lines in lines
+    ]
     skips = [r[0] for r in results if r and r[0].startswith(f"{scenario}: SKIP: ")]
     if len(skips) == WORLD_SIZE:
-        pytest.skip(skips[0][len(f"{scenario}: SKIP: "):])
+        pytest.skip(skips[0][len(f"{scenario}: SKIP: ") :])
     if all(r == [f"{scenario}: ok"] for r in results):
         return
     why = f"still running after {TIMEOUT} s" if timed_out else "not ok on every rank"

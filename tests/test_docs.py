@@ -39,17 +39,26 @@ def python_blocks(path):
         if language == "python":
             skip = SKIP.match(lines[i - 1].strip()) if i > 0 else None
             needs = NEEDS.match(lines[i - 1].strip()) if i > 0 else None
-            code = "\n".join(line[len(indent):] for line in lines[i + 1:end]) + "\n"
-            blocks.append((i + 1, code, skip.group(1) if skip else None,
-                           needs.group(1).split() if needs else []))
+            code = "\n".join(line[len(indent) :] for line in lines[i + 1 : end]) + "\n"
+            blocks.append(
+                (
+                    i + 1,
+                    code,
+                    skip.group(1) if skip else None,
+                    needs.group(1).split() if needs else [],
+                )
+            )
         i = end + 1
     return blocks
 
 
-BLOCKS = [(path, line, code, skip, needs) for path in FILES
-          for line, code, skip, needs in python_blocks(path)]
+BLOCKS = [
+    (path, line, code, skip, needs)
+    for path in FILES
+    for line, code, skip, needs in python_blocks(path)
+]
 NAMESPACES = {}  # path -> the namespace its blocks share
-FAILED = set()   # paths with a failed block: their later blocks are skipped
+FAILED = set()  # paths with a failed block: their later blocks are skipped
 
 
 def block_id(block):
@@ -95,11 +104,13 @@ def test_skip_markers_sit_on_python_fences():
                 fence = ticks.group(1) if fence is None else None
                 continue
             if fence is None and (SKIP.match(line.strip()) or NEEDS.match(line.strip())):
-                assert i + 1 < len(lines) and lines[i + 1].strip() == "```python", \
+                assert i + 1 < len(lines) and lines[i + 1].strip() == "```python", (
                     f"{path.name}:{i + 1}: skip marker not directly above a ```python fence"
+                )
 
 
 # ---- the option tables against --help ------------------------------------------------
+
 
 def option_rows(path):
     """{option: text of its row} from the tables headed `| option | meaning |`."""
@@ -124,12 +135,18 @@ def subparsers():
 @pytest.mark.parametrize("command,page", [("bench", "benchmarks.md"), ("demo", "demo.md")])
 def test_option_table_matches_help(command, page):
     parser = subparsers()[command]
-    actions = {option: action for action in parser._actions for option in action.option_strings
-               if option.startswith("--") and option != "--help"}
+    actions = {
+        option: action
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
     rows = option_rows(ROOT / "docs" / page)
-    assert set(rows) == set(actions), (f"in --help, not in docs/{page}: "
-                                       f"{sorted(set(actions) - set(rows))}; in docs/{page}, "
-                                       f"not in --help: {sorted(set(rows) - set(actions))}")
+    assert set(rows) == set(actions), (
+        f"in --help, not in docs/{page}: "
+        f"{sorted(set(actions) - set(rows))}; in docs/{page}, "
+        f"not in --help: {sorted(set(rows) - set(actions))}"
+    )
     for option, (cell, _) in rows.items():
         action = actions[option]
         if action.choices is not None:  # `--device cpu\|cuda`
@@ -144,9 +161,11 @@ def test_option_table_matches_help(command, page):
 
 def test_bench_value_lists_are_complete():
     rows = option_rows(ROOT / "docs" / "benchmarks.md")
-    values = {"--ops": list(bench.OPS) + list(bench.OP_GROUPS),
-              "--dtype": list(bench.DTYPES) + list(bench.DTYPE_ALIASES),
-              "--params": list(bench.PARAM_SETS)}
+    values = {
+        "--ops": list(bench.OPS) + list(bench.OP_GROUPS),
+        "--dtype": list(bench.DTYPES) + list(bench.DTYPE_ALIASES),
+        "--params": list(bench.PARAM_SETS),
+    }
     for option, names in values.items():
         listed = set(re.findall(r"`([a-z0-9_]+)`", rows[option][1]))
         assert listed == set(names), f"{option}: {sorted(listed ^ set(names))}"

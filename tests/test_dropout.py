@@ -7,14 +7,18 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    FLOAT_DTYPES,
+    MASK_MODES,
+    TORCH_VERSION,
+    OpLog,
+    compiled_autograd_enable,
+    requires_extension,
+)
 from torch import nn
 
 import fastreg
 from fastreg import _ops, reference
-from conftest import (FLOAT_DTYPES, MASK_MODES, TORCH_VERSION, OpLog,
-                      compiled_autograd_enable, requires_extension)
-
-
 
 
 def make_input(shape, dtype, device, layout="contiguous", seed=0):
@@ -25,8 +29,11 @@ def make_input(shape, dtype, device, layout="contiguous", seed=0):
     elif layout == "channels_last":
         x = torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
     elif layout == "transposed":
-        x = torch.randn(shape[::-1], generator=g).t() if len(shape) == 2 else \
-            torch.randn(shape, generator=g).transpose(0, -1)
+        x = (
+            torch.randn(shape[::-1], generator=g).t()
+            if len(shape) == 2
+            else torch.randn(shape, generator=g).transpose(0, -1)
+        )
     elif layout == "strided":  # every other column: not dense
         x = torch.randn(shape[:-1] + (2 * shape[-1],), generator=g)[..., ::2]
     elif layout == "offset":  # storage offset 1: misaligned for vector loads
@@ -38,17 +45,26 @@ def contract_output(x, p, seed):
     """The RNG contract written out: the mask of seed, in the output's memory order."""
     layout = torch.empty_like(x)
     keep = reference.memory_order_view(
-        fastreg.dropout_mask(x.numel(), p, seed, device=x.device), layout)
+        fastreg.dropout_mask(x.numel(), p, seed, device=x.device), layout
+    )
     opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
-    scale = torch.tensor(1.0 / (1.0 - p), dtype=opmath) if p < 1 else torch.tensor(0.0, dtype=opmath)
+    scale = (
+        torch.tensor(1.0 / (1.0 - p), dtype=opmath) if p < 1 else torch.tensor(0.0, dtype=opmath)
+    )
     kept = (x.to(opmath) * scale.to(x.device)).to(x.dtype)
     return torch.where(keep, kept, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 SHAPES_LAYOUTS = [
-    ((1,), "contiguous"), ((7,), "contiguous"), ((1000, 33), "contiguous"),
-    ((3, 5, 7), "contiguous"), ((2, 3, 5, 7), "channels_last"), ((4, 8, 6, 3), "channels_last"),
-    ((33, 65), "transposed"), ((17, 31), "strided"), ((5, 257), "offset"),
+    ((1,), "contiguous"),
+    ((7,), "contiguous"),
+    ((1000, 33), "contiguous"),
+    ((3, 5, 7), "contiguous"),
+    ((2, 3, 5, 7), "channels_last"),
+    ((4, 8, 6, 3), "channels_last"),
+    ((33, 65), "transposed"),
+    ((17, 31), "strided"),
+    ((5, 257), "offset"),
 ]
 
 
@@ -71,10 +87,14 @@ def test_forward_and_backward_bit_exact_with_reference(device, shape, layout, dt
     assert gx.stride() == y.stride()
     # Backward is the forward's rule applied to the gradient, element by element.
     keep = reference.memory_order_view(
-        fastreg.dropout_mask(x.numel(), p, seed, device=device), torch.empty_like(x))
+        fastreg.dropout_mask(x.numel(), p, seed, device=device), torch.empty_like(x)
+    )
     opmath = torch.float64 if dtype == torch.float64 else torch.float32
-    expected = torch.where(keep, (g.to(opmath) * (1.0 / (1.0 - p))).to(dtype),
-                           torch.zeros((), dtype=dtype, device=device))
+    expected = torch.where(
+        keep,
+        (g.to(opmath) * (1.0 / (1.0 - p))).to(dtype),
+        torch.zeros((), dtype=dtype, device=device),
+    )
     assert torch.equal(gx, expected)
 
 
@@ -83,8 +103,10 @@ def test_forward_and_backward_bit_exact_with_reference(device, shape, layout, dt
 def test_tails_and_sizes(device, p, numel):
     x = torch.randn(numel, device=device)
     for mode in MASK_MODES:
-        assert torch.equal(fastreg.dropout(x, p, mask=mode, seed=numel),
-                           reference.dropout(x, p, mask=mode, seed=numel))
+        assert torch.equal(
+            fastreg.dropout(x, p, mask=mode, seed=numel),
+            reference.dropout(x, p, mask=mode, seed=numel),
+        )
 
 
 @requires_extension
@@ -105,8 +127,9 @@ def test_cpu_bits_do_not_depend_on_the_thread_count(threads, numel):
             y_ref = reference.dropout(x, 0.4, mask=mode, seed=numel)
             assert torch.equal(y, y_ref)
             assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0])
-        assert torch.equal(fastreg.dropout_mask(numel, 0.4, 7),
-                           reference.dropout_mask(numel, 0.4, 7))
+        assert torch.equal(
+            fastreg.dropout_mask(numel, 0.4, 7), reference.dropout_mask(numel, 0.4, 7)
+        )
     finally:
         torch.set_num_threads(saved)
 
@@ -162,6 +185,7 @@ def test_nan_and_inf_dropped_to_exact_zero(device, dtype):
 
 
 # ---- drop-in behaviour -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("p", [-0.1, 1.1, float("nan")])
 def test_p_outside_unit_interval_raises_like_torch(p):
@@ -340,8 +364,12 @@ def test_backward_gives_the_gradient_the_output_layout(mode):
     output's i-th memory slot; a bool mask wants the strides too), whatever its own: here
     size-1 and size-0 dimensions with strides no contiguous tensor has."""
     base = torch.randn(64)
-    for x in (base[:40].as_strided((5, 1, 8), (8, 3, 1)), base[:6].as_strided((6, 1), (1, 9)),
-              base.as_strided((0,), (2,)), base[:24].view(4, 6).t()):
+    for x in (
+        base[:40].as_strided((5, 1, 8), (8, 3, 1)),
+        base[:6].as_strided((6, 1), (1, 9)),
+        base.as_strided((0,), (2,)),
+        base[:24].view(4, 6).t(),
+    ):
         x = x.detach().requires_grad_()
         y = fastreg.dropout(x, 0.5, seed=7, mask=mode)
         g = torch.randn(y.shape)
@@ -356,11 +384,15 @@ def test_forward_mode_ad_is_refused():
 
     with fwAD.dual_level():
         dual = fwAD.make_dual(torch.randn(10), torch.ones(10))
-        with pytest.raises(RuntimeError, match="fastreg::dropout_fwd: input has a forward-mode "
-                                               "tangent"):
+        with pytest.raises(
+            RuntimeError, match="fastreg::dropout_fwd: input has a forward-mode tangent"
+        ):
             fastreg.dropout(dual, 0.5, seed=1)
-        with pytest.raises(RuntimeError, match=r"fastreg::penalty: params\[1\] has a "
-                                               "forward-mode tangent"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"fastreg::penalty: params\[1\] has a "
+            "forward-mode tangent",
+        ):
             fastreg.penalty([torch.randn(3), dual], l2=1.0)
 
 
@@ -371,8 +403,9 @@ COMPILED_AUTOGRAD_INPUTS = {
     "2d transposed": lambda base: base[:128].view(8, 16).t(),
     "3d size-1 stride": lambda base: base.as_strided((4, 1, 6), (6, 100, 1)),
     "3d permuted": lambda base: base[:48].view(2, 4, 6).transpose(0, 1),
-    "4d channels_last": lambda base: base[:120].view(2, 3, 4, 5).contiguous(
-        memory_format=torch.channels_last),
+    "4d channels_last": lambda base: (
+        base[:120].view(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    ),
     "not dense": lambda base: base[:48].view(4, 12)[:, ::2],
 }
 
@@ -427,6 +460,7 @@ def test_module_is_a_drop_in(device):
 def test_module_generator(device):
     """Modules whose generators are seeded alike drop the same elements, differently
     seeded ones not; each draws what fastreg.dropout draws from its generator."""
+
     def layer(seed):
         return fastreg.Dropout(0.5, generator=torch.Generator(device).manual_seed(seed))
 
@@ -450,14 +484,18 @@ def test_module_generator_under_torch_compile():
     torch._dynamo.reset()
     x = torch.randn(4096)
     eager = fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3))
-    compiled = torch.compile(fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3)),
-                             backend="eager")
+    compiled = torch.compile(
+        fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3)), backend="eager"
+    )
     for _ in range(2):
         assert torch.equal(compiled(x), eager(x))
     torch._dynamo.reset()
     eager = fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3))
-    full = torch.compile(fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3)),
-                         fullgraph=True, backend="eager")
+    full = torch.compile(
+        fastreg.Dropout(0.5, generator=torch.Generator().manual_seed(3)),
+        fullgraph=True,
+        backend="eager",
+    )
     try:
         outputs = [full(x) for _ in range(2)]
     except torch._dynamo.exc.Unsupported:
@@ -466,8 +504,12 @@ def test_module_generator_under_torch_compile():
 
 
 def test_replace_dropout_swaps_every_dropout_keeping_settings():
-    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Sequential(nn.Dropout(0.7, inplace=True)),
-                          nn.Dropout2d(0.5))
+    model = nn.Sequential(
+        nn.Linear(4, 4),
+        nn.Dropout(0.1),
+        nn.Sequential(nn.Dropout(0.7, inplace=True)),
+        nn.Dropout2d(0.5),
+    )
     model[2].eval()
     returned = fastreg.replace_dropout(model, mask="bool")
     assert returned is model
@@ -479,29 +521,37 @@ def test_replace_dropout_swaps_every_dropout_keeping_settings():
 
 # ---- operator registration --------------------------------------------------------
 
+
 @requires_extension
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_opcheck(device, mode):
     ops = torch.ops.fastreg
-    for x in [make_input((8, 5), torch.float32, device), make_input((2, 3, 4, 5), torch.float16, device,
-                                                                    "channels_last"),
-              make_input((5, 6), torch.float64, device, "strided")]:
+    for x in [
+        make_input((8, 5), torch.float32, device),
+        make_input((2, 3, 4, 5), torch.float16, device, "channels_last"),
+        make_input((5, 6), torch.float64, device, "strided"),
+    ]:
         state = torch.tensor([5, 9], device=device)
         torch.library.opcheck(ops.dropout_fwd, (x.requires_grad_(), 0.25, state, mode))
         out, mask = ops.dropout_fwd(x.detach(), 0.25, state, mode)
-        torch.library.opcheck(ops.dropout_bwd, (out.clone().requires_grad_(), mask, 0.25, state, mode))
+        torch.library.opcheck(
+            ops.dropout_bwd, (out.clone().requires_grad_(), mask, 0.25, state, mode)
+        )
     torch.library.opcheck(ops.dropout_mask, (torch.tensor([1, 2], device=device), [3, 7], 0.5))
 
 
 def test_fake_kernels_match_real_layouts():
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     state = torch.tensor([1, 2])
     if not _ops.HAVE_EXTENSION:
         pytest.skip("extension not loaded")
     real = torch.ops.fastreg.dropout_fwd(x, 0.5, state, "bool")
     with FakeTensorMode() as mode:
-        fake = torch.ops.fastreg.dropout_fwd(mode.from_tensor(x), 0.5, mode.from_tensor(state), "bool")
+        fake = torch.ops.fastreg.dropout_fwd(
+            mode.from_tensor(x), 0.5, mode.from_tensor(state), "bool"
+        )
     for r, f in zip(real, fake):
         assert r.shape == f.shape and r.stride() == f.stride() and r.dtype == f.dtype
 
@@ -509,7 +559,9 @@ def test_fake_kernels_match_real_layouts():
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_torch_compile_fullgraph(mode):
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), fastreg.Dropout(0.5, mask=mode), nn.Linear(32, 4))
+    model = nn.Sequential(
+        nn.Linear(16, 32), nn.ReLU(), fastreg.Dropout(0.5, mask=mode), nn.Linear(32, 4)
+    )
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     x = torch.randn(8, 16)
     out = compiled(x)
@@ -530,9 +582,12 @@ def test_reference_backend_in_a_fresh_process():
     import os
     import subprocess
     import sys
-    code = ("import fastreg, torch; assert fastreg.info()['backend'] == 'reference'; "
-            "x = torch.randn(100); y = fastreg.dropout(x, 0.5, seed=1); "
-            "assert torch.equal(y, fastreg.reference.dropout(x, 0.5, seed=1)); print('ok')")
+
+    code = (
+        "import fastreg, torch; assert fastreg.info()['backend'] == 'reference'; "
+        "x = torch.randn(100); y = fastreg.dropout(x, 0.5, seed=1); "
+        "assert torch.equal(y, fastreg.reference.dropout(x, 0.5, seed=1)); print('ok')"
+    )
     env = dict(os.environ, FASTREG_BACKEND="reference")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
@@ -541,18 +596,20 @@ def test_reference_backend_in_a_fresh_process():
 def test_missing_extension_warns_once_and_falls_back():
     import subprocess
     import sys
-    code = ("import sys, warnings; sys.modules['fastreg._C'] = None\n"
-            "with warnings.catch_warnings(record=True) as w:\n"
-            "    warnings.simplefilter('always')\n"
-            "    import fastreg, torch\n"
-            "    fastreg.dropout(torch.ones(8), 0.5)\n"
-            "msgs = [str(x.message) for x in w if 'fastreg' in str(x.message)]\n"
-            "assert len(msgs) == 1 and 'reference' in msgs[0], msgs\n"
-            "assert fastreg.info()['backend'] == 'reference'\n"
-            "print('ok')")
+
+    code = (
+        "import sys, warnings; sys.modules['fastreg._C'] = None\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import fastreg, torch\n"
+        "    fastreg.dropout(torch.ones(8), 0.5)\n"
+        "msgs = [str(x.message) for x in w if 'fastreg' in str(x.message)]\n"
+        "assert len(msgs) == 1 and 'reference' in msgs[0], msgs\n"
+        "assert fastreg.info()['backend'] == 'reference'\n"
+        "print('ok')"
+    )
     env = {k: v for k, v in os.environ.items() if k != "FASTREG_BACKEND"}  # the auto choice
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=env)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
@@ -567,6 +624,7 @@ def test_torch_compile_inductor_trains():
 
 
 # ---- torch.func ----
+
 
 @pytest.mark.parametrize("mask", MASK_MODES)
 def test_torch_func_grad_and_vjp(mask):

@@ -3,10 +3,10 @@ tensors past 2^31 elements. Skipped without a GPU."""
 
 import pytest
 import torch
-
-import fastreg
 from conftest import FLOAT_DTYPES, MASK_MODES, requires_cuda
 from philox_scalar import keep_list
+
+import fastreg
 
 pytestmark = requires_cuda
 
@@ -39,9 +39,10 @@ def test_cuda_mask_equals_cpu_mask(offset):
 def test_misaligned_views_take_the_scalar_path():
     base = torch.randn(4097, device="cuda")
     for start in (1, 2, 3):
-        x = base[start:start + 4000]
-        assert torch.equal(fastreg.dropout(x, 0.5, seed=1).cpu(),
-                           fastreg.dropout(x.cpu(), 0.5, seed=1))
+        x = base[start : start + 4000]
+        assert torch.equal(
+            fastreg.dropout(x, 0.5, seed=1).cpu(), fastreg.dropout(x.cpu(), 0.5, seed=1)
+        )
 
 
 def _capture(fn):
@@ -82,8 +83,10 @@ def _free_gpu_bytes():
     return free
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or _free_gpu_bytes() < 24 * 2**30,
-                    reason="needs 24 GiB of free GPU memory")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or _free_gpu_bytes() < 24 * 2**30,
+    reason="needs 24 GiB of free GPU memory",
+)
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_more_than_2_pow_31_elements(mode):
     n = 2**31 + 1000

@@ -14,8 +14,12 @@ import fastreg
 from fastreg import reference
 
 ERRORS_PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "errors.md"
-ERRORS = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError,
-          "NotImplementedError": NotImplementedError}
+ERRORS = {
+    "TypeError": TypeError,
+    "ValueError": ValueError,
+    "RuntimeError": RuntimeError,
+    "NotImplementedError": NotImplementedError,
+}
 
 
 def errors_page():
@@ -40,8 +44,9 @@ def function_of(call):
 
 def names_argument(message, argument):
     # torch's own message for p, which fastreg keeps, calls it the dropout probability.
-    return (re.search(rf"\b{re.escape(argument)}\b", message) is not None
-            or (argument == "p" and "dropout probability" in message))
+    return re.search(rf"\b{re.escape(argument)}\b", message) is not None or (
+        argument == "p" and "dropout probability" in message
+    )
 
 
 def test_table_is_read_and_covers_the_public_api():
@@ -106,6 +111,7 @@ def test_all_meta_inputs_are_accepted(api, name):
 
 # ---- edge inputs that are not errors -------------------------------------------------
 
+
 def _x(*shape, dtype=torch.float32):
     return torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
 
@@ -114,8 +120,9 @@ EDGES = {
     "p a hair below 1": lambda api: api.dropout(_x(1000), 1 - 2**-53, seed=7),
     "p with t = 2**32 - 1": lambda api: api.dropout(_x(1000), 1 - 2**-32, seed=7),
     "smallest p": lambda api: api.dropout(_x(1000), 5e-324, seed=7),
-    "float16 scaled to inf": lambda api: api.dropout(_x(1000, dtype=torch.float16) * 100,
-                                                     0.999, seed=3),
+    "float16 scaled to inf": lambda api: api.dropout(
+        _x(1000, dtype=torch.float16) * 100, 0.999, seed=3
+    ),
     "empty with a huge dimension": lambda api: api.dropout(torch.empty(0, 2**40), 0.5, seed=1),
     "0-dim": lambda api: api.dropout(torch.tensor(1.5), 0.5, seed=4),
     "expanded input": lambda api: api.dropout(_x(1).expand(9), 0.5, seed=2),
@@ -123,14 +130,18 @@ EDGES = {
     "channels of size 0": lambda api: api.dropout2d(_x(2, 3, 0, 4), 0.5, seed=1),
     "batch of size 0": lambda api: api.dropout2d(_x(0, 3, 2, 4), 0.5, seed=1),
     "channel p = 1": lambda api: api.dropout3d(_x(1, 2, 3, 4, 5), 1.0),
-    "fused, p a hair below 1": lambda api: api.bias_act_dropout(_x(4, 8), _x(8), 1 - 2**-53,
-                                                                 "relu", seed=1),
+    "fused, p a hair below 1": lambda api: api.bias_act_dropout(
+        _x(4, 8), _x(8), 1 - 2**-53, "relu", seed=1
+    ),
     "fused, 0-dim without bias": lambda api: api.bias_dropout_add(
-        torch.tensor(1.0), None, torch.tensor(2.0), 0.5, seed=1),
+        torch.tensor(1.0), None, torch.tensor(2.0), 0.5, seed=1
+    ),
     "fused, empty last dimension": lambda api: api.bias_act_dropout(
-        torch.empty(2, 0), torch.empty(0), 0.5, seed=1),
+        torch.empty(2, 0), torch.empty(0), 0.5, seed=1
+    ),
     "fused, expanded operands": lambda api: api.bias_dropout_add(
-        _x(3, 1).expand(3, 4), _x(1).expand(4), _x(1, 4).expand(3, 4), 0.5, seed=5),
+        _x(3, 1).expand(3, 4), _x(1).expand(4), _x(1, 4).expand(3, 4), 0.5, seed=5
+    ),
     "penalty of an empty tensor": lambda api: api.penalty([torch.empty(0)], l1=0.1),
     "penalty of a 0-dim tensor": lambda api: api.penalty([torch.tensor(2.0)], l1=0.5, l2=0.25),
     "penalty of an expanded tensor": lambda api: api.penalty([torch.ones(1).expand(4)], l2=0.5),
@@ -181,10 +192,16 @@ def test_nested_and_sparse_inputs_are_refused_by_name():
     assert nested.layout == torch.strided and nested.is_nested
     model = torch.nn.Linear(2, 2)
     for api in (fastreg, reference):
-        for call in (lambda: api.penalty([nested], l1=0.1), lambda: api.prox_l1_([nested], 0.1),
-                     lambda: api.penalty_grad_([torch.randn(2), nested], l2=0.1)):
-            with pytest.raises(TypeError, match=r"params\[\d\] must be a strided \(dense\) "
-                                                r"tensor, but got a nested tensor"):
+        for call in (
+            lambda: api.penalty([nested], l1=0.1),
+            lambda: api.prox_l1_([nested], 0.1),
+            lambda: api.penalty_grad_([torch.randn(2), nested], l2=0.1),
+        ):
+            with pytest.raises(
+                TypeError,
+                match=r"params\[\d\] must be a strided \(dense\) "
+                r"tensor, but got a nested tensor",
+            ):
                 call()
     assert fastreg.penalty(model, l1=0.1).dim() == 0  # the fast path still taken
     layers = [fastreg.Dropout(0.5), fastreg.Dropout2d(0.5)]
@@ -192,10 +209,14 @@ def test_nested_and_sparse_inputs_are_refused_by_name():
     for layer in layers + scripted:
         # TorchScript raises torch.jit.Error, naming the Python error in its message
         script = layer in scripted
-        with pytest.raises(torch.jit.Error if script else NotImplementedError,
-                           match="NotImplementedError: dropout.?.?\\(\\): input is a nested"
-                           if script else "input is a nested tensor"):
+        with pytest.raises(
+            torch.jit.Error if script else NotImplementedError,
+            match="NotImplementedError: dropout.?.?\\(\\): input is a nested"
+            if script
+            else "input is a nested tensor",
+        ):
             layer(nested)
-        with pytest.raises(torch.jit.Error if script else TypeError,
-                           match="input must be a strided"):
+        with pytest.raises(
+            torch.jit.Error if script else TypeError, match="input must be a strided"
+        ):
             layer(torch.randn(2, 3, 4).to_sparse())

@@ -12,27 +12,38 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import MASK_MODES, TORCH_VERSION, requires_extension
+from test_models import bert_case, gpt2_case, output, transformer_encoder_case
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastreg
-from conftest import MASK_MODES, TORCH_VERSION, requires_extension
-from test_models import bert_case, gpt2_case, output, transformer_encoder_case
 
 REDISPATCH = hasattr(torch.overrides, "redispatch_function")  # torch >= 2.14
 # Dynamo routes a TorchFunctionMode's calls from torch 2.6; torch 2.4's and 2.5's break the
 # graph where the mode is entered, and their graphs hold torch's calls (the outputs are
 # still fastreg's)
 TRACES_MODES = TORCH_VERSION >= (2, 6)
-traces_modes = pytest.mark.skipif(not TRACES_MODES, reason="torch < 2.6: Dynamo does not route "
-                                                           "a TorchFunctionMode's calls")
+traces_modes = pytest.mark.skipif(
+    not TRACES_MODES, reason="torch < 2.6: Dynamo does not route a TorchFunctionMode's calls"
+)
 needs_redispatch = pytest.mark.skipif(
-    not REDISPATCH, reason="torch < 2.14: a mode cannot see the calls inside F.multi_head_attention_forward")
+    not REDISPATCH,
+    reason="torch < 2.14: a mode cannot see the calls inside F.multi_head_attention_forward",
+)
 
-TORCH_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, torch.dropout,
-                  torch.dropout_, F.alpha_dropout, F.feature_alpha_dropout,
-                  F.scaled_dot_product_attention}
+TORCH_DROPOUTS = {
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    torch.dropout,
+    torch.dropout_,
+    F.alpha_dropout,
+    F.feature_alpha_dropout,
+    F.scaled_dot_product_attention,
+}
 
 
 class CountingMode(TorchFunctionMode):
@@ -60,10 +71,12 @@ class KernelCount(TorchDispatchMode):
     """Counts the dropout kernels that run: fastreg's operators and torch's own
     (native_dropout, bernoulli)."""
 
-    FASTREG = ("fastreg::dropout_fwd", "fastreg::bias_dropout_add_fwd",
-               "fastreg::bias_act_dropout_fwd")
-    TORCH = ("aten::native_dropout", "aten::bernoulli", "aten::bernoulli_",
-             "aten::_fused_dropout")
+    FASTREG = (
+        "fastreg::dropout_fwd",
+        "fastreg::bias_dropout_add_fwd",
+        "fastreg::bias_act_dropout_fwd",
+    )
+    TORCH = ("aten::native_dropout", "aten::bernoulli", "aten::bernoulli_", "aten::_fused_dropout")
 
     def __init__(self):
         super().__init__()
@@ -86,18 +99,28 @@ X = torch.randn(4, 6, 5, 3, generator=torch.Generator().manual_seed(0))
 # (torch's call, fastreg's equivalent), as functions of (x, mask)
 ROUTES = {
     "F.dropout": (lambda x: F.dropout(x, 0.3), lambda x, m: fastreg.dropout(x, 0.3, mask=m)),
-    "F.dropout-kw": (lambda x: F.dropout(input=x, p=0.3, training=True),
-                     lambda x, m: fastreg.dropout(x, 0.3, mask=m)),
-    "torch.dropout": (lambda x: torch.dropout(x, 0.3, True),
-                      lambda x, m: fastreg.dropout(x, 0.3, mask=m)),
-    "torch.dropout_": (lambda x: torch.dropout_(x.clone(), 0.3, True),
-                       lambda x, m: fastreg.dropout(x, 0.3, mask=m)),
-    "F.dropout-inplace": (lambda x: F.dropout(x.clone(), 0.3, inplace=True),
-                          lambda x, m: fastreg.dropout(x, 0.3, mask=m)),
-    "F.dropout1d": (lambda x: F.dropout1d(x[0], 0.3), lambda x, m: fastreg.dropout1d(x[0], 0.3, mask=m)),
+    "F.dropout-kw": (
+        lambda x: F.dropout(input=x, p=0.3, training=True),
+        lambda x, m: fastreg.dropout(x, 0.3, mask=m),
+    ),
+    "torch.dropout": (
+        lambda x: torch.dropout(x, 0.3, True),
+        lambda x, m: fastreg.dropout(x, 0.3, mask=m),
+    ),
+    "torch.dropout_": (
+        lambda x: torch.dropout_(x.clone(), 0.3, True),
+        lambda x, m: fastreg.dropout(x, 0.3, mask=m),
+    ),
+    "F.dropout-inplace": (
+        lambda x: F.dropout(x.clone(), 0.3, inplace=True),
+        lambda x, m: fastreg.dropout(x, 0.3, mask=m),
+    ),
+    "F.dropout1d": (
+        lambda x: F.dropout1d(x[0], 0.3),
+        lambda x, m: fastreg.dropout1d(x[0], 0.3, mask=m),
+    ),
     "F.dropout2d": (lambda x: F.dropout2d(x, 0.3), lambda x, m: fastreg.dropout2d(x, 0.3, mask=m)),
-    "F.dropout3d": (lambda x: F.dropout3d(x, 0.3),
-                    lambda x, m: fastreg.dropout3d(x, 0.3, mask=m)),
+    "F.dropout3d": (lambda x: F.dropout3d(x, 0.3), lambda x, m: fastreg.dropout3d(x, 0.3, mask=m)),
 }
 
 
@@ -213,11 +236,14 @@ def test_a_subclass_with_its_own_torch_function_gets_the_call():
 
 def test_tensor_p():
     for p in (torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64), torch.tensor(0)):
-        assert torch.equal(seeded(lambda: fastreg.dropout(X, p)),
-                           seeded(lambda: fastreg.dropout(X, float(p))))
+        assert torch.equal(
+            seeded(lambda: fastreg.dropout(X, p)), seeded(lambda: fastreg.dropout(X, float(p)))
+        )
     with fastreg.DropoutMode():
-        assert torch.equal(seeded(lambda: F.dropout(X, torch.tensor(0.25))),
-                           seeded(lambda: fastreg.dropout(X, 0.25)))
+        assert torch.equal(
+            seeded(lambda: F.dropout(X, torch.tensor(0.25))),
+            seeded(lambda: fastreg.dropout(X, 0.25)),
+        )
     with pytest.raises(TypeError, match="p must be a float or a 0-dim real tensor"):
         fastreg.dropout(X, torch.tensor([0.5]))
     with pytest.raises(TypeError, match="p must be a float or a 0-dim real tensor"):
@@ -236,6 +262,7 @@ def test_errors():
 
 
 # ---- torch.compile ---------------------------------------------------------------------
+
 
 def three_dropouts(x):
     return F.dropout(x, 0.5) + torch.dropout(x, 0.3, True) + F.dropout2d(x, 0.2)
@@ -267,7 +294,8 @@ def test_compiled_graph_holds_fastregs_operators_only():
         torch.compile(three_dropouts, backend=capture, fullgraph=True)(X)
     assert len(graphs) == 1
     assert graphs[0].count("fastreg") >= 3 and "dropout(" not in graphs[0].replace(
-        "fastreg.dropout", "").replace("dropout_fwd", "")
+        "fastreg.dropout", ""
+    ).replace("dropout_fwd", "")
 
 
 @traces_modes
@@ -300,8 +328,11 @@ def test_replace_dropout_functional_compiles_without_a_graph_break():
         assert torch._dynamo.explain(model)(X).graph_break_count == 0
     compiled = torch.compile(model, backend="aot_eager", fullgraph=TRACES_MODES)
     assert torch.equal(seeded(lambda: compiled(X)), seeded(lambda: model(X)))
-    expected = seeded(lambda: fastreg.dropout(fastreg.dropout(model.linear(X), 0.5, mask="bool"),
-                                              0.1, mask="bool"))
+    expected = seeded(
+        lambda: fastreg.dropout(
+            fastreg.dropout(model.linear(X), 0.5, mask="bool"), 0.1, mask="bool"
+        )
+    )
     assert torch.equal(seeded(lambda: model(X)), expected)
 
 
@@ -323,8 +354,11 @@ def test_replace_dropout_functional_deepcopies_and_pickles():
     buffer = io.BytesIO()
     torch.save(model, buffer)
     buffer.seek(0)
-    for clone in (copy.deepcopy(model), torch.load(buffer, weights_only=False),
-                  pickle.loads(pickle.dumps(model))):
+    for clone in (
+        copy.deepcopy(model),
+        torch.load(buffer, weights_only=False),
+        pickle.loads(pickle.dumps(model)),
+    ):
         assert torch.equal(seeded(lambda: clone(X)), seeded(lambda: model(X)))
         with KernelCount() as kernels:
             clone(X)
@@ -348,9 +382,15 @@ class AttentionWithWeights(nn.Module):
 
 def mha_case():
     from test_models import Case
+
     g = torch.Generator().manual_seed(0)
-    return Case(AttentionWithWeights, {"x": torch.randn(2, 5, 8, generator=g)},
-                torch.randn(2, 5, 8, generator=g), F.mse_loss, {})
+    return Case(
+        AttentionWithWeights,
+        {"x": torch.randn(2, 5, 8, generator=g)},
+        torch.randn(2, 5, 8, generator=g),
+        F.mse_loss,
+        {},
+    )
 
 
 MODELS = ["mha-need-weights", "transformer-encoder", "bert-eager", "gpt2-eager"]
@@ -390,7 +430,9 @@ def test_every_dropout_of_a_model_runs_fastreg(model_case, mask):
     assert kernels.fastreg == 0 and kernels.torch == len(calls)
 
     routed = fastreg.replace_dropout(copy.deepcopy(original), mask=mask, functional=True)
-    with CountingMode(inner=True) as below:  # below fastreg's modes: sees what fastreg leaves to torch
+    with CountingMode(
+        inner=True
+    ) as below:  # below fastreg's modes: sees what fastreg leaves to torch
         with KernelCount() as kernels:
             output(routed, model_case)
     assert below.calls == unservable

@@ -17,24 +17,36 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    FLOAT_DTYPES,
+    MASK_MODES,
+    compiled_autograd_enable,
+    requires_cuda,
+    requires_extension,
+)
 from torch import nn
 
 import fastreg
 from fastreg import _ops, reference
-from conftest import (FLOAT_DTYPES, MASK_MODES, compiled_autograd_enable, requires_cuda,
-                      requires_extension)
-
 
 ACTIVATIONS = [None, "relu", "gelu", "gelu_tanh", "silu"]
 EXACT_ACTIVATIONS = (None, "relu")
-TORCH_ACT = {None: lambda z: z, "relu": torch.relu, "gelu": F.gelu,
-             "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"), "silu": F.silu}
+TORCH_ACT = {
+    None: lambda z: z,
+    "relu": torch.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "silu": F.silu,
+}
 P, SEED = 0.3, 20240611
 
 # (shape, layout): 2-D rows, 3-D (batch, tokens, features), channels_last 4-D where the
 # last dimension (W, the bias's) is not innermost in memory; sizes leave partial tiles.
-SHAPE_FAMILIES = {"2d": ((37, 24), "contiguous"), "3d": ((3, 17, 40), "contiguous"),
-                  "cl4d": ((2, 6, 5, 7), "channels_last")}
+SHAPE_FAMILIES = {
+    "2d": ((37, 24), "contiguous"),
+    "3d": ((3, 17, 40), "contiguous"),
+    "cl4d": ((2, 6, 5, 7), "channels_last"),
+}
 
 
 def make(shape, layout, dtype, device, seed=0):
@@ -65,7 +77,8 @@ def eps(dtype):
 def contract_keep(x, p, seed):
     """The contract's keep flags of x's output, in its memory order."""
     return reference.memory_order_view(
-        fastreg.dropout_mask(x.numel(), p, seed, device=x.device), torch.empty_like(x))
+        fastreg.dropout_mask(x.numel(), p, seed, device=x.device), torch.empty_like(x)
+    )
 
 
 def z_of(x, bias):
@@ -78,14 +91,18 @@ def assert_within(actual, expected, bound, what=""):
     diff = (actual.to(torch.float64) - expected.to(torch.float64)).abs()
     excess = diff - bound.to(torch.float64)
     assert excess.max() <= 0 if excess.numel() else True, (
-        f"{what}: max |diff| {diff.max():.3g} exceeds its bound by {excess.max():.3g}")
+        f"{what}: max |diff| {diff.max():.3g} exceeds its bound by {excess.max():.3g}"
+    )
 
 
 def act_bound(z, dtype, expected, factor):
     """A few ulps of (1 + |z|) in op-math, times factor, plus one ulp of the dtype."""
     op = opmath(dtype)
-    return (8 * eps(op) * (1 + z.abs()) * factor + eps(dtype) * expected.abs().to(op)
-            + torch.finfo(dtype).tiny)
+    return (
+        8 * eps(op) * (1 + z.abs()) * factor
+        + eps(dtype) * expected.abs().to(op)
+        + torch.finfo(dtype).tiny
+    )
 
 
 def bias_grad_bound(grad_input, expected):
@@ -99,12 +116,14 @@ def bias_grad_bound(grad_input, expected):
 
 # ---- bias_dropout_add ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", SHAPE_FAMILIES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("mode", MASK_MODES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_bias_dropout_add_matches_reference_contract_and_torch(device, family, dtype, mode,
-                                                               with_bias):
+def test_bias_dropout_add_matches_reference_contract_and_torch(
+    device, family, dtype, mode, with_bias
+):
     x, bias, residual, g = sample(family, dtype, device, with_bias)
     leaves = [t.clone().requires_grad_() for t in (x, bias, residual) if t is not None]
     leaves_ref = [t.detach().clone().requires_grad_() for t in leaves]
@@ -131,8 +150,9 @@ def test_bias_dropout_add_matches_reference_contract_and_torch(device, family, d
     grads = torch.autograd.grad(y, leaves, g)
     grads_ref = torch.autograd.grad(y_ref, leaves_ref, g)
     gx, g_res = grads[0], grads[-1]
-    expected_gx = torch.where(keep, (g.to(op) * scale).to(dtype), torch.zeros((), dtype=dtype,
-                                                                              device=device))
+    expected_gx = torch.where(
+        keep, (g.to(op) * scale).to(dtype), torch.zeros((), dtype=dtype, device=device)
+    )
     assert torch.equal(gx, grads_ref[0]) and torch.equal(gx, expected_gx)
     assert gx.stride() == y.stride()
     assert torch.equal(g_res, g)
@@ -159,22 +179,26 @@ def test_layouts_mixed_and_non_dense(device):
     """A transposed input, a contiguous residual, an input at an odd storage offset: the
     output has the (dense) input's layout, the residual is read at the same coordinates."""
     base = torch.randn(41, 33, device=device)
-    x = base.t()                                  # dense, transposed
+    x = base.t()  # dense, transposed
     residual = torch.randn(33, 41, device=device)  # contiguous
     bias = torch.randn(41, device=device)
     y = fastreg.bias_dropout_add(x, bias, residual, P, seed=5)
     assert y.stride() == x.stride()
     assert torch.equal(y, reference.bias_dropout_add(x, bias, residual, P, seed=5))
-    strided = torch.randn(20, 66, device=device)[:, ::2]                  # not dense
-    odd = torch.randn(20 * 33 + 1, device=device)[1:].view(20, 33)        # misaligned
+    strided = torch.randn(20, 66, device=device)[:, ::2]  # not dense
+    odd = torch.randn(20 * 33 + 1, device=device)[1:].view(20, 33)  # misaligned
     for x in (strided, odd):
         r = torch.randn(20, 33, device=device)
         b = torch.randn(33, device=device)
         for act in ACTIVATIONS[:2]:
-            assert torch.equal(fastreg.bias_act_dropout(x, b, P, act, seed=6),
-                               reference.bias_act_dropout(x, b, P, act, seed=6))
-        assert torch.equal(fastreg.bias_dropout_add(x, b, r, P, seed=6),
-                           reference.bias_dropout_add(x, b, r, P, seed=6))
+            assert torch.equal(
+                fastreg.bias_act_dropout(x, b, P, act, seed=6),
+                reference.bias_act_dropout(x, b, P, act, seed=6),
+            )
+        assert torch.equal(
+            fastreg.bias_dropout_add(x, b, r, P, seed=6),
+            reference.bias_dropout_add(x, b, r, P, seed=6),
+        )
 
 
 @pytest.mark.parametrize("shape", [(1,), (5,), (4, 1), (300, 64), (2, 40, 6, 9), (0, 5), (3, 0)])
@@ -224,8 +248,9 @@ def test_bias_gradient_is_deterministic_and_thread_independent():
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_dropped_nan_and_inf_contribute_exact_zero(device, dtype):
-    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0] * 64, dtype=dtype,
-                     device=device)
+    x = torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 1.0] * 64, dtype=dtype, device=device
+    )
     r = torch.arange(256, dtype=dtype, device=device)
     keep = fastreg.dropout_mask(256, 0.5, 3, device=device)
     y = fastreg.bias_dropout_add(x, None, r, 0.5, seed=3)
@@ -254,7 +279,9 @@ def test_every_call_draws_fresh_masks_and_manual_seed_repeats(device):
     a = fastreg.bias_dropout_add(x, bias, residual, 0.5)
     b = fastreg.bias_dropout_add(x, bias, residual, 0.5)
     torch.manual_seed(0)
-    assert torch.equal(a, fastreg.bias_dropout_add(x, bias, residual, 0.5)) and not torch.equal(a, b)
+    assert torch.equal(a, fastreg.bias_dropout_add(x, bias, residual, 0.5)) and not torch.equal(
+        a, b
+    )
 
 
 @pytest.mark.parametrize("p", [0.0, 1.0])
@@ -268,17 +295,22 @@ def test_p_zero_and_one(device, p):
 
 # ---- bias_act_dropout ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", SHAPE_FAMILIES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("mode", MASK_MODES)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_bias_act_dropout_matches_reference_contract_and_torch(device, family, dtype, mode,
-                                                               activation):
+def test_bias_act_dropout_matches_reference_contract_and_torch(
+    device, family, dtype, mode, activation
+):
     with_bias = family != "3d" or activation != "silu"  # one case without a bias
     x, bias, _, g = sample(family, dtype, device, with_bias)
     leaves = [t.clone().requires_grad_() for t in (x, bias) if t is not None]
     leaves_ref = [t.detach().clone().requires_grad_() for t in leaves]
-    args = (lambda ts: (ts[0], ts[1] if with_bias else None))
+
+    def args(ts):
+        return ts[0], ts[1] if with_bias else None
+
     y = fastreg.bias_act_dropout(*args(leaves), P, activation, mask=mode, seed=SEED)
     y_ref = reference.bias_act_dropout(*args(leaves_ref), P, activation, mask=mode, seed=SEED)
     assert y.stride() == torch.empty_like(x).stride()
@@ -301,8 +333,9 @@ def test_bias_act_dropout_matches_reference_contract_and_torch(device, family, d
 
     grads = torch.autograd.grad(y, leaves, g)
     grads_ref = torch.autograd.grad(y_ref, leaves_ref, g)
-    explicit, explicit_b = reference.bias_act_dropout_backward(g, x, bias, keep, P, activation,
-                                                               with_bias)
+    explicit, explicit_b = reference.bias_act_dropout_backward(
+        g, x, bias, keep, P, activation, with_bias
+    )
     gx = grads[0]
     assert gx.stride() == y.stride()
     factor = scale * g.to(op).abs()
@@ -313,19 +346,23 @@ def test_bias_act_dropout_matches_reference_contract_and_torch(device, family, d
         assert_within(gx, grads_ref[0], act_bound(z, dtype, grads_ref[0], factor), "grad vs ref")
     if with_bias:
         bound = bias_grad_bound(gx, explicit_b) + (
-            0 if activation in EXACT_ACTIVATIONS else
-            act_bound(z, dtype, explicit, factor).to(op).sum(tuple(range(x.dim() - 1))))
+            0
+            if activation in EXACT_ACTIVATIONS
+            else act_bound(z, dtype, explicit, factor).to(op).sum(tuple(range(x.dim() - 1)))
+        )
         assert_within(grads[1], explicit_b, bound, "bias grad")
         assert_within(grads[1], grads_ref[1], bound, "bias grad vs ref")
 
 
 def test_without_bias_and_activation_it_is_dropout(device):
     x = torch.randn(1000, device=device)
-    assert torch.equal(fastreg.bias_act_dropout(x, None, P, None, seed=4),
-                       fastreg.dropout(x, P, seed=4))
+    assert torch.equal(
+        fastreg.bias_act_dropout(x, None, P, None, seed=4), fastreg.dropout(x, P, seed=4)
+    )
 
 
 # ---- gradients -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("mode", MASK_MODES)
 @pytest.mark.parametrize("activation", ["add"] + ACTIVATIONS)
@@ -335,12 +372,16 @@ def test_gradcheck(device, mode, activation):
     b = torch.randn(6, generator=g, dtype=torch.float64).to(device).requires_grad_()
     r = torch.randn(4, 6, generator=g, dtype=torch.float64).to(device).requires_grad_()
     if activation == "add":
+
         def f(x, b, r):
             return fastreg.bias_dropout_add(x, b, r, 0.4, mask=mode, seed=11)
+
         inputs = (x, b, r)
     else:
+
         def f(x, b):
             return fastreg.bias_act_dropout(x, b, 0.4, activation, mask=mode, seed=11)
+
         inputs = (x, b)
     assert torch.autograd.gradcheck(f, inputs)
     if mode == "bits":  # double backward runs the formulas as tensor ops
@@ -392,8 +433,9 @@ def test_torch_func_grad(mode, activation):
 @pytest.mark.parametrize("activation", ["add", "gelu"])
 def test_compiled_autograd_of_an_eager_fused_op(activation):
     torch._dynamo.reset()
-    x, b, r, w = (t.requires_grad_() if i < 3 else t
-                  for i, t in enumerate(sample("2d", torch.float32, "cpu")))
+    x, b, r, w = (
+        t.requires_grad_() if i < 3 else t for i, t in enumerate(sample("2d", torch.float32, "cpu"))
+    )
     loss = (fused_call(activation, "bits")(x, b, r) * w).sum()
     expected = torch.autograd.grad(loss, (x, b), retain_graph=True)
     with compiled_autograd_enable(torch.compile(backend="aot_eager")):
@@ -408,6 +450,7 @@ def test_autograd_without_torchs_private_single_level_function():
     of the fused ops and of dropout (dropout_bwd's formula) still hold there."""
     import subprocess
     import sys
+
     code = (
         "import torch._functorch.utils as utils\n"
         "del utils.enable_single_level_autograd_function\n"
@@ -423,12 +466,14 @@ def test_autograd_without_torchs_private_single_level_function():
         "for f, inputs in calls:\n"
         "    assert torch.autograd.gradcheck(f, inputs)\n"
         "    assert torch.autograd.gradgradcheck(f, inputs)\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
 # ---- errors ----------------------------------------------------------------------
+
 
 def test_errors_name_the_argument():
     x, b, r = torch.ones(2, 3), torch.ones(3), torch.ones(2, 3)
@@ -465,10 +510,15 @@ def test_errors_name_the_argument():
         reference.bias_act_dropout(x, b.to(torch.complex64), 0.5)
 
 
-@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32, torch.float32),
-                                    (torch.float16, torch.bfloat16, None),
-                                    (torch.float32, None, torch.float64),
-                                    (torch.float32, torch.float32, torch.int64)])
+@pytest.mark.parametrize(
+    "dtypes",
+    [
+        (torch.bfloat16, torch.float32, torch.float32),
+        (torch.float16, torch.bfloat16, None),
+        (torch.float32, None, torch.float64),
+        (torch.float32, torch.float32, torch.int64),
+    ],
+)
 def test_mixed_dtypes_promote_like_the_eager_composition(device, dtypes):
     """bias_dropout_add(x, b, r) == the op on the tensors cast to their promoted dtype, bit for
     bit, and the gradients come back in each tensor's own dtype."""
@@ -500,14 +550,17 @@ def test_device_mismatch_raises():
 
 # ---- operator registration, compile, memory -------------------------------------
 
+
 @requires_extension
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_opcheck(device, mode):
     ops = torch.ops.fastreg
     state = torch.tensor([5, 9], device=device)
-    cases = [(make((8, 5), "contiguous", torch.float32, device), True),
-             (make((2, 3, 4, 5), "channels_last", torch.float16, device), True),
-             (make((6, 10), "contiguous", torch.float64, device)[:, ::2], False)]
+    cases = [
+        (make((8, 5), "contiguous", torch.float32, device), True),
+        (make((2, 3, 4, 5), "channels_last", torch.float16, device), True),
+        (make((6, 10), "contiguous", torch.float64, device)[:, ::2], False),
+    ]
     for (x, with_bias), act in zip(cases, ("gelu", "none", "silu")):
         b = torch.randn(x.shape[-1], dtype=x.dtype, device=device) if with_bias else None
         r = torch.randn(x.shape, dtype=x.dtype, device=device)
@@ -516,20 +569,27 @@ def test_opcheck(device, mode):
         torch.library.opcheck(ops.bias_act_dropout_fwd, (req(x), req(b), 0.25, act, state, mode))
         out, mask = ops.bias_act_dropout_fwd(x, b, 0.25, act, state, mode)
         xs = _ops.with_strides(x, out.stride())
-        torch.library.opcheck(ops.bias_act_dropout_bwd,
-                              (torch.randn_like(out), xs, b, mask, 0.25, act, state, mode, with_bias))
+        torch.library.opcheck(
+            ops.bias_act_dropout_bwd,
+            (torch.randn_like(out), xs, b, mask, 0.25, act, state, mode, with_bias),
+        )
 
 
 @requires_extension
 def test_fake_kernels_match_real_layouts():
     from torch._subclasses.fake_tensor import FakeTensorMode
+
     x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     b, r, state = torch.randn(5), torch.randn(2, 3, 4, 5), torch.tensor([1, 2])
     ops = torch.ops.fastreg
     real = ops.bias_dropout_add_fwd(x, b, r, 0.5, state, "bool")
     with FakeTensorMode() as fake_mode:
-        fake = ops.bias_dropout_add_fwd(*(fake_mode.from_tensor(t) for t in (x, b, r)), 0.5,
-                                        fake_mode.from_tensor(state), "bool")
+        fake = ops.bias_dropout_add_fwd(
+            *(fake_mode.from_tensor(t) for t in (x, b, r)),
+            0.5,
+            fake_mode.from_tensor(state),
+            "bool",
+        )
     for a, f in zip(real, fake):
         assert a.shape == f.shape and a.stride() == f.stride() and a.dtype == f.dtype
 
@@ -548,10 +608,12 @@ class Block(nn.Module):
         self.mode = mode
 
     def forward(self, x):
-        h = fastreg.bias_act_dropout(self.up(x), self.up_bias, 0.1, "gelu", self.training,
-                                     mask=self.mode)
-        x = fastreg.bias_dropout_add(self.down(h), self.down_bias, x, 0.1, self.training,
-                                     mask=self.mode)
+        h = fastreg.bias_act_dropout(
+            self.up(x), self.up_bias, 0.1, "gelu", self.training, mask=self.mode
+        )
+        x = fastreg.bias_dropout_add(
+            self.down(h), self.down_bias, x, 0.1, self.training, mask=self.mode
+        )
         return self.drop2d(self.conv(x.transpose(1, 2).unsqueeze(-1)))
 
 
@@ -572,8 +634,9 @@ def test_torch_compile_with_seed_matches_eager():
     x, b, r, _ = sample("3d", torch.float32, "cpu")
 
     def f(x, b, r):
-        return fastreg.bias_dropout_add(x * 2, b, r, 0.3, seed=42) + \
-            fastreg.bias_act_dropout(x, b, 0.3, "relu", seed=7)
+        return fastreg.bias_dropout_add(x * 2, b, r, 0.3, seed=42) + fastreg.bias_act_dropout(
+            x, b, 0.3, "relu", seed=7
+        )
 
     assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(x, b, r), f(x, b, r))
 
@@ -605,11 +668,14 @@ def test_bytes_kept_for_backward(mode, activation):
     b = torch.randn(64, requires_grad=True)
     r = torch.randn(n // 64, 64, requires_grad=True)
     if activation == "add":
+
         def fn():
             return fastreg.bias_dropout_add(x, b, r, 0.5, mask=mode)
     else:
+
         def fn():
             return fastreg.bias_act_dropout(x, b, 0.5, activation, mask=mode)
+
     kept, out = saved_bytes(fn, exclude=(x, b, r))
     assert (kept - 16) / n == {"bits": 0.125, "bool": 1.0, "recompute": 0.0}[mode]
     out.sum().backward()
@@ -624,6 +690,7 @@ def test_channel_dropout_keeps_one_byte_per_channel(dtype):
 
 
 # ---- channel dropout ---------------------------------------------------------------
+
 
 def torch_channel(spatial):
     return {1: F.dropout1d, 2: F.dropout2d, 3: F.dropout3d}[spatial]
@@ -664,8 +731,17 @@ def test_channel_rank_rules_and_warnings_follow_torch(spatial, rank, training):
             assert torch.all(dropped.all(-1) | (~dropped).all(-1))
 
 
-@pytest.mark.parametrize("spatial,shape", [(1, (4, 6, 9)), (1, (6, 9)), (2, (4, 6, 5, 3)),
-                                           (2, (4, 6, 5)), (3, (2, 6, 3, 4, 5)), (3, (6, 3, 4, 5))])
+@pytest.mark.parametrize(
+    "spatial,shape",
+    [
+        (1, (4, 6, 9)),
+        (1, (6, 9)),
+        (2, (4, 6, 5, 3)),
+        (2, (4, 6, 5)),
+        (3, (2, 6, 3, 4, 5)),
+        (3, (6, 3, 4, 5)),
+    ],
+)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_channel_mask_is_the_contract_per_batch_and_channel(device, spatial, shape, dtype):
     x = torch.randn(shape, device=device).to(dtype).requires_grad_()
@@ -705,16 +781,26 @@ def test_channel_dropout_details(device):
         fastreg.dropout2d(x.long(), 0.5)
 
 
-@pytest.mark.parametrize("cls,torch_cls", [(fastreg.Dropout1d, nn.Dropout1d),
-                                           (fastreg.Dropout2d, nn.Dropout2d),
-                                           (fastreg.Dropout3d, nn.Dropout3d)])
+@pytest.mark.parametrize(
+    "cls,torch_cls",
+    [
+        (fastreg.Dropout1d, nn.Dropout1d),
+        (fastreg.Dropout2d, nn.Dropout2d),
+        (fastreg.Dropout3d, nn.Dropout3d),
+    ],
+)
 def test_channel_modules_are_drop_ins(cls, torch_cls):
     layer = cls(0.3, mask="recompute")
     assert isinstance(layer, torch_cls)
     assert repr(layer) == f"{torch_cls.__name__}(p=0.3, inplace=False, mask='recompute')"
     assert layer.state_dict() == torch_cls(0.3).state_dict()
-    x = torch.randn(2, 3, 4, 4, 4)[:, :, 0, 0] if cls is fastreg.Dropout1d else \
-        torch.randn(2, 3, 4, 4) if cls is fastreg.Dropout2d else torch.randn(2, 3, 4, 4, 4)
+    x = (
+        torch.randn(2, 3, 4, 4, 4)[:, :, 0, 0]
+        if cls is fastreg.Dropout1d
+        else torch.randn(2, 3, 4, 4)
+        if cls is fastreg.Dropout2d
+        else torch.randn(2, 3, 4, 4, 4)
+    )
     assert layer.eval()(x) is x
     with pytest.raises(ValueError, match="mask must be one of"):
         cls(0.3, mask="nope")
@@ -725,17 +811,26 @@ def test_channel_modules_are_drop_ins(cls, torch_cls):
     assert model[0].mask == "bool" and type(model[1][0]) is cls and not model[1][0].training
 
 
-@pytest.mark.parametrize("cls,shape", [(fastreg.Dropout1d, (8, 64, 3)),
-                                       (fastreg.Dropout2d, (8, 64, 3, 2)),
-                                       (fastreg.Dropout3d, (8, 64, 2, 2, 2))])
+@pytest.mark.parametrize(
+    "cls,shape",
+    [
+        (fastreg.Dropout1d, (8, 64, 3)),
+        (fastreg.Dropout2d, (8, 64, 3, 2)),
+        (fastreg.Dropout3d, (8, 64, 2, 2, 2)),
+    ],
+)
 def test_channel_module_generator(device, cls, shape):
     """As fastreg.Dropout's: equally seeded generators, equal masks; else different."""
+
     def layer(seed):
         return cls(0.5, generator=torch.Generator(device).manual_seed(seed))
 
     x = torch.randn(shape, device=device)
-    functional = {fastreg.Dropout1d: fastreg.dropout1d, fastreg.Dropout2d: fastreg.dropout2d,
-                  fastreg.Dropout3d: fastreg.dropout3d}[cls]
+    functional = {
+        fastreg.Dropout1d: fastreg.dropout1d,
+        fastreg.Dropout2d: fastreg.dropout2d,
+        fastreg.Dropout3d: fastreg.dropout3d,
+    }[cls]
     y = layer(5)(x)
     assert torch.equal(y, layer(5)(x)) and not torch.equal(y, layer(6)(x))
     assert torch.equal(y, functional(x, 0.5, generator=torch.Generator(device).manual_seed(5)))
@@ -745,6 +840,7 @@ def test_channel_module_generator(device, cls, shape):
 
 
 # ---- CUDA ------------------------------------------------------------------------
+
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -779,5 +875,7 @@ def test_cuda_large_and_misaligned():
     x = torch.randn(1 << 20 | 3, device="cuda")[3:].view(-1, 1024)
     b = torch.randn(1024, device="cuda")
     r = torch.randn(x.shape, device="cuda")
-    assert torch.equal(fastreg.bias_dropout_add(x, b, r, 0.1, seed=1),
-                       fastreg.bias_dropout_add(x.cpu(), b.cpu(), r.cpu(), 0.1, seed=1).cuda())
+    assert torch.equal(
+        fastreg.bias_dropout_add(x, b, r, 0.1, seed=1),
+        fastreg.bias_dropout_add(x.cpu(), b.cpu(), r.cpu(), 0.1, seed=1).cuda(),
+    )

@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import requires_extension
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,8 +23,14 @@ def gpu_check(*args, root=ROOT, timeout=240, env=None):
     env.pop("OUT", None)
     if "GPU_SLUG" not in (env or {}):
         env.pop("GPU_SLUG", None)
-    return subprocess.run(["bash", str(root / ".ci" / "gpu-check"), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=root)
+    return subprocess.run(
+        ["bash", str(root / ".ci" / "gpu-check"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=root,
+    )
 
 
 def test_dry_run_passes_and_prints_every_step():
@@ -45,15 +50,18 @@ def test_dry_run_passes_and_prints_every_step():
     assert "-n 16" in out and "-m 'cuda'" in out
 
 
-@pytest.mark.parametrize("name, slug", [
-    ("NVIDIA H100 80GB HBM3", "h100"),
-    ("NVIDIA H200", "h200"),
-    ("NVIDIA H200 NVL", "h200"),
-    ("NVIDIA A100-SXM4-40GB", "a100"),
-    ("NVIDIA GeForce RTX 4090", "geforce-rtx-4090"),
-    ("Tesla T4", "t4"),
-    ("", "gpu"),
-])
+@pytest.mark.parametrize(
+    "name, slug",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA H200 NVL", "h200"),
+        ("NVIDIA A100-SXM4-40GB", "a100"),
+        ("NVIDIA GeForce RTX 4090", "geforce-rtx-4090"),
+        ("Tesla T4", "t4"),
+        ("", "gpu"),
+    ],
+)
 def test_results_are_named_after_the_gpu(name, slug):
     result = gpu_check("--slug-of", name)
     assert result.returncode == 0, result.stderr
@@ -65,8 +73,11 @@ def test_dry_run_names_the_results_after_the_gpu_found():
 
     result = gpu_check("--dry-run", "bench")
     assert result.returncode == 0, result.stdout + result.stderr
-    slug = (gpu_check("--slug-of", torch.cuda.get_device_name(0)).stdout.strip()
-            if torch.cuda.is_available() else "gpu")
+    slug = (
+        gpu_check("--slug-of", torch.cuda.get_device_name(0)).stdout.strip()
+        if torch.cuda.is_available()
+        else "gpu"
+    )
     assert f"--json benchmarks/results/{slug}.json --plot docs/bench-{slug}.png" in result.stdout
 
 
@@ -114,8 +125,12 @@ def test_a_bench_line_the_parser_refuses_is_reported(tree):
     script = tree / ".ci" / "gpu-check"
     text = script.read_text()
     assert "BENCH_SMALL=(bench --device cuda --no-progress" in text
-    script.write_text(text.replace("BENCH_SMALL=(bench --device cuda --no-progress",
-                                   "BENCH_SMALL=(bench --device cuda --no-such-flag"))
+    script.write_text(
+        text.replace(
+            "BENCH_SMALL=(bench --device cuda --no-progress",
+            "BENCH_SMALL=(bench --device cuda --no-such-flag",
+        )
+    )
     result = gpu_check("--dry-run", root=tree)
     assert result.returncode == 1
     assert "BROKEN: python -m fastreg bench --device cuda --no-such-flag" in result.stdout
@@ -123,14 +138,17 @@ def test_a_bench_line_the_parser_refuses_is_reported(tree):
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_makefile_has_the_target():
-    result = subprocess.run(["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        ["make", "-n", "gpu-check"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert ".ci/gpu-check" in result.stdout
 
 
 def _driver():
-    spec = importlib.util.spec_from_file_location("sanitize_cuda", ROOT / ".ci" / "sanitize_cuda.py")
+    spec = importlib.util.spec_from_file_location(
+        "sanitize_cuda", ROOT / ".ci" / "sanitize_cuda.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -138,14 +156,34 @@ def _driver():
 
 @requires_extension
 def test_sanitizer_driver_runs_every_family_on_the_cpu():
-    result = subprocess.run([sys.executable, str(ROOT / ".ci" / "sanitize_cuda.py"), "--device",
-                             "cpu", "--dtypes", "float32"], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / ".ci" / "sanitize_cuda.py"),
+            "--device",
+            "cpu",
+            "--dtypes",
+            "float32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every kernel family ran" in result.stdout
-    for op in ("dropout_fwd", "dropout_bwd", "dropout_mask", "bias_dropout_add_fwd",
-               "bias_act_dropout_fwd", "bias_act_dropout_bwd", "penalty", "penalty_backward",
-               "penalty_grad_", "prox_l1_"):
+    for op in (
+        "dropout_fwd",
+        "dropout_bwd",
+        "dropout_mask",
+        "bias_dropout_add_fwd",
+        "bias_act_dropout_fwd",
+        "bias_act_dropout_bwd",
+        "penalty",
+        "penalty_backward",
+        "penalty_grad_",
+        "prox_l1_",
+    ):
         assert f"fastreg::{op}" in result.stdout, op
 
 

@@ -11,15 +11,17 @@ import sys
 
 import pytest
 import torch
+from conftest import requires_extension
 
 import fastreg
 from fastreg import reference
-from conftest import requires_extension
 
 pytestmark = [
     requires_extension,
-    pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
-                       reason="needs Linux with transparent huge pages"),
+    pytest.mark.skipif(
+        not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+        reason="needs Linux with transparent huge pages",
+    ),
 ]
 
 LARGE = (32 << 20) // 4  # float32 elements in 32 MiB: advised
@@ -51,11 +53,15 @@ def grad_of_input(op, n):
     return x.grad
 
 
-@pytest.mark.parametrize("op", [
-    lambda x: fastreg.dropout(x, 0.5, seed=1),
-    lambda x: fastreg.dropout(x, 0.5, mask="bool", seed=1),
-    lambda x: fastreg.bias_act_dropout(x, None, 0.5, "relu", seed=1),
-], ids=["dropout", "dropout-bool", "bias_act_dropout"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x: fastreg.dropout(x, 0.5, seed=1),
+        lambda x: fastreg.dropout(x, 0.5, mask="bool", seed=1),
+        lambda x: fastreg.bias_act_dropout(x, None, 0.5, "relu", seed=1),
+    ],
+    ids=["dropout", "dropout-bool", "bias_act_dropout"],
+)
 def test_large_outputs_are_advised(op):
     with torch.no_grad():
         assert advised(op(torch.randn(LARGE)))
@@ -77,8 +83,10 @@ def test_large_penalty_gradient_is_advised():
     assert torch.equal(w.grad, expected)
 
 
-@pytest.mark.skipif(os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
-                    reason="torch advises every large allocation itself")
+@pytest.mark.skipif(
+    os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+    reason="torch advises every large allocation itself",
+)
 def test_small_outputs_are_not_advised():
     with torch.no_grad():
         assert not advised(fastreg.dropout(torch.randn(SMALL), 0.5, seed=1))
@@ -93,13 +101,16 @@ def test_advised_output_is_the_reference():
 
 
 def test_environment_variable_turns_the_advice_off():
-    code = ("import torch, fastreg; from test_huge_pages import advised, LARGE; "
-            "print(advised(fastreg.dropout(torch.randn(LARGE), 0.5, seed=1)))")
+    code = (
+        "import torch, fastreg; from test_huge_pages import advised, LARGE; "
+        "print(advised(fastreg.dropout(torch.randn(LARGE), 0.5, seed=1)))"
+    )
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.pathsep.join([here, os.path.dirname(here), os.environ.get("PYTHONPATH", "")])
     for value, expected in (("0", "False"), ("1", "True")):
         env = dict(os.environ, FASTREG_CPU_HUGE_PAGES=value, PYTHONPATH=path)
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        )
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == expected, (value, run.stdout, run.stderr)

@@ -4,9 +4,9 @@ with no temporary of the input's size, autograd told of the mutation, torch.comp
 
 import pytest
 import torch
+from conftest import FLOAT_DTYPES, MASK_MODES, OpLog, requires_extension
 
 import fastreg
-from conftest import FLOAT_DTYPES, MASK_MODES, OpLog, requires_extension
 
 pytestmark = requires_extension
 
@@ -65,8 +65,9 @@ def test_dense_input_runs_the_inplace_operator_alone(mode):
     assert "fastreg.dropout_fwd_" in log.names, log.names
     assert not {"aten.copy_", "aten.empty_like", "fastreg.dropout_fwd"} & set(log.names), log.names
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         fastreg.dropout(x, 0.5, inplace=True, seed=3, mask=mode)
     biggest = max((e.cpu_memory_usage for e in prof.events()), default=0)
     # the mask: n / 8 bytes (bits), n bytes (bool), nothing (recompute)
@@ -76,8 +77,9 @@ def test_dense_input_runs_the_inplace_operator_alone(mode):
 def test_memory_check_sees_the_out_of_place_output():
     """The profiler check above would catch a temporary: it sees the out-of-place output."""
     x = torch.randn(1 << 16)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         fastreg.dropout(x, 0.5, seed=3)
     assert max(e.cpu_memory_usage for e in prof.events()) >= x.nbytes
 
@@ -92,16 +94,21 @@ def test_inplace_gradients(mode, view):
     g = torch.randn(6, 40, dtype=torch.float64)
     h = w * 2
     target = {None: h, "columns": h[:, 8:], "rows": h[2:], "reshaped": h.view(3, 80)}[view]
-    region = {None: (slice(None), slice(None)), "columns": (slice(None), slice(8, None)),
-              "rows": (slice(2, None), slice(None)), "reshaped": (slice(None), slice(None))}[view]
+    region = {
+        None: (slice(None), slice(None)),
+        "columns": (slice(None), slice(8, None)),
+        "rows": (slice(2, None), slice(None)),
+        "reshaped": (slice(None), slice(None)),
+    }[view]
     out = fastreg.dropout(target, 0.3, inplace=True, seed=9, mask=mode)
     assert out is target
     grad = torch.autograd.grad((h * g).sum(), w)[0]
     # the region dropped out is target's, in target's shape; the rest of h passes through
     expected = 2 * g
     dropped = fastreg.dropout(w[region].reshape(target.shape) * 2, 0.3, seed=9, mask=mode)
-    expected[region] = torch.autograd.grad((dropped * g[region].reshape(target.shape)).sum(),
-                                           w)[0][region]
+    expected[region] = torch.autograd.grad((dropped * g[region].reshape(target.shape)).sum(), w)[0][
+        region
+    ]
     assert torch.equal(grad, expected)
 
 
@@ -153,8 +160,12 @@ def test_inplace_operator_refuses_an_input_that_requires_grad():
 @pytest.mark.parametrize("mode", MASK_MODES)
 def test_opcheck_inplace_operator(mode):
     state = torch.tensor([5, 6], dtype=torch.int64)
-    for x in (torch.randn(3, 70), torch.randn(70, 3).t(), torch.randn(3, 140)[:, ::2],
-              torch.randn(33, dtype=torch.float16)):
+    for x in (
+        torch.randn(3, 70),
+        torch.randn(70, 3).t(),
+        torch.randn(3, 140)[:, ::2],
+        torch.randn(33, dtype=torch.float16),
+    ):
         torch.library.opcheck(torch.ops.fastreg.dropout_fwd_, (x, 0.3, state, mode))
 
 

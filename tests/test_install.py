@@ -22,7 +22,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from conftest import requires_extension
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +29,9 @@ SITE = sysconfig.get_paths()["purelib"]
 
 
 def load_build_module():
-    spec = importlib.util.spec_from_file_location("fastreg_build_test", ROOT / "fastreg" / "_build.py")
+    spec = importlib.util.spec_from_file_location(
+        "fastreg_build_test", ROOT / "fastreg" / "_build.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -49,10 +50,13 @@ def build(monkeypatch, tmp_path):
 
 
 def test_build_module_loads_without_fastreg_or_torch():
-    code = ("import importlib.util, sys\n"
-            f"spec = importlib.util.spec_from_file_location('b', {str(ROOT / 'fastreg' / '_build.py')!r})\n"
-            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastreg', 'torch')))\n")
+    code = (
+        "import importlib.util, sys\n"
+        "spec = importlib.util.spec_from_file_location("
+        f"'b', {str(ROOT / 'fastreg' / '_build.py')!r})\n"
+        "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('fastreg', 'torch')))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -86,7 +90,9 @@ def test_cache_key_follows_torch_flags_and_sources(build, tmp_path):
 def test_spec_is_what_setup_py_compiles():
     spec = load_build_module().spec(with_cuda=False, root=str(ROOT))
     assert spec["sources"] == sorted(spec["sources"])
-    assert "csrc/ops/module.cpp" in spec["sources"] and "csrc/cpu/dropout_cpu.cpp" in spec["sources"]
+    assert (
+        "csrc/ops/module.cpp" in spec["sources"] and "csrc/cpu/dropout_cpu.cpp" in spec["sources"]
+    )
     assert not any(s.endswith(".cu") for s in spec["sources"])
     assert "-ffp-contract=off" in spec["cxx"] and "-fopenmp" in spec["link"]
     text = (ROOT / "setup.py").read_text()
@@ -128,8 +134,10 @@ def test_concurrent_builds_compile_once_and_share_the_cache(build, monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", fake_load)
     assert build.find_cached(build.spec(with_cuda=False)) is None
     paths = []
-    threads = [threading.Thread(target=lambda: paths.append(build.build(with_cuda=False)))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: paths.append(build.build(with_cuda=False)))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -155,8 +163,11 @@ def test_an_unfinished_build_is_not_found(build):
 def package_copy(tmp_path):
     """fastreg/ without its compiled module (and csrc/ beside it, as in a checkout)."""
     target = tmp_path / "pkg"
-    shutil.copytree(ROOT / "fastreg", target / "fastreg",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.sources-sha256"))
+    shutil.copytree(
+        ROOT / "fastreg",
+        target / "fastreg",
+        ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.sources-sha256"),
+    )
     (target / "csrc").symlink_to(ROOT / "csrc")
     return target
 
@@ -164,27 +175,42 @@ def package_copy(tmp_path):
 def run_isolated(code, path, cache, **env):
     """`code` in a Python that sees `path` and torch's site-packages but no .pth files
     (-S: an editable install of fastreg there would otherwise be found)."""
-    full_env = {**os.environ, "PYTHONPATH": f"{path}{os.pathsep}{SITE}",
-                "FASTREG_CACHE": str(cache), **env}
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": f"{path}{os.pathsep}{SITE}",
+        "FASTREG_CACHE": str(cache),
+        **env,
+    }
     for name in ("FASTREG_BACKEND", "FASTREG_BUILD_ON_IMPORT"):
         if name not in env:
             full_env.pop(name, None)
-    return subprocess.run([sys.executable, "-S", "-W", "always::RuntimeWarning", "-c", code],
-                          capture_output=True, text=True, env=full_env, cwd=path, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-S", "-W", "always::RuntimeWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=path,
+        timeout=300,
+    )
 
 
-IMPORT = ("import fastreg, torch\n"
-          "print(fastreg.info()['backend'], fastreg._ops._C and fastreg._ops._C.__file__)\n"
-          "if fastreg.info()['backend'] == 'extension':\n"
-          "    x = torch.ones(1000)\n"
-          "    assert torch.equal(fastreg.dropout(x, 0.0), x)\n")
+IMPORT = (
+    "import fastreg, torch\n"
+    "print(fastreg.info()['backend'], fastreg._ops._C and fastreg._ops._C.__file__)\n"
+    "if fastreg.info()['backend'] == 'extension':\n"
+    "    x = torch.ones(1000)\n"
+    "    assert torch.equal(fastreg.dropout(x, 0.0), x)\n"
+)
 
 
 def place_cached_build(path, cache):
     """The compiled fastreg._C copied into the cache folder that `path`'s fastreg looks in."""
-    result = subprocess.run([sys.executable, "-S", str(path / "fastreg" / "_build.py"),
-                             "--print-cache"], capture_output=True, text=True, env={
-                                 **os.environ, "PYTHONPATH": SITE, "FASTREG_CACHE": str(cache)})
+    result = subprocess.run(
+        [sys.executable, "-S", str(path / "fastreg" / "_build.py"), "--print-cache"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": SITE, "FASTREG_CACHE": str(cache)},
+    )
     assert result.returncode == 0, result.stderr
     folder = Path(result.stdout.strip().splitlines()[-1])
     assert folder.parent == cache
@@ -216,34 +242,71 @@ def test_loader_without_C_warns_once_then_imports_a_cached_build(tmp_path):
     assert "RuntimeWarning" not in result.stderr
 
 
-@pytest.mark.skipif(os.environ.get("FASTREG_TEST_INSTALL") != "1",
-                    reason="pip install with build isolation fetches setuptools and wheel "
-                           "(FASTREG_TEST_INSTALL=1, make test-install)")
+@pytest.mark.skipif(
+    os.environ.get("FASTREG_TEST_INSTALL") != "1",
+    reason="pip install with build isolation fetches setuptools and wheel "
+    "(FASTREG_TEST_INSTALL=1, make test-install)",
+)
 @requires_extension
 def test_pip_install_with_build_isolation(tmp_path):
     source = tmp_path / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
     for name in filter(None, files):
         if (ROOT / name).is_file():
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     # no torch where the wheel is built (build isolation): a pure-Python wheel
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
-                             str(tmp_path / "dist"), str(source)],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
-    wheel, = (tmp_path / "dist").glob("fastreg-*.whl")
+    (wheel,) = (tmp_path / "dist").glob("fastreg-*.whl")
     assert wheel.name.endswith("-py3-none-any.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    sources = {f"fastreg/csrc/{p.relative_to(ROOT / 'csrc')}" for p in (ROOT / "csrc").rglob("*")
-               if p.suffix in (".h", ".cuh", ".cpp", ".cu")}
+    sources = {
+        f"fastreg/csrc/{p.relative_to(ROOT / 'csrc')}"
+        for p in (ROOT / "csrc").rglob("*")
+        if p.suffix in (".h", ".cuh", ".cpp", ".cu")
+    }
     assert sources <= names and "fastreg/_build.py" in names
     assert not any(n.endswith(".so") for n in names)
     # installed (torch from this environment): the reference, then the cached build
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                    "--target", str(target), str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--target",
+            str(target),
+            str(wheel),
+        ],
+        check=True,
+        timeout=300,
+    )
     cache = tmp_path / "cache"
     result = run_isolated(IMPORT, target, cache)
     assert result.returncode == 0, result.stderr

@@ -6,7 +6,6 @@ and off, and under DDP (two gloo processes); dropout is fastreg's; the penalty i
 a checkpoint loads into the original class and a resumed run ends where the uninterrupted
 one does."""
 
-import copy
 import json
 import os
 import pathlib
@@ -34,7 +33,9 @@ TOL = 1e-7  # float32 master weights; the two loops add the same terms in other 
 def test_trainer_equals_the_hand_written_loop(cases, precision, tmp_path):
     for accum in (1, 4):
         for clip in (True, False):
-            model, calls, trainer, start = cases.train_with_callback(tmp_path, precision, accum, clip)
+            model, calls, trainer, start = cases.train_with_callback(
+                tmp_path, precision, accum, clip
+            )
             if precision == "fp16":
                 assert trainer.optimizer.scaler.get_scale() == cases.INIT_SCALE
             if precision != "fp32":  # the Trainer's forward ran under autocast
@@ -46,8 +47,9 @@ def test_trainer_equals_the_hand_written_loop(cases, precision, tmp_path):
                 assert difference == 0.0
             if clip and accum == 4:  # and the test sees a penalty counted 0 or 4 times
                 for times in (0.0, 4.0):
-                    wrong = cases.hand_written(start, calls, precision, accum, clip,
-                                               penalty_times=times)
+                    wrong = cases.hand_written(
+                        start, calls, precision, accum, clip, penalty_times=times
+                    )
                     assert cases.max_difference(model, wrong) > 1e3 * TOL, times
 
 
@@ -71,7 +73,8 @@ def test_default_exclude_is_what_trainer_weight_decay_leaves_out(cases, transfor
     decay = transformers.Trainer.get_decay_parameter_names(None, model)
     assert sorted(selected) == sorted(decay)
     assert any("LayerNorm" in n for n, _ in model.named_parameters()) and not any(
-        "LayerNorm" in n or n.endswith("bias") for n in selected)
+        "LayerNorm" in n or n.endswith("bias") for n in selected
+    )
     # fastreg's own rule selects the same on BERT
     assert [n for n, _ in _params.module_params(model, "bias_and_norm")] == selected
 
@@ -106,21 +109,27 @@ def test_penalty_is_logged(cases, tmp_path):
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 2 and all("penalty" in h for h in logged)
     decay = set(trainer.get_decay_parameter_names(model))
-    expected = fastreg.penalty([p for n, p in model.named_parameters() if n in decay],
-                               l1=cases.L1, l2=cases.L2).item()
+    expected = fastreg.penalty(
+        [p for n, p in model.named_parameters() if n in decay], l1=cases.L1, l2=cases.L2
+    ).item()
     assert logged[-1]["penalty"] == pytest.approx(expected, rel=1e-6)
 
 
-def test_checkpoint_loads_into_the_original_class_and_resume_continues(cases, transformers,
-                                                                      tmp_path):
+def test_checkpoint_loads_into_the_original_class_and_resume_continues(
+    cases, transformers, tmp_path
+):
     from fastreg.integrations.huggingface import FastregCallback
 
     def run(out, steps, resume=None, dropout=0.1):
         model = cases.make_model(dropout=dropout)
         trainer = transformers.Trainer(
-            model=model, args=cases.training_args(out, steps=steps, save_strategy="steps",
-                                                  save_steps=2, max_steps=4),
-            train_dataset=cases.dataset(), callbacks=[FastregCallback(l1=cases.L1, l2=cases.L2)])
+            model=model,
+            args=cases.training_args(
+                out, steps=steps, save_strategy="steps", save_steps=2, max_steps=4
+            ),
+            train_dataset=cases.dataset(),
+            callbacks=[FastregCallback(l1=cases.L1, l2=cases.L2)],
+        )
         trainer.train(resume_from_checkpoint=resume)
         return model
 
@@ -130,7 +139,8 @@ def test_checkpoint_loads_into_the_original_class_and_resume_continues(cases, tr
     plain = transformers.AutoModelForSequenceClassification.from_pretrained(checkpoint)
     assert not any(type(m).__module__.startswith("fastreg") for m in plain.modules())
     final = transformers.AutoModelForSequenceClassification.from_pretrained(
-        tmp_path / "full" / "checkpoint-4")
+        tmp_path / "full" / "checkpoint-4"
+    )
     cases_state = {k: v for k, v in full.state_dict().items()}
     for key, value in final.state_dict().items():
         assert torch.equal(value, cases_state[key]), key
@@ -144,15 +154,32 @@ def test_ddp_two_processes(cases, tmp_path):
     """tests/hf_ddp_worker.py under torch.distributed.run, two CPU processes (gloo): the
     Trainer with the callback against the hand-written DDP loop, for fp32 and bf16 with
     accumulation 1 and 4, clipping on and off."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]),
-                                           os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(pathlib.Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     result = tmp_path / "result.json"
     worker = pathlib.Path(__file__).parent / "hf_ddp_worker.py"
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          "--standalone", str(worker),
-                          str(tmp_path), str(result)],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            str(worker),
+            str(tmp_path),
+            str(result),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     differences = json.loads(result.read_text())
     assert len(differences) == 8

@@ -40,8 +40,9 @@ def test_lightning_equals_the_hand_written_loop(cases, precision, tmp_path):
                 assert difference == 0.0
             if clip and accum == 4:  # the test sees a penalty counted 0 or 4 times
                 for times in (0.0, 4.0):
-                    wrong = cases.hand_written(start, module.batches, precision, accum, clip,
-                                               penalty_times=times)
+                    wrong = cases.hand_written(
+                        start, module.batches, precision, accum, clip, penalty_times=times
+                    )
                     assert cases.max_difference(module.net, wrong) > 1e3 * TOL, times
 
 
@@ -60,13 +61,16 @@ def test_dropout_is_swapped_and_the_penalty_logged(cases, tmp_path):
     from fastreg.integrations.lightning import FastregCallback
 
     module = cases.Module(dropout=0.2)
-    cases.fit(tmp_path, module=module, steps=2,
-              callback=FastregCallback(l1=cases.L1, l2=cases.L2, dropout="bool"))
+    cases.fit(
+        tmp_path,
+        module=module,
+        steps=2,
+        callback=FastregCallback(l1=cases.L1, l2=cases.L2, dropout="bool"),
+    )
     assert type(module.net[3]) is fastreg.Dropout and module.net[3].mask == "bool"
     logged = module.trainer.callback_metrics["penalty"].item()
     # logged at the weights of the last step, before it
-    assert logged > 0 and logged == pytest.approx(
-        cases.hand_penalty(module.net).item(), rel=0.05)
+    assert logged > 0 and logged == pytest.approx(cases.hand_penalty(module.net).item(), rel=0.05)
 
 
 def test_only_the_stepping_optimizers_parameters(cases):
@@ -89,9 +93,15 @@ def test_checkpoint_loads_into_the_plain_module_and_resume_continues(cases, tmp_
         module = cases.Module(dropout=0.2)
         if rng is not None:
             torch.set_rng_state(rng)
-        trainer = L.Trainer(default_root_dir=root, accelerator="cpu", max_epochs=epochs,
-                            callbacks=[FastregCallback(l1=cases.L1, l2=cases.L2)],
-                            logger=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer = L.Trainer(
+            default_root_dir=root,
+            accelerator="cpu",
+            max_epochs=epochs,
+            callbacks=[FastregCallback(l1=cases.L1, l2=cases.L2)],
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
         trainer.fit(module, cases.data(n=8), ckpt_path=ckpt_path)
         return module, trainer
 
@@ -117,15 +127,25 @@ def test_ddp_two_processes(cases, tmp_path):
     """tests/lightning_ddp_worker.py: strategy="ddp", devices=2 on the CPU (gloo), the fit
     against the hand-written DDP loop for fp32, bf16 and fp16, accumulation 1 and 4,
     clipping on and off."""
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parents[1]),
-                                           os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(pathlib.Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     result = tmp_path / "result.json"
     worker = pathlib.Path(__file__).parent / "lightning_ddp_worker.py"
-    run = subprocess.run([sys.executable, str(worker), str(tmp_path), str(result)], env=env,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, str(worker), str(tmp_path), str(result)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     differences = json.loads(result.read_text())
     assert len(differences) == 12

@@ -47,11 +47,25 @@ def check(original, inputs, expect_names, loss=lambda out: out.float().pow(2).me
 def test_timm_vit():
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32,
-                              patch_size=8, num_classes=3, depth=2, drop_rate=0.1,
-                              pos_drop_rate=0.1, attn_drop_rate=0.1, proj_drop_rate=0.1)
-    names = ["head_drop", "pos_drop", "blocks.0.attn.attn_drop", "blocks.0.attn.proj_drop",
-             "blocks.1.mlp.drop1"]
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        num_classes=3,
+        depth=2,
+        drop_rate=0.1,
+        pos_drop_rate=0.1,
+        attn_drop_rate=0.1,
+        proj_drop_rate=0.1,
+    )
+    names = [
+        "head_drop",
+        "pos_drop",
+        "blocks.0.attn.attn_drop",
+        "blocks.0.attn.proj_drop",
+        "blocks.1.mlp.drop1",
+    ]
     called = check(model, {"x": torch.randn(2, 3, 32, 32)}, names)
     assert {"head_drop", "pos_drop", "blocks.0.attn.proj_drop", "blocks.1.mlp.drop1"} <= called
     # timm's fused attention passes attn_drop.p to scaled_dot_product_attention (torch's
@@ -70,12 +84,19 @@ def test_torchvision_mobilenet():
 def test_peft_lora(transformers):
     peft = pytest.importorskip("peft")
     config = transformers.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=24, max_position_embeddings=16, num_labels=3)
+        vocab_size=50,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=24,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
     torch.manual_seed(0)
     base = transformers.AutoModelForSequenceClassification.from_config(config)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "value"],
-                           task_type="SEQ_CLS")
+    lora = peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["query", "value"], task_type="SEQ_CLS"
+    )
     model = peft.get_peft_model(base, lora)
     names = [n for n in dropouts(model) if "lora_dropout" in n]
     assert len(names) == 2

@@ -4,20 +4,39 @@ count of Korthikanti et al.) and the interleaved step times."""
 import json
 
 import pytest
-
 from conftest import requires_extension
-from fastreg.bench import memory
-from fastreg.__main__ import main
 
-TINY = ["--layers", "1", "--width", "32", "--heads", "2", "--batch", "2", "--seq", "16",
-        "--vocab", "64", "--steps", "2", "--no-progress", "--threads", "1"]
+from fastreg.__main__ import main
+from fastreg.bench import memory
+
+TINY = [
+    "--layers",
+    "1",
+    "--width",
+    "32",
+    "--heads",
+    "2",
+    "--batch",
+    "2",
+    "--seq",
+    "16",
+    "--vocab",
+    "64",
+    "--steps",
+    "2",
+    "--no-progress",
+    "--threads",
+    "1",
+]
 
 
 def test_korthikanti_count():
     cfg = memory.ModelConfig(layers=1, width=768, heads=12, batch=1, seq=1024)
     s, b, h, a = 1024, 1, 768, 12
-    assert memory.korthikanti(cfg) == (34 * s * b * h + 5 * a * s * s * b,
-                                       2 * s * b * h + a * s * s * b)
+    assert memory.korthikanti(cfg) == (
+        34 * s * b * h + 5 * a * s * s * b,
+        2 * s * b * h + a * s * s * b,
+    )
 
 
 @requires_extension  # measures what the kernels keep
@@ -34,8 +53,14 @@ def test_gpt2_report_routed_masks_vanish(tmp_path, capsys):
     rows = {r["variant"]: r for r in doc["gpt2"]["rows"]}
     assert set(rows) == set(memory.GPT2_VARIANTS)
     layer = {v: r["layer_bytes"] for v, r in rows.items()}
-    assert layer["no dropout"] < layer[memory.MASKLESS] <= layer["fastreg:bits+functional"] \
-        < layer["fastreg:bool+functional"] < layer["fastreg:bool"] < layer["nn.Dropout"]
+    assert (
+        layer["no dropout"]
+        < layer[memory.MASKLESS]
+        <= layer["fastreg:bits+functional"]
+        < layer["fastreg:bool+functional"]
+        < layer["fastreg:bool"]
+        < layer["nn.Dropout"]
+    )
     # routing the functional calls removes the attention-probability masks: with
     # recompute+functional nothing is left but the 16-byte (seed, offset) pairs (the
     # reference point), with bits 1 bit per element
@@ -51,8 +76,13 @@ def test_gpt2_report_routed_masks_vanish(tmp_path, capsys):
     assert bits == words(attn) + 2 * words(resid)
     for r in rows.values():  # the op bench's statistic: median and interquartile range
         assert r["step_ms_q1"] <= r["step_ms"] <= r["step_ms_q3"]
-        assert r["speedup_min"] <= r["speedup_q1"] <= r["speedup"] <= r["speedup_q3"] \
+        assert (
+            r["speedup_min"]
+            <= r["speedup_q1"]
+            <= r["speedup"]
+            <= r["speedup_q3"]
             <= r["speedup_max"]
+        )
         assert isinstance(r["speedup_clear"], bool)
     assert rows["nn.Dropout"]["speedup"] == 1.0
 
@@ -90,7 +120,7 @@ def test_step_time_spread_is_the_interquartile_range_of_the_rounds():
         def __init__(self, times):
             self.times, self.peaks, self.loss = times, [], 1.0
 
-    base = Done([2.0, 2.0, 2.0, 2.0, 8.0])      # one slow round for everyone
+    base = Done([2.0, 2.0, 2.0, 2.0, 8.0])  # one slow round for everyone
     fast = Done([1.0, 1.0, 1.0, 1.0, 4.0])
     row = {}
     memory._timing(row, fast, base)
@@ -99,13 +129,14 @@ def test_step_time_spread_is_the_interquartile_range_of_the_rounds():
     assert row["speedup"] == pytest.approx(2.0) and row["speedup_clear"] is True
     cells = memory._time_cells(row)
     assert cells[2] == "2.00x" and cells[1] == "1000.0-1000.0"
-    noisy = Done([1.0, 3.0, 1.0, 3.0, 2.0])     # ratios 2, 2/3, 2, 2/3, 4: both sides of 1
+    noisy = Done([1.0, 3.0, 1.0, 3.0, 2.0])  # ratios 2, 2/3, 2, 2/3, 4: both sides of 1
     memory._timing(row, noisy, base)
     assert row["speedup_q1"] < 1.0 < row["speedup_q3"] and row["speedup_clear"] is False
     assert memory._time_cells(row)[2] == "spread too wide"
 
 
 # ---- the Hugging Face models that show the dropped tensor regenerated ---------------------
+
 
 @requires_extension  # measures what the kernels keep
 def test_hf_report_regenerated_is_within_16_bytes_per_call_of_the_floor(tmp_path, capsys):
@@ -134,11 +165,16 @@ def test_hf_report_regenerated_is_within_16_bytes_per_call_of_the_floor(tmp_path
         assert calls == expected_calls[name]
         # the goal: within 16 bytes per dropout call of the floor (the (seed, offset) pair)
         assert layer[memory.REGENERATED] - layer["no dropout"] <= 16 * calls, name
-        assert layer[memory.REGENERATED] < layer["fastreg:recompute"] \
-            <= layer["fastreg:bits"] < layer["nn.Dropout"], name
+        assert (
+            layer[memory.REGENERATED]
+            < layer["fastreg:recompute"]
+            <= layer["fastreg:bits"]
+            < layer["nn.Dropout"]
+        ), name
         regen = rows[memory.REGENERATED]
         assert regen["bf16_gpu_bytes_per_element"] == pytest.approx(
-            16 * calls / regen["dropped_elements_per_layer"] / 2)
+            16 * calls / regen["dropped_elements_per_layer"] / 2
+        )
         implied = {v: r["bf16_gpu_bytes_per_element"] for v, r in rows.items()}
         assert implied["nn.Dropout"] > implied["fastreg:bits"] > implied[memory.REGENERATED]
         assert "slowdown" in regen["vs_recompute"]
@@ -157,5 +193,6 @@ def test_without_peft_the_lora_model_says_so(monkeypatch):
     monkeypatch.setattr(memory, "_transformers", lambda: None)
     result = memory.run_hf(memory.HF_DEFAULTS["cpu"], "cpu", models=("llama-lora",))
     assert result == {"llama-lora": memory.HF_MISSING["transformers"]}
-    assert "not installed" in memory.format_hf_tables(result, memory.HF_DEFAULTS["cpu"],
-                                                      "float32", 1)
+    assert "not installed" in memory.format_hf_tables(
+        result, memory.HF_DEFAULTS["cpu"], "float32", 1
+    )

@@ -19,17 +19,21 @@ from torch import nn
 
 import fastreg
 
-SWAPPED = {nn.Dropout: fastreg.Dropout, nn.Dropout1d: fastreg.Dropout1d,
-           nn.Dropout2d: fastreg.Dropout2d, nn.Dropout3d: fastreg.Dropout3d}
+SWAPPED = {
+    nn.Dropout: fastreg.Dropout,
+    nn.Dropout1d: fastreg.Dropout1d,
+    nn.Dropout2d: fastreg.Dropout2d,
+    nn.Dropout3d: fastreg.Dropout3d,
+}
 
 
 @dataclasses.dataclass
 class Case:
     make: Callable[[], nn.Module]  # a fresh model in train mode, weights from torch's RNG
-    inputs: dict                   # keyword arguments of the forward
+    inputs: dict  # keyword arguments of the forward
     target: torch.Tensor
-    loss: Callable                 # loss(output, target)
-    counts: dict                   # torch dropout class -> how many the model has
+    loss: Callable  # loss(output, target)
+    counts: dict  # torch dropout class -> how many the model has
     idle: set = dataclasses.field(default_factory=set)  # dropout modules forward never calls
 
 
@@ -40,13 +44,20 @@ class SmallCNN(nn.Module):
     def __init__(self, classes=5):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+            nn.Conv2d(3, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(inplace=True),
             nn.Dropout2d(0.1),
-            nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2), nn.Dropout2d(0.2, inplace=True))
+            nn.Conv2d(8, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Dropout2d(0.2, inplace=True),
+        )
         self.avgpool = nn.AdaptiveAvgPool2d(2)
-        self.classifier = nn.Sequential(nn.Linear(16 * 4, 32), nn.ReLU(inplace=True),
-                                        nn.Dropout(0.5), nn.Linear(32, classes))
+        self.classifier = nn.Sequential(
+            nn.Linear(16 * 4, 32), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(32, classes)
+        )
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
@@ -58,31 +69,49 @@ def _generator():
 
 def transformer_encoder_case():
     def make():
-        layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.2,
-                                           batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d_model=16, nhead=2, dim_feedforward=32, dropout=0.2, batch_first=True
+        )
         return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
 
     g = _generator()
-    return Case(make, {"src": torch.randn(4, 6, 16, generator=g)},
-                torch.randn(4, 6, 16, generator=g), F.mse_loss, {nn.Dropout: 6})
+    return Case(
+        make,
+        {"src": torch.randn(4, 6, 16, generator=g)},
+        torch.randn(4, 6, 16, generator=g),
+        F.mse_loss,
+        {nn.Dropout: 6},
+    )
 
 
 def cnn_case():
     g = _generator()
-    return Case(SmallCNN, {"x": torch.randn(4, 3, 8, 8, generator=g)},
-                torch.randint(5, (4,), generator=g), F.cross_entropy,
-                {nn.Dropout2d: 2, nn.Dropout: 1})
+    return Case(
+        SmallCNN,
+        {"x": torch.randn(4, 3, 8, 8, generator=g)},
+        torch.randint(5, (4,), generator=g),
+        F.cross_entropy,
+        {nn.Dropout2d: 2, nn.Dropout: 1},
+    )
 
 
 def bert_case(transformers, attention):
     config = transformers.BertConfig(
-        vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=37, max_position_embeddings=16, num_labels=3,
-        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1,
+    )
 
     def make():
         return transformers.AutoModelForSequenceClassification.from_config(
-            config, attn_implementation=attention).train()
+            config, attn_implementation=attention
+        ).train()
 
     g = _generator()
     mask = torch.ones(4, 8, dtype=torch.long)
@@ -90,31 +119,50 @@ def bert_case(transformers, attention):
     inputs = {"input_ids": torch.randint(99, (4, 8), generator=g), "attention_mask": mask}
     # The attention-probability dropout's p is passed to F.dropout or sdpa's dropout_p.
     idle = {f"bert.encoder.layer.{i}.attention.self.dropout" for i in range(2)}
-    return Case(make, inputs, torch.randint(3, (4,), generator=g), F.cross_entropy,
-                {nn.Dropout: 8}, idle)
+    return Case(
+        make, inputs, torch.randint(3, (4,), generator=g), F.cross_entropy, {nn.Dropout: 8}, idle
+    )
 
 
 def gpt2_case(transformers, attention, upcast=False):
     config = transformers.GPT2Config(
-        vocab_size=99, n_embd=32, n_layer=2, n_head=2, n_positions=16, bos_token_id=0,
-        eos_token_id=0, reorder_and_upcast_attn=upcast)
+        vocab_size=99,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        reorder_and_upcast_attn=upcast,
+    )
 
     def make():
         return transformers.AutoModelForCausalLM.from_config(
-            config, attn_implementation=attention).train()
+            config, attn_implementation=attention
+        ).train()
 
     def next_token_loss(logits, ids):
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
 
     ids = torch.randint(99, (4, 8), generator=_generator())
     # Only the eager path with reorder_and_upcast_attn calls the attention dropout module.
-    idle = set() if upcast and attention == "eager" else {
-        f"transformer.h.{i}.attn.attn_dropout" for i in range(2)}
+    idle = (
+        set()
+        if upcast and attention == "eager"
+        else {f"transformer.h.{i}.attn.attn_dropout" for i in range(2)}
+    )
     return Case(make, {"input_ids": ids}, ids, next_token_loss, {nn.Dropout: 7}, idle)
 
 
-CASES = ["transformer_encoder", "cnn", "bert-eager", "bert-sdpa", "gpt2-eager", "gpt2-sdpa",
-         "gpt2-eager-upcast"]
+CASES = [
+    "transformer_encoder",
+    "cnn",
+    "bert-eager",
+    "bert-sdpa",
+    "gpt2-eager",
+    "gpt2-sdpa",
+    "gpt2-eager-upcast",
+]
 
 
 @pytest.fixture(params=CASES)
@@ -132,14 +180,17 @@ def case(request):
 
 # ---- helpers ---------------------------------------------------------------------
 
+
 def dropouts(model):
     """(name, module) of every torch or fastreg dropout module (fastreg's subclass torch's)."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, tuple(SWAPPED))]
 
 
 def settings(model):
-    return [(name, type(m), m.p, m.inplace, m.training, getattr(m, "mask", None))
-            for name, m in dropouts(model)]
+    return [
+        (name, type(m), m.p, m.inplace, m.training, getattr(m, "mask", None))
+        for name, m in dropouts(model)
+    ]
 
 
 def original_and_swapped(case, seed=0):
@@ -177,6 +228,7 @@ def assert_same_state(a, b):
 
 # ---- the swap ------------------------------------------------------------------------
 
+
 def test_every_dropout_is_swapped_keeping_its_settings(case):
     torch.manual_seed(0)
     original = case.make()
@@ -188,11 +240,16 @@ def test_every_dropout_is_swapped_keeping_its_settings(case):
     assert [name for name, _ in after] == [name for name, _ in before]
     for (name, old), (_, new) in zip(before, after):
         assert type(new) is SWAPPED[type(old)], name
-        assert (new.p, new.inplace, new.training, new.mask) == (old.p, old.inplace, old.training,
-                                                                 "bits"), name
+        assert (new.p, new.inplace, new.training, new.mask) == (
+            old.p,
+            old.inplace,
+            old.training,
+            "bits",
+        ), name
     others = [(name, type(m)) for name, m in original.named_modules() if name not in dict(before)]
-    assert [(name, type(m)) for name, m in swapped.named_modules()
-            if name not in dict(after)] == others
+    assert [
+        (name, type(m)) for name, m in swapped.named_modules() if name not in dict(after)
+    ] == others
     assert_same_state(swapped, original)
 
 
@@ -218,10 +275,12 @@ def test_transformer_encoder_attention_dropout_is_a_float_not_a_module():
         assert type(layer.self_attn.dropout) is float and layer.self_attn.dropout == 0.2
         assert not any(isinstance(m, nn.Dropout) for m in layer.self_attn.modules())
         assert {type(m) for m in (layer.dropout, layer.dropout1, layer.dropout2)} == {
-            fastreg.Dropout}
+            fastreg.Dropout
+        }
 
 
 # ---- training, evaluation, state -------------------------------------------------------
+
 
 def test_swapped_model_trains(case):
     original, swapped = original_and_swapped(case)

@@ -9,16 +9,16 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import requires_extension
 from torch import nn
 
 import fastreg
 from fastreg import _ops, _params, reference
-from conftest import requires_extension
 
 fastreg_penalty = importlib.import_module("fastreg.penalty")  # the module, not the function
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-U32 = 2.0 ** -24  # float32 unit roundoff
+U32 = 2.0**-24  # float32 unit roundoff
 
 # Worst-case relative error of a float32-accumulated value (all terms >= 0): the longest
 # chain of float32 roundings one element goes through, times the unit roundoff. CPU: 128
@@ -33,6 +33,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[cuda, pytest.mark.cuda])]
 
 
 # ---- Sample lists ----
+
 
 def sample(shape, dtype, layout="contiguous", *, seed=0, device="cpu", zeros_every=7):
     """A tensor of `shape` with some exact zeros; "transposed" is dense but not
@@ -55,14 +56,24 @@ def sample_list(name, device="cpu", requires_grad=False):
     if name == "one":
         specs = [((37,), torch.float32, "contiguous")]
     elif name == "mixed":
-        specs = [((1,), torch.float32, "contiguous"), ((3, 5), torch.float16, "transposed"),
-                 ((0,), torch.float32, "contiguous"), ((257,), torch.bfloat16, "strided"),
-                 ((64, 65), torch.float64, "contiguous"), ((3, 0), torch.bfloat16, "contiguous"),
-                 ((4099,), torch.float32, "strided"), ((9, 7, 5), torch.float32, "transposed"),
-                 ((1000,), torch.float16, "contiguous")]
+        specs = [
+            ((1,), torch.float32, "contiguous"),
+            ((3, 5), torch.float16, "transposed"),
+            ((0,), torch.float32, "contiguous"),
+            ((257,), torch.bfloat16, "strided"),
+            ((64, 65), torch.float64, "contiguous"),
+            ((3, 0), torch.bfloat16, "contiguous"),
+            ((4099,), torch.float32, "strided"),
+            ((9, 7, 5), torch.float32, "transposed"),
+            ((1000,), torch.float16, "contiguous"),
+        ]
     elif name == "chunks":  # crosses the CPU chunks (4096) and the CUDA ones (65536)
-        specs = [((4095,), torch.float32, "contiguous"), ((4097,), torch.float32, "contiguous"),
-                 ((70001,), torch.bfloat16, "contiguous"), ((131073,), torch.float32, "contiguous")]
+        specs = [
+            ((4095,), torch.float32, "contiguous"),
+            ((4097,), torch.float32, "contiguous"),
+            ((70001,), torch.bfloat16, "contiguous"),
+            ((131073,), torch.float32, "contiguous"),
+        ]
     elif name == "many":  # 2000 small tensors of every dtype, some empty
         g = torch.Generator().manual_seed(1)
         sizes = torch.randint(0, 60, (2000,), generator=g).tolist()
@@ -72,8 +83,10 @@ def sample_list(name, device="cpu", requires_grad=False):
         specs = [((48, 33), torch.float32, "contiguous"), ((48,), torch.float32, "contiguous")] * 5
     else:
         raise ValueError(name)
-    tensors = [sample(shape, dtype, layout, seed=i, device=device)
-               for i, (shape, dtype, layout) in enumerate(specs)]
+    tensors = [
+        sample(shape, dtype, layout, seed=i, device=device)
+        for i, (shape, dtype, layout) in enumerate(specs)
+    ]
     return [t.requires_grad_(requires_grad) for t in tensors]
 
 
@@ -116,6 +129,7 @@ def kernel_penalty(tensors, l1s, l2s):
 
 # ---- Value ----
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", LISTS)
 def test_value_against_float64(name, device):
@@ -142,8 +156,9 @@ def test_value_accuracy_on_mlp_list():
     value = fastreg.penalty(params, l1=l1, l2=l2).item()
     assert abs(value - exact) / exact <= 1e-7
     with torch.no_grad():
-        loop = sum(l1 * torch.sum(torch.abs(p)) + l2 * torch.sum(torch.pow(p, 2))
-                   for p in params).item()
+        loop = sum(
+            l1 * torch.sum(torch.abs(p)) + l2 * torch.sum(torch.pow(p, 2)) for p in params
+        ).item()
     assert abs(value - exact) <= abs(loop - exact)
 
 
@@ -184,7 +199,8 @@ def test_short_tensor_sums_follow_the_lane_tree(dtype):
     for n in range(1, 2 * lanes + 2):
         # magnitudes over 12 decades, so that the order of additions shows in the bits
         x = torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(
-            -6, 6, (n,), generator=g)
+            -6, 6, (n,), generator=g
+        )
         x = x.to(dtype)
         a = torch.zeros(lanes, dtype=dtype)
         q = torch.zeros(lanes, dtype=dtype)
@@ -193,12 +209,13 @@ def test_short_tensor_sums_follow_the_lane_tree(dtype):
             q[i % lanes] += x[i] * x[i]
         width = lanes // 2
         while width:
-            a[:width] += a[width:2 * width].clone()
-            q[:width] += q[width:2 * width].clone()
+            a[:width] += a[width : 2 * width].clone()
+            q[:width] += q[width : 2 * width].clone()
             width //= 2
         for l1, l2, tree in ((1.0, 0.0, a[0]), (0.0, 1.0, q[0])):
-            expected = torch.tensor(tree.item(), dtype=torch.float32 if dtype == torch.float32
-                                    else torch.float64)
+            expected = torch.tensor(
+                tree.item(), dtype=torch.float32 if dtype == torch.float32 else torch.float64
+            )
             assert_bits_equal(torch.ops.fastreg.penalty([x], [l1], [l2]), expected)
 
 
@@ -227,6 +244,7 @@ def test_zero_coefficient_terms_are_left_out(device):
 
 
 # ---- Gradients ----
+
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", LISTS)
@@ -272,8 +290,12 @@ def test_gradcheck_float64():
         t.requires_grad_()
 
     def fn(*ts):
-        return fastreg.penalty([{"params": [ts[0]], "l1": 0.3, "l2": 0.7},
-                                {"params": list(ts[1:]), "l1": 0.1, "l2": 0.0}])
+        return fastreg.penalty(
+            [
+                {"params": [ts[0]], "l1": 0.3, "l2": 0.7},
+                {"params": list(ts[1:]), "l1": 0.1, "l2": 0.0},
+            ]
+        )
 
     assert torch.autograd.gradcheck(fn, tensors)
     assert torch.autograd.gradgradcheck(fn, tensors)
@@ -310,8 +332,7 @@ def test_torch_func_second_derivative():
     outer = torch.func.grad(lambda v: inner(v).sum())(w)
     assert torch.equal(outer, torch.full_like(w, 0.6))
     leaf = w.clone().requires_grad_()
-    (grad,) = torch.autograd.grad(fastreg.penalty([leaf], l1=0.2, l2=0.3), leaf,
-                                  create_graph=True)
+    (grad,) = torch.autograd.grad(fastreg.penalty([leaf], l1=0.2, l2=0.3), leaf, create_graph=True)
     (again,) = torch.autograd.grad(grad.sum(), leaf)
     assert torch.equal(again, torch.full_like(w, 0.6))
 
@@ -327,11 +348,11 @@ def test_penalty_backward_differentiable_checks_arguments():
     with pytest.raises(ValueError, match="l1 must give one value per tensor"):
         ops.penalty_backward(torch.ones(()), [x], [0.1, 0.2], [0.0])
     with pytest.raises(TypeError, match=r"params\[0\] must be float16"):
-        ops.penalty_backward(torch.ones((), requires_grad=True), [torch.arange(3)], [0.1],
-                             [0.0])
+        ops.penalty_backward(torch.ones((), requires_grad=True), [torch.arange(3)], [0.1], [0.0])
 
 
 # ---- Selection: modules, groups, exclusion ----
+
 
 class LlamaStyleRMSNorm(nn.Module):  # a custom norm, as in Hugging Face models
     def __init__(self, n):
@@ -362,8 +383,14 @@ class Net(nn.Module):
             self.rms = nn.RMSNorm(8)
 
 
-DECAYED = ["embed.weight", "conv.weight", "fc.weight", "attn.in_proj_weight",
-           "attn.out_proj.weight", "scale"]
+DECAYED = [
+    "embed.weight",
+    "conv.weight",
+    "fc.weight",
+    "attn.in_proj_weight",
+    "attn.out_proj.weight",
+    "scale",
+]
 
 
 def test_exclude_bias_and_norm_on_real_modules():
@@ -397,18 +424,23 @@ def test_exclude_callable_and_module_classes():
 def test_groups_and_optimizer_param_groups():
     a = sample_list("mixed")
     b = sample_list("float32_model")
-    groups = [{"params": a, "l1": 1e-3, "l2": 0.0, "lr": 0.1},
-              {"params": b, "l2": 2e-2, "weight_decay": 0.5}]
+    groups = [
+        {"params": a, "l1": 1e-3, "l2": 0.0, "lr": 0.1},
+        {"params": b, "l2": 2e-2, "weight_decay": 0.5},
+    ]
     value = fastreg.penalty(groups, l1=5e-3)  # group b takes l1 from the argument
-    expected = float64_value(a + b, [1e-3] * len(a) + [5e-3] * len(b),
-                             [0.0] * len(a) + [2e-2] * len(b))
+    expected = float64_value(
+        a + b, [1e-3] * len(a) + [5e-3] * len(b), [0.0] * len(a) + [2e-2] * len(b)
+    )
     assert abs(value.item() - expected) <= VALUE_RTOL["cpu"] * expected
     params = [torch.randn(4, 4, requires_grad=True), torch.randn(4, requires_grad=True)]
     opt = torch.optim.SGD([{"params": params[:1], "l2": 1.0}, {"params": params[1:]}], lr=0.1)
     assert_bits_equal(fastreg.penalty(opt.param_groups, l2=0.0), fastreg.l2_penalty(params[:1]))
     # l1_penalty and l2_penalty read only their own key
-    assert_bits_equal(fastreg.l1_penalty([{"params": params, "l1": 3.0, "l2": 5.0}]),
-                      fastreg.penalty(params, l1=3.0))
+    assert_bits_equal(
+        fastreg.l1_penalty([{"params": params, "l1": 3.0, "l2": 5.0}]),
+        fastreg.penalty(params, l1=3.0),
+    )
     single = params[0]
     assert_bits_equal(fastreg.penalty(single, l2=1.0), fastreg.penalty([single], l2=1.0))
     gen = (p for p in params)
@@ -417,14 +449,16 @@ def test_groups_and_optimizer_param_groups():
 
 # ---- In-place steps ----
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["mixed", "many", "chunks"])
 def test_penalty_grad_matches_reference_and_autograd(name, device):
     tensors = sample_list(name, device, requires_grad=True)
     l1s, l2s = coefficients(len(tensors), seed=3)
     groups = [{"params": [t], "l1": a, "l2": b} for t, a, b in zip(tensors, l1s, l2s)]
-    start = [sample(tuple(t.shape), t.dtype, seed=100 + i, device=device)
-             for i, t in enumerate(tensors)]
+    start = [
+        sample(tuple(t.shape), t.dtype, seed=100 + i, device=device) for i, t in enumerate(tensors)
+    ]
     for t, s in zip(tensors, start):
         t.grad = s.clone()
     fastreg.penalty_grad_(groups)
@@ -481,8 +515,9 @@ def test_penalty_grad_reproduces_sgd_weight_decay():
 @pytest.mark.parametrize("device", DEVICES)
 def test_prox_l1_matches_reference_and_gives_true_zeros(device):
     tensors = sample_list("mixed", device) + sample_list("many", device)
-    tensors.append(torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.3, -0.3, 0.05, -0.05],
-                                device=device))
+    tensors.append(
+        torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.3, -0.3, 0.05, -0.05], device=device)
+    )
     copies = [t.clone() for t in tensors]
     fastreg.prox_l1_([{"params": tensors[:5], "threshold": 0.0}, {"params": tensors[5:]}], 0.1)
     reference.prox_l1_([{"params": copies[:5], "threshold": 0.0}, {"params": copies[5:]}], 0.1)
@@ -502,12 +537,28 @@ def test_prox_l1_matches_reference_and_gives_true_zeros(device):
 def float16_edge_values(n, seed):
     """n float16 values: the special ones (nan, infinities, both zeros, the extremes, a
     subnormal, values at and around the thresholds used below) among random ones."""
-    special = [math.nan, math.inf, -math.inf, -0.0, 0.0, 65504.0, -65504.0, 2.0 ** -24,
-               -(2.0 ** -24), 0.1, -0.1, 0.25, -0.25, 0.2500001, 1.0, -1.0]
+    special = [
+        math.nan,
+        math.inf,
+        -math.inf,
+        -0.0,
+        0.0,
+        65504.0,
+        -65504.0,
+        2.0**-24,
+        -(2.0**-24),
+        0.1,
+        -0.1,
+        0.25,
+        -0.25,
+        0.2500001,
+        1.0,
+        -1.0,
+    ]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g, dtype=torch.float64)
-    at = torch.randperm(n, generator=g)[:min(n, len(special))]
-    x[at] = torch.tensor(special[:len(at)], dtype=torch.float64)
+    at = torch.randperm(n, generator=g)[: min(n, len(special))]
+    x[at] = torch.tensor(special[: len(at)], dtype=torch.float64)
     return x.to(torch.float16)
 
 
@@ -574,9 +625,12 @@ BACKENDS = [pytest.param(fastreg, id="public"), pytest.param(reference, id="refe
 @pytest.mark.parametrize("api", BACKENDS)
 def test_errors(api):
     x = torch.randn(3)
-    for fn in (lambda p, **k: api.penalty(p, l1=0.1, **k), lambda p, **k: api.l2_penalty(p, **k),
-               lambda p, **k: api.penalty_grad_(p, l1=0.1, **k),
-               lambda p, **k: api.prox_l1_(p, 0.1, **k)):
+    for fn in (
+        lambda p, **k: api.penalty(p, l1=0.1, **k),
+        lambda p, **k: api.l2_penalty(p, **k),
+        lambda p, **k: api.penalty_grad_(p, l1=0.1, **k),
+        lambda p, **k: api.prox_l1_(p, 0.1, **k),
+    ):
         with pytest.raises(TypeError, match=r"params\[1\] must be float16, bfloat16"):
             fn([x, torch.arange(3)])
         with pytest.raises(TypeError, match="must be float16"):
@@ -599,8 +653,13 @@ def test_errors(api):
             fn([{"weights": [x]}])
         with pytest.raises(TypeError, match="mixes parameter groups"):
             fn([{"params": [x]}, x])
-    for bad, error in ((-1.0, ValueError), (math.nan, ValueError), (math.inf, ValueError),
-                       ("0.1", TypeError), (True, TypeError)):
+    for bad, error in (
+        (-1.0, ValueError),
+        (math.nan, ValueError),
+        (math.inf, ValueError),
+        ("0.1", TypeError),
+        (True, TypeError),
+    ):
         with pytest.raises(error, match="l1 must be"):
             api.penalty([x], l1=bad)
         with pytest.raises(error, match="l2 must be"):
@@ -650,6 +709,7 @@ def test_op_level_checks():
 
 # ---- The dispatcher: opcheck, torch.compile, meta ----
 
+
 def opcheck_samples(requires_grad):
     tensors = sample_list("mixed", requires_grad=requires_grad)
     l1s, l2s = coefficients(len(tensors))
@@ -668,16 +728,18 @@ def test_opcheck_every_op():
     grads = [torch.randn_like(t) for t in tensors]
     # torch 2.4 cannot functionalize an operator that writes a Tensor[] (compiled code
     # runs the reference's ops instead): opcheck's aot_dispatch tests are left out there
-    utils = {} if fastreg_penalty._COMPILES_LIST_WRITES else {
-        "test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
+    utils = (
+        {}
+        if fastreg_penalty._COMPILES_LIST_WRITES
+        else {"test_utils": ("test_schema", "test_autograd_registration", "test_faketensor")}
+    )
     torch.library.opcheck(ops.penalty_grad_.default, (grads, tensors, l1s, l2s), **utils)
     torch.library.opcheck(ops.prox_l1_.default, (tensors, [0.1] * len(tensors)), **utils)
 
 
 @requires_extension
 def test_meta_tensors():
-    tensors = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta",
-                                                             dtype=torch.float64)]
+    tensors = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta", dtype=torch.float64)]
     value = fastreg.penalty(tensors, l2=1.0)
     assert value.device.type == "meta" and value.dtype == torch.float64 and value.shape == ()
 
@@ -692,8 +754,9 @@ def test_torch_compile_fullgraph():
     x, y = torch.randn(4, 8), torch.randn(4, 2)
 
     def loss_fn(model, x, y, l2):
-        return F.mse_loss(model(x), y) + fastreg.penalty(model, l1=1e-3, l2=l2,
-                                                         exclude="bias_and_norm")
+        return F.mse_loss(model(x), y) + fastreg.penalty(
+            model, l1=1e-3, l2=l2, exclude="bias_and_norm"
+        )
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
     for l2 in (1e-2, 3e-2):  # a new coefficient gives the new value (it recompiles)
@@ -759,7 +822,8 @@ def test_torch_compile_in_place_steps(list_writes, monkeypatch):
         assert_bits_equal(a.grad, b.grad)
     uses_kernels = list_writes and _ops.HAVE_EXTENSION
     assert [("fastreg.penalty_grad_" in g, "fastreg.prox_l1_" in g) for g in graphs] == [
-        (uses_kernels, uses_kernels)]
+        (uses_kernels, uses_kernels)
+    ]
 
 
 def test_torch_compile_inductor_module():
@@ -781,17 +845,23 @@ def test_torch_compile_inductor_module():
 
 # ---- Reference backend through the public API ----
 
+
 def test_reference_functions_mirror_public_ones():
     net = Net()
     for name in ("penalty", "l1_penalty", "l2_penalty", "penalty_grad_", "prox_l1_"):
         assert hasattr(reference, name)
-    torch.testing.assert_close(reference.penalty(net, 1e-3, 1e-2, exclude="bias_and_norm"),
-                               fastreg.penalty(net, 1e-3, 1e-2, exclude="bias_and_norm"),
-                               rtol=VALUE_RTOL["cpu"], atol=0)
-    torch.testing.assert_close(reference.l1_penalty(net, 0.5), fastreg.l1_penalty(net, 0.5),
-                               rtol=VALUE_RTOL["cpu"], atol=0)
-    torch.testing.assert_close(reference.l2_penalty(net, 0.5), fastreg.l2_penalty(net, 0.5),
-                               rtol=VALUE_RTOL["cpu"], atol=0)
+    torch.testing.assert_close(
+        reference.penalty(net, 1e-3, 1e-2, exclude="bias_and_norm"),
+        fastreg.penalty(net, 1e-3, 1e-2, exclude="bias_and_norm"),
+        rtol=VALUE_RTOL["cpu"],
+        atol=0,
+    )
+    torch.testing.assert_close(
+        reference.l1_penalty(net, 0.5), fastreg.l1_penalty(net, 0.5), rtol=VALUE_RTOL["cpu"], atol=0
+    )
+    torch.testing.assert_close(
+        reference.l2_penalty(net, 0.5), fastreg.l2_penalty(net, 0.5), rtol=VALUE_RTOL["cpu"], atol=0
+    )
     assert reference.penalty([], l1=1.0).item() == 0.0
 
 
@@ -812,12 +882,15 @@ def test_public_api_falls_back_to_reference(monkeypatch):
 
 # ---- Big tensors (opt-in: 4 GiB of memory) ----
 
-@pytest.mark.skipif(os.environ.get("FASTREG_TEST_BIG") != "1",
-                    reason="set FASTREG_TEST_BIG=1 (needs 4.3 GB of memory, some seconds)")
+
+@pytest.mark.skipif(
+    os.environ.get("FASTREG_TEST_BIG") != "1",
+    reason="set FASTREG_TEST_BIG=1 (needs 4.3 GB of memory, some seconds)",
+)
 def test_tensor_larger_than_2_pow_31():
-    n = 2 ** 31 + 5
+    n = 2**31 + 5
     x = torch.ones(n, dtype=torch.bfloat16)
-    x[-1] = 2.0 ** 20  # beyond 2**31: missed or counted twice, it shows in float32
+    x[-1] = 2.0**20  # beyond 2**31: missed or counted twice, it shows in float32
 
     def as_float32(value):
         return torch.tensor(value, dtype=torch.float64).float().item()
@@ -826,13 +899,14 @@ def test_tensor_larger_than_2_pow_31():
     # rounded once: the value must be the exact sum rounded to float32.
     value = fastreg.l1_penalty([x], 1.0)
     assert value.dtype == torch.float32
-    assert value.item() == as_float32((n - 1) + 2.0 ** 20)
-    assert fastreg.penalty([x[:8], x], l2=1.0).item() == as_float32(8 + (n - 1) + 2.0 ** 40)
+    assert value.item() == as_float32((n - 1) + 2.0**20)
+    assert fastreg.penalty([x[:8], x], l2=1.0).item() == as_float32(8 + (n - 1) + 2.0**40)
     fastreg.prox_l1_([x], 0.75)  # the elementwise kernels index with 64 bits too
-    assert x[0].item() == 0.25 and x[2 ** 31 + 3].item() == 0.25 and x[-1].item() == 2.0 ** 20
+    assert x[0].item() == 0.25 and x[2**31 + 3].item() == 0.25 and x[-1].item() == 2.0**20
 
 
 # ---- CUDA ----
+
 
 @cuda
 @pytest.mark.cuda
@@ -843,10 +917,12 @@ def test_cpu_and_cuda_agree(name):
     cpu = kernel_penalty(tensors, l1s, l2s)
     gpu = kernel_penalty([t.cuda() for t in tensors], l1s, l2s)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=VALUE_RTOL["cpu"] + VALUE_RTOL["cuda"], atol=0)
-    cpu_grads = torch.ops.fastreg.penalty_backward(torch.tensor(1.5, dtype=cpu.dtype), tensors,
-                                                   l1s, l2s)
-    gpu_grads = torch.ops.fastreg.penalty_backward(torch.tensor(1.5, dtype=cpu.dtype).cuda(),
-                                                   [t.cuda() for t in tensors], l1s, l2s)
+    cpu_grads = torch.ops.fastreg.penalty_backward(
+        torch.tensor(1.5, dtype=cpu.dtype), tensors, l1s, l2s
+    )
+    gpu_grads = torch.ops.fastreg.penalty_backward(
+        torch.tensor(1.5, dtype=cpu.dtype).cuda(), [t.cuda() for t in tensors], l1s, l2s
+    )
     for c, g in zip(cpu_grads, gpu_grads):
         assert_bits_equal(g.cpu(), c)
 
@@ -855,8 +931,10 @@ def test_cpu_and_cuda_agree(name):
 @pytest.mark.cuda
 def test_cuda_graph_capture():
     torch.manual_seed(0)
-    params = [torch.randn(300, 70, device="cuda", requires_grad=True),
-              torch.randn(70, device="cuda", dtype=torch.bfloat16, requires_grad=True)]
+    params = [
+        torch.randn(300, 70, device="cuda", requires_grad=True),
+        torch.randn(70, device="cuda", dtype=torch.bfloat16, requires_grad=True),
+    ]
 
     def step():
         value = fastreg.penalty(params, l1=1e-3, l2=1e-2)
@@ -881,8 +959,12 @@ def test_cuda_graph_capture():
             p.mul_(0.5)
     graph.replay()
     torch.cuda.synchronize()
-    expected_grads = [g.clone() for g in torch.ops.fastreg.penalty_backward(
-        torch.tensor(1.0, device="cuda"), params, [1e-3] * 2, [1e-2] * 2)]
+    expected_grads = [
+        g.clone()
+        for g in torch.ops.fastreg.penalty_backward(
+            torch.tensor(1.0, device="cuda"), params, [1e-3] * 2, [1e-2] * 2
+        )
+    ]
     assert_bits_equal(static_value, fastreg.penalty(params, l1=1e-3, l2=1e-2).detach())
     for p, e in zip(params, expected_grads):
         assert_bits_equal(p.grad, e)

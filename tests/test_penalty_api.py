@@ -12,20 +12,22 @@ import weakref
 
 import pytest
 import torch
+from conftest import TORCH_VERSION, compiled_autograd_enable, requires_extension
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import fastreg
 from fastreg import reference
-from conftest import TORCH_VERSION, compiled_autograd_enable, requires_extension
 
 fastreg_penalty = importlib.import_module("fastreg.penalty")  # the module, not the function
 
 
 def assert_bits_equal(a, b):
     assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a.detach().reshape(-1).contiguous().view(torch.uint8),
-                       b.detach().reshape(-1).contiguous().view(torch.uint8)), (a, b)
+    assert torch.equal(
+        a.detach().reshape(-1).contiguous().view(torch.uint8),
+        b.detach().reshape(-1).contiguous().view(torch.uint8),
+    ), (a, b)
 
 
 class Net(nn.Module):
@@ -61,19 +63,23 @@ def value_and_grads(fn, params):
 
 # ---- The fast path gives the general path's bits ----
 
+
 @requires_extension
 @pytest.mark.parametrize("form", ["list", "tuple", "module", "module_exclude"])
 def test_fast_path_matches_general_path(form):
     net = Net().double() if form == "tuple" else Net()
     params = list(net.parameters())
-    args = {"list": (params,), "tuple": (tuple(params),), "module": (net,),
-            "module_exclude": (net,)}[form]
+    args = {
+        "list": (params,),
+        "tuple": (tuple(params),),
+        "module": (net,),
+        "module_exclude": (net,),
+    }[form]
     kwargs = {"exclude": "bias_and_norm"} if form == "module_exclude" else {}
     for l1, l2 in ((1e-3, 0.0), (0.0, 2e-2), (1e-3, 2e-2)):
         fast = value_and_grads(lambda: fastreg.penalty(*args, l1=l1, l2=l2, **kwargs), params)
         with _NoFast():
-            slow = value_and_grads(lambda: fastreg.penalty(*args, l1=l1, l2=l2, **kwargs),
-                                   params)
+            slow = value_and_grads(lambda: fastreg.penalty(*args, l1=l1, l2=l2, **kwargs), params)
         assert_bits_equal(fast[0], slow[0])
         for a, b in zip(fast[1], slow[1]):
             assert (a is None) == (b is None)
@@ -147,13 +153,15 @@ def test_in_place_operators_refuse_tensors_that_require_grad():
     assert torch.equal(w.detach(), before)
     g = torch.zeros(6).requires_grad_()
     with pytest.raises(RuntimeError, match=r"fastreg::penalty_grad_: grads\[1\] requires grad"):
-        torch.ops.fastreg.penalty_grad_([torch.zeros(6), g], [before, before], [0.1, 0.1],
-                                        [0.0, 0.0])
+        torch.ops.fastreg.penalty_grad_(
+            [torch.zeros(6), g], [before, before], [0.1, 0.1], [0.0, 0.0]
+        )
     assert torch.equal(g.detach(), torch.zeros(6))
     with torch.no_grad():  # outside autograd, as fastreg.prox_l1_ calls it
         torch.ops.fastreg.prox_l1_([w], [0.1])
-    assert torch.allclose(w.detach(), torch.sign(before) * (before.abs() - 0.1).clamp_min(0),
-                          rtol=0, atol=1e-7)
+    assert torch.allclose(
+        w.detach(), torch.sign(before) * (before.abs() - 0.1).clamp_min(0), rtol=0, atol=1e-7
+    )
 
 
 @requires_extension
@@ -182,6 +190,7 @@ def test_fast_path_leaves_what_it_does_not_take_to_the_general_path():
 
 
 # ---- The module selection cache ----
+
 
 def cached(net):
     return fastreg_penalty._SELECTIONS.get(net)
@@ -282,8 +291,9 @@ def test_module_key_follows_a_data_descriptor_added_to_the_class():
     assert [id(p) for p in module.parameters()] == [id(p) for p in inner.parameters()]
     assert_bits_equal(fastreg.penalty(module, l2=1.0), expected)
     inner.weight = nn.Parameter(inner.weight.detach() * 2)  # through the property
-    assert_bits_equal(fastreg.penalty(module, l2=1.0),
-                      fastreg.penalty(list(inner.parameters()), l2=1.0))
+    assert_bits_equal(
+        fastreg.penalty(module, l2=1.0), fastreg.penalty(list(inner.parameters()), l2=1.0)
+    )
     del Plain._parameters  # the instance dict's own again
     assert_bits_equal(fastreg.penalty(module, l2=1.0), own)
 
@@ -299,9 +309,10 @@ def test_requires_grad_toggled_back_and_exclude_changes():
     assert_bits_equal(fastreg.penalty(net, l2=1.0), everything)
     # another exclude is another selection; the same callable object keeps it
     rule = lambda name, p: name.startswith("fc1")  # noqa: E731
-    assert_bits_equal(fastreg.penalty(net, l2=1.0, exclude=rule),
-                      fastreg.penalty([net.norm.weight, net.norm.bias, net.fc2.weight,
-                                       net.fc2.bias], l2=1.0))
+    assert_bits_equal(
+        fastreg.penalty(net, l2=1.0, exclude=rule),
+        fastreg.penalty([net.norm.weight, net.norm.bias, net.fc2.weight, net.fc2.bias], l2=1.0),
+    )
     entry = cached(net)
     fastreg.penalty(net, l2=1.0, exclude=rule)
     assert cached(net) is entry
@@ -322,14 +333,18 @@ def test_cache_does_not_keep_the_module_alive():
 
 # ---- Sharp edges ----
 
+
 @pytest.mark.parametrize("api", [fastreg, reference], ids=["public", "reference"])
 def test_used_up_iterator_raises(api):
     net = Net()
     params = net.parameters()
     first = api.penalty(params, l2=1.0)
     assert first.item() > 0
-    with pytest.raises(ValueError, match=r"penalty\(\): params is an iterator that yielded "
-                                         r"nothing.*pass the module itself, or a list"):
+    with pytest.raises(
+        ValueError,
+        match=r"penalty\(\): params is an iterator that yielded "
+        r"nothing.*pass the module itself, or a list",
+    ):
         api.penalty(params, l2=1.0)
     # a fresh generator on every call is fine
     assert_bits_equal(api.penalty(net.parameters(), l2=1.0), first)
@@ -341,23 +356,31 @@ def test_used_up_iterator_raises(api):
 @pytest.mark.parametrize("api", [fastreg, reference], ids=["public", "reference"])
 def test_a_coefficient_is_required(api):
     net = Net()
-    for call in (lambda: api.penalty(net), lambda: api.penalty([net.fc1.weight]),
-                 lambda: api.penalty_grad_(net)):
+    for call in (
+        lambda: api.penalty(net),
+        lambda: api.penalty([net.fc1.weight]),
+        lambda: api.penalty_grad_(net),
+    ):
         with pytest.raises(TypeError, match=r"needs a coefficient: give l1 or l2"):
             call()
     with pytest.raises(TypeError, match=r"penalty\(\) needs a coefficient"):
         fastreg.Penalty()(net)
-    with pytest.raises(TypeError, match=r"needs a coefficient: give l1 or l2 \(as arguments "
-                                        r"or as keys of the parameter groups\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"needs a coefficient: give l1 or l2 \(as arguments "
+        r"or as keys of the parameter groups\)",
+    ):
         api.penalty([{"params": [net.fc1.weight]}, {"params": [net.fc2.weight], "lr": 0.1}])
     # a group without a key of its own takes the arguments', or 0 when they are not given
-    assert_bits_equal(api.penalty([{"params": [net.fc1.weight], "l2": 1.0},
-                                   {"params": [net.fc2.weight]}]),
-                      api.penalty([net.fc1.weight], l2=1.0))
+    assert_bits_equal(
+        api.penalty([{"params": [net.fc1.weight], "l2": 1.0}, {"params": [net.fc2.weight]}]),
+        api.penalty([net.fc1.weight], l2=1.0),
+    )
     # one given: the other is 0; groups may give them; 0.0 given is a zero
     assert_bits_equal(api.penalty(net, l2=0.5), api.penalty(net, l1=0.0, l2=0.5))
-    assert_bits_equal(api.penalty([{"params": net.parameters(), "l2": 0.5}]),
-                      api.penalty(net, l2=0.5))
+    assert_bits_equal(
+        api.penalty([{"params": net.parameters(), "l2": 0.5}]), api.penalty(net, l2=0.5)
+    )
     assert api.penalty(net, l1=0.0, l2=0.0).item() == 0.0
     # the single-weight forms are the plain sums
     assert_bits_equal(api.l1_penalty(net), api.penalty(net, l1=1.0))
@@ -374,17 +397,27 @@ def test_named_parameters(api):
     assert_bits_equal(api.penalty(list(net.named_parameters()), l1=1e-3, l2=1e-2), expected)
     # exclude by name works on named parameters as on the module
     no_bias = lambda name, p: name.endswith("bias")  # noqa: E731
-    assert_bits_equal(api.penalty(dict(net.named_parameters()), l2=1e-2, exclude=no_bias),
-                      api.penalty(net, l2=1e-2, exclude=no_bias))
-    assert_bits_equal(api.penalty(net.named_parameters(), l2=1e-2, exclude=no_bias),
-                      api.penalty(net, l2=1e-2, exclude=no_bias))
+    assert_bits_equal(
+        api.penalty(dict(net.named_parameters()), l2=1e-2, exclude=no_bias),
+        api.penalty(net, l2=1e-2, exclude=no_bias),
+    )
+    assert_bits_equal(
+        api.penalty(net.named_parameters(), l2=1e-2, exclude=no_bias),
+        api.penalty(net, l2=1e-2, exclude=no_bias),
+    )
     with pytest.raises(ValueError, match="exclude='bias_and_norm' needs the nn.Module"):
         api.penalty(dict(net.named_parameters()), l2=1.0, exclude="bias_and_norm")
-    with pytest.raises(TypeError, match=r"params\['weights'\] must be a Tensor, but got list "
-                                        r"\(a dict without a 'params' key"):
+    with pytest.raises(
+        TypeError,
+        match=r"params\['weights'\] must be a Tensor, but got list "
+        r"\(a dict without a 'params' key",
+    ):
         api.penalty({"weights": [net.fc1.weight]}, l2=1.0)
-    with pytest.raises(ValueError, match="exclude selects parameters by name, so params must "
-                                         "be an nn.Module, but got list; named parameters"):
+    with pytest.raises(
+        ValueError,
+        match="exclude selects parameters by name, so params must "
+        "be an nn.Module, but got list; named parameters",
+    ):
         api.penalty(params, l2=1.0, exclude=no_bias)
     # in-place steps too
     bias = net.fc1.bias.detach().clone()
@@ -395,9 +428,11 @@ def test_named_parameters(api):
 @pytest.mark.parametrize("api", [fastreg, reference], ids=["public", "reference"])
 def test_tensor_coefficients(api):
     net = Net()
-    for fn, name in ((lambda c: api.penalty(net, l1=c), "l1"),
-                     (lambda c: api.penalty(net, l2=c), "l2"),
-                     (lambda c: api.l2_penalty(net, c), "weight")):
+    for fn, name in (
+        (lambda c: api.penalty(net, l1=c), "l1"),
+        (lambda c: api.penalty(net, l2=c), "l2"),
+        (lambda c: api.l2_penalty(net, c), "weight"),
+    ):
         assert_bits_equal(fn(torch.tensor(0.25)), fn(0.25))
         assert_bits_equal(fn(torch.tensor(0.25, dtype=torch.float64)), fn(0.25))
         with pytest.raises(TypeError, match=f"{name} is a tensor that requires grad"):
@@ -444,8 +479,9 @@ def _backward_error(loss):
     the hint differently from 2.4)."""
     with pytest.raises(RuntimeError) as info:
         loss.backward()
-    return re.sub(r"output (\d+) of \w+,", r"output \1 of <node>,",
-                  str(info.value).split(" Hint:")[0])
+    return re.sub(
+        r"output (\d+) of \w+,", r"output \1 of <node>,", str(info.value).split(" Hint:")[0]
+    )
 
 
 @requires_extension
@@ -531,10 +567,16 @@ def test_compiled_autograd_of_an_eager_penalty():
     # failed on it for every output that was not 2-d): parameters of every rank, layout
     # and dtype, bit for bit against eager.
     torch._dynamo.reset()
-    params = [torch.randn(3, 4, 5), torch.randn(()), torch.randn(7),
-              torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1), torch.randn(0, 3),
-              torch.randn(4, 6)[:, ::2], torch.randn(5, dtype=torch.float64),
-              torch.randn(6).half()]
+    params = [
+        torch.randn(3, 4, 5),
+        torch.randn(()),
+        torch.randn(7),
+        torch.randn(2, 3, 4, 5).permute(0, 2, 3, 1),
+        torch.randn(0, 3),
+        torch.randn(4, 6)[:, ::2],
+        torch.randn(5, dtype=torch.float64),
+        torch.randn(6).half(),
+    ]
     params = [p.requires_grad_() for p in params]
     loss = fastreg.penalty(params, l1=0.1, l2=0.2) * 3.0
     expected = torch.autograd.grad(loss, params, retain_graph=True)
@@ -561,6 +603,7 @@ def test_compiled_autograd_of_an_eager_penalty():
 def test_fast_path_layouts():
     """Lists (the fast path) with a gradient in another layout than its parameter, a
     non-dense parameter and an empty one: as the general path (groups) does them."""
+
     def make():
         torch.manual_seed(3)
         p = torch.randn(6, 5).requires_grad_()
@@ -577,8 +620,9 @@ def test_fast_path_layouts():
     assert fast[0].grad is grad_p  # in place
     for a, b in zip(fast, slow):
         assert_bits_equal(a.grad, b.grad)
-    assert_bits_equal(fastreg.penalty(fast, l1=0.5, l2=0.25),
-                      fastreg.penalty([{"params": slow}], l1=0.5, l2=0.25))
+    assert_bits_equal(
+        fastreg.penalty(fast, l1=0.5, l2=0.25), fastreg.penalty([{"params": slow}], l1=0.5, l2=0.25)
+    )
     fastreg.prox_l1_(fast, 0.3)
     fastreg.prox_l1_([{"params": slow}], 0.3)
     for a, b in zip(fast, slow):

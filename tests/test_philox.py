@@ -6,17 +6,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from philox_scalar import keep_list, philox4x32_10
 
 import fastreg
 from fastreg import reference
-from philox_scalar import keep_list, philox4x32_10
 
 M = 0xFFFFFFFF
 KNOWN_ANSWERS = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((M, M, M, M), (M, M), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,13 +49,17 @@ def test_header_known_answers(tmp_path):
     lines += ['  std::printf("%d\\n", bad);', "  return bad;", "}"]
     source.write_text("\n".join(lines))
     binary = tmp_path / "kat"
-    subprocess.run(["c++", "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", str(source), "-o", str(binary)],
-                   check=True)
+    subprocess.run(
+        ["c++", "-std=c++17", "-O2", f"-I{ROOT / 'csrc'}", str(source), "-o", str(binary)],
+        check=True,
+    )
     result = subprocess.run([str(binary)], capture_output=True, text=True)
     assert result.returncode == 0, f"{result.stdout.strip()} known-answer words differ"
 
 
-@pytest.mark.parametrize("seed,offset", [(0, 0), (1234, 0), (2**64 - 1, 2**32 + 7), (2**40 + 3, 2**63)])
+@pytest.mark.parametrize(
+    "seed,offset", [(0, 0), (1234, 0), (2**64 - 1, 2**32 + 7), (2**40 + 3, 2**63)]
+)
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.999, 1.0])
 def test_mask_stream_matches_scalar_contract(seed, offset, p):
     numel = 1001  # not a multiple of 4 or 32: partial Philox blocks and mask words

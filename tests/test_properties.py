@@ -11,20 +11,22 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, strategies as st  # noqa: E402
+from conftest import DEVICES, FLOAT_DTYPES, MASK_MODES, requires_extension  # noqa: E402
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from test_fused import act_bound, assert_within, bias_grad_bound, opmath, z_of  # noqa: E402
+from test_penalty import U32, VALUE_RTOL  # noqa: E402
 
 import fastreg  # noqa: E402
 from fastreg import reference  # noqa: E402
-from conftest import DEVICES, FLOAT_DTYPES, MASK_MODES, requires_extension  # noqa: E402
-from test_fused import act_bound, assert_within, bias_grad_bound, opmath, z_of  # noqa: E402
-from test_penalty import U32, VALUE_RTOL  # noqa: E402
 
 pytestmark = [requires_extension, pytest.mark.parametrize("device", DEVICES)]
 
 INT64 = st.integers(-(2**63), 2**64 - 1)  # seeds and offsets: the full 64-bit range
 # 0 and 1, the smallest and largest p that change the threshold, and anything between.
-PROBABILITIES = st.one_of(st.sampled_from([0.0, 1.0, 2.0**-32, 1 - 2.0**-32, 0.5]),
-                          st.floats(0.0, 1.0))
+PROBABILITIES = st.one_of(
+    st.sampled_from([0.0, 1.0, 2.0**-32, 1 - 2.0**-32, 0.5]), st.floats(0.0, 1.0)
+)
 LAYOUTS = ("contiguous", "permuted", "strided", "offset", "size_one_strides")
 
 
@@ -55,15 +57,17 @@ def tensors(draw, shape, dtype, device, specials=True):
         values[picks] = torch.tensor([math.nan, math.inf, -math.inf, 0.0, -0.0, 1e30])
     if layout == "permuted":  # dense in another dimension order (transposes, channels_last)
         order = draw(st.permutations(range(len(shape))))
-        x = values.view([shape[d] for d in order]).permute([order.index(d)
-                                                            for d in range(len(shape))])
+        x = values.view([shape[d] for d in order]).permute(
+            [order.index(d) for d in range(len(shape))]
+        )
     elif layout == "strided":
         x = values.view(wide)[(slice(None),) * dim + (slice(None, None, step),)]
     elif layout == "offset":  # a view at a storage offset: misaligned for vector access
         x = values[start:].view(shape)
     elif layout == "size_one_strides":  # size-1 dimensions with arbitrary strides
-        x = values.as_strided(shape, [s if n > 1 else 99
-                                      for n, s in zip(shape, values.view(shape).stride())])
+        x = values.as_strided(
+            shape, [s if n > 1 else 99 for n, s in zip(shape, values.view(shape).stride())]
+        )
     else:
         x = values.view(shape)
     assert x.shape == shape
@@ -80,8 +84,13 @@ def grads(out, leaves, grad):
     return torch.autograd.grad(out, leaves, grad, allow_unused=True)
 
 
-@given(data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES), p=PROBABILITIES, seed=INT64,
-       mode=st.sampled_from(MASK_MODES))
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    p=PROBABILITIES,
+    seed=INT64,
+    mode=st.sampled_from(MASK_MODES),
+)
 def test_dropout(device, data, dtype, p, seed, mode):
     x = data.draw(tensors(data.draw(shapes()), dtype, device)).requires_grad_()
     y = fastreg.dropout(x, p, mask=mode, seed=seed)
@@ -95,12 +104,21 @@ def test_dropout(device, data, dtype, p, seed, mode):
 
 @given(shape=shapes(max_dims=3), p=PROBABILITIES, seed=INT64, offset=INT64)
 def test_dropout_mask(device, shape, p, seed, offset):
-    assert torch.equal(fastreg.dropout_mask(shape, p, seed, offset, device=device),
-                       reference.dropout_mask(shape, p, seed, offset, device=device))
+    assert torch.equal(
+        fastreg.dropout_mask(shape, p, seed, offset, device=device),
+        reference.dropout_mask(shape, p, seed, offset, device=device),
+    )
 
 
-@given(data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES), p=PROBABILITIES, seed=INT64,
-       mode=st.sampled_from(MASK_MODES), with_bias=st.booleans(), training=st.booleans())
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    p=PROBABILITIES,
+    seed=INT64,
+    mode=st.sampled_from(MASK_MODES),
+    with_bias=st.booleans(),
+    training=st.booleans(),
+)
 def test_bias_dropout_add(device, data, dtype, p, seed, mode, with_bias, training):
     shape = data.draw(shapes(min_dims=1))
     x = data.draw(tensors(shape, dtype, device)).requires_grad_()
@@ -118,9 +136,15 @@ def test_bias_dropout_add(device, data, dtype, p, seed, mode, with_bias, trainin
         assert_within(got[1], want[1], bias_grad_bound(want[0], want[1]), "bias grad")
 
 
-@given(data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES), p=PROBABILITIES, seed=INT64,
-       mode=st.sampled_from(MASK_MODES), with_bias=st.booleans(),
-       activation=st.sampled_from([None, "relu", "gelu", "gelu_tanh", "silu"]))
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    p=PROBABILITIES,
+    seed=INT64,
+    mode=st.sampled_from(MASK_MODES),
+    with_bias=st.booleans(),
+    activation=st.sampled_from([None, "relu", "gelu", "gelu_tanh", "silu"]),
+)
 def test_bias_act_dropout(device, data, dtype, p, seed, mode, with_bias, activation):
     shape = data.draw(shapes(min_dims=1))
     x = data.draw(tensors(shape, dtype, device)).requires_grad_()
@@ -146,8 +170,14 @@ def test_bias_act_dropout(device, data, dtype, p, seed, mode, with_bias, activat
         assert_within(got[1], want[1], bias_grad_bound(want[0], want[1]), "bias grad")
 
 
-@given(data=st.data(), dtype=st.sampled_from(FLOAT_DTYPES), p=PROBABILITIES, seed=INT64,
-       mode=st.sampled_from(MASK_MODES), spatial=st.sampled_from([1, 2, 3]))
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    p=PROBABILITIES,
+    seed=INT64,
+    mode=st.sampled_from(MASK_MODES),
+    spatial=st.sampled_from([1, 2, 3]),
+)
 def test_channel_dropout(device, data, dtype, p, seed, mode, spatial):
     shape = data.draw(shapes(min_dims=spatial + 2, max_dims=spatial + 2))
     x = data.draw(tensors(shape, dtype, device)).requires_grad_()
@@ -160,15 +190,26 @@ def test_channel_dropout(device, data, dtype, p, seed, mode, spatial):
         assert_identical(grads(y, [x], g)[0], grads(y_ref, [x], g)[0])
 
 
-@given(data=st.data(), l1=st.sampled_from([0.0, 1e-3, 0.5]), l2=st.sampled_from([0.0, 1e-2, 2.0]),
-       count=st.integers(1, 5))
+@given(
+    data=st.data(),
+    l1=st.sampled_from([0.0, 1e-3, 0.5]),
+    l2=st.sampled_from([0.0, 1e-2, 2.0]),
+    count=st.integers(1, 5),
+)
 def test_penalty_gradient_and_in_place_steps(device, data, l1, l2, count):
     """The value within the float32-accumulation bound of the float64 reference; the
     gradient, penalty_grad_ and prox_l1_ bit for bit (one rounding per operation)."""
-    params = [data.draw(tensors(data.draw(shapes(max_dims=3)),
-                                data.draw(st.sampled_from(FLOAT_DTYPES)), device,
-                                specials=False))
-              for _ in range(count)]
+    params = [
+        data.draw(
+            tensors(
+                data.draw(shapes(max_dims=3)),
+                data.draw(st.sampled_from(FLOAT_DTYPES)),
+                device,
+                specials=False,
+            )
+        )
+        for _ in range(count)
+    ]
     leaves = [t.detach().requires_grad_() for t in params]
     value = fastreg.penalty(leaves, l1, l2)
     expected = reference.penalty(leaves, l1, l2)
@@ -176,11 +217,14 @@ def test_penalty_gradient_and_in_place_steps(device, data, l1, l2, count):
     bound = (VALUE_RTOL[device] + U32) * expected.item()
     assert abs(value.item() - expected.item()) <= bound
     g = torch.randn((), dtype=value.dtype)
-    assert all(torch.equal(a, b) for a, b in zip(grads(value, leaves, g),
-                                                 grads(expected, leaves, g))
-               if a is not None or b is not None)
-    kernel, ref = [[t.detach().clone(memory_format=torch.preserve_format) for t in params]
-                   for _ in range(2)]
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(grads(value, leaves, g), grads(expected, leaves, g))
+        if a is not None or b is not None
+    )
+    kernel, ref = [
+        [t.detach().clone(memory_format=torch.preserve_format) for t in params] for _ in range(2)
+    ]
     for ts in (kernel, ref):
         for t in ts:
             t.grad = torch.ones_like(t)

@@ -12,9 +12,9 @@ import torch
 import torch._functorch.config as functorch_config
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
+from conftest import MASK_MODES, TORCH_VERSION
 
 import fastreg
-from conftest import MASK_MODES, TORCH_VERSION
 from fastreg import _rng
 
 P = 0.5
@@ -60,8 +60,9 @@ SCHEMES = {
     "none": block,
     "reentrant": lambda x: cp.checkpoint(block, x, use_reentrant=True),
     "non-reentrant": lambda x: cp.checkpoint(block, x, use_reentrant=False),
-    "sac-recompute": lambda x: cp.checkpoint(block, x, use_reentrant=False,
-                                             context_fn=_sac_recompute),
+    "sac-recompute": lambda x: cp.checkpoint(
+        block, x, use_reentrant=False, context_fn=_sac_recompute
+    ),
     "sac-save": lambda x: cp.checkpoint(block, x, use_reentrant=False, context_fn=_sac_save),
     "memory-budget": block,  # compiled with activation_memory_budget=0.05
 }
@@ -93,14 +94,16 @@ def check_one_mask(scheme, backend, mask, impl="fastreg"):
     grad, forward_keep, backward_keep = step(scheme, backend)
     assert 0 < forward_keep.sum() < forward_keep.numel()
     assert torch.equal(backward_keep, forward_keep), (
-        f"{(backward_keep != forward_keep).sum()} elements' masks differ")
+        f"{(backward_keep != forward_keep).sum()} elements' masks differ"
+    )
     assert torch.equal(grad, expected)
 
 
 # Dynamo before 2.8 reports an error raised in traced code, under fullgraph=True, as its
 # own "Observed exception" (pointing at the user's line) without the error's message
 REFUSAL = "activation_memory_budget is 0.05, and this torch" + (
-    "|Observed exception" if TORCH_VERSION < (2, 8) else "")
+    "|Observed exception" if TORCH_VERSION < (2, 8) else ""
+)
 
 
 def check_budget_refused(run):
@@ -167,6 +170,7 @@ def test_native_dropout_under_checkpoint_keeps_one_mask(scheme):
 
 # ---- explicit generators and seeds ----------------------------------------------------
 
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_an_explicit_generator_re_run_by_checkpoint_raises(use_reentrant):
     generator = torch.Generator().manual_seed(0)
@@ -176,8 +180,9 @@ def test_an_explicit_generator_re_run_by_checkpoint_raises(use_reentrant):
         return fastreg.dropout(x * 2, 0.5, generator=generator)
 
     out = cp.checkpoint(f, x, use_reentrant=use_reentrant)
-    with pytest.raises(RuntimeError, match="explicit generator is being re-run in the "
-                                           "backward pass"):
+    with pytest.raises(
+        RuntimeError, match="explicit generator is being re-run in the backward pass"
+    ):
         out.sum().backward()
 
 
@@ -191,8 +196,9 @@ def test_an_explicit_generator_without_recomputation_is_fine():
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_a_seed_under_checkpoint_keeps_one_mask(use_reentrant):
     x = (torch.rand(8, 8) + 0.5).requires_grad_()
-    out = cp.checkpoint(lambda x: fastreg.dropout(x * 2, 0.5, seed=7), x,
-                        use_reentrant=use_reentrant)
+    out = cp.checkpoint(
+        lambda x: fastreg.dropout(x * 2, 0.5, seed=7), x, use_reentrant=use_reentrant
+    )
     out.sum().backward()
     assert torch.equal(x.grad != 0, fastreg.dropout_mask(x.shape, 0.5, 7))
 
@@ -203,8 +209,15 @@ def test_a_seed_under_checkpoint_keeps_one_mask(use_reentrant):
 def gpt2_gradients(transformers, mask, checkpoint_kwargs, seeds):
     """Each parameter's gradient of a tiny GPT-2 with fastreg's dropout routed in, once per
     seed, with Hugging Face's gradient checkpointing when checkpoint_kwargs is given."""
-    config = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2,
-                                     n_positions=16, bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        vocab_size=99,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     model = fastreg.replace_dropout(model.train(), mask=mask, functional=True)
@@ -233,8 +246,9 @@ def same_gradients(a, b):
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
 @pytest.mark.parametrize("mask", MASK_MODES)
-def test_gpt2_gradient_checkpointing_with_routed_functional_dropout(transformers, mask,
-                                                                     use_reentrant):
+def test_gpt2_gradient_checkpointing_with_routed_functional_dropout(
+    transformers, mask, use_reentrant
+):
     """The re-run forward draws the masks the forward drew: the same gradients."""
     (plain,) = gpt2_gradients(transformers, mask, None, [1])
     (checkpointed,) = gpt2_gradients(transformers, mask, {"use_reentrant": use_reentrant}, [1])
@@ -251,36 +265,41 @@ def test_gpt2_gradients_tell_another_mask(transformers):
 # ---- the fused ops and channel dropout draw the same way ---------------------------------
 
 FUSED = {
-    "bias_dropout_add": lambda h, bias: fastreg.bias_dropout_add(h, bias, torch.zeros_like(h), P,
-                                                                 mask="bits"),
+    "bias_dropout_add": lambda h, bias: fastreg.bias_dropout_add(
+        h, bias, torch.zeros_like(h), P, mask="bits"
+    ),
     "bias_act_dropout": lambda h, bias: fastreg.bias_act_dropout(h, bias, P, None, mask="bool"),
-    "dropout2d": lambda h, bias: fastreg.dropout2d(h.view(4, 8, 6, 8) + bias.view(1, 1, 1, 8),
-                                                   P, mask="recompute").view(32, 48),
+    "dropout2d": lambda h, bias: fastreg.dropout2d(
+        h.view(4, 8, 6, 8) + bias.view(1, 1, 1, 8), P, mask="recompute"
+    ).view(32, 48),
 }
 
 
 @pytest.mark.parametrize("op", list(FUSED))
-@pytest.mark.parametrize("scheme,backend", [("non-reentrant", None),
-                                            ("memory-budget", "aot_eager")])
+@pytest.mark.parametrize(
+    "scheme,backend", [("non-reentrant", None), ("memory-budget", "aot_eager")]
+)
 def test_fused_and_channel_dropout(op, scheme, backend):
     bias = torch.zeros(48 if op != "dropout2d" else 8)
 
     def fused_block(x):
         return torch.cos(FUSED[op](torch.sin(x), bias)) * 2.0
 
-    SCHEMES_FUSED = {"non-reentrant": lambda x: cp.checkpoint(fused_block, x,
-                                                              use_reentrant=False),
-                     "memory-budget": fused_block, "none": fused_block}
+    SCHEMES_FUSED = {
+        "non-reentrant": lambda x: cp.checkpoint(fused_block, x, use_reentrant=False),
+        "memory-budget": fused_block,
+        "none": fused_block,
+    }
 
     def run(name):
-        x = (torch.rand(32, 48, generator=torch.Generator().manual_seed(1)) + 0.5
-             ).requires_grad_()
+        x = (torch.rand(32, 48, generator=torch.Generator().manual_seed(1)) + 0.5).requires_grad_()
         fn = SCHEMES_FUSED[name]
         if backend is not None:
             torch._dynamo.reset()
             fn = torch.compile(fn, backend=backend, fullgraph=True)
-        with functorch_config.patch(activation_memory_budget=0.05 if name == "memory-budget"
-                                    else 1.0):
+        with functorch_config.patch(
+            activation_memory_budget=0.05 if name == "memory-budget" else 1.0
+        ):
             torch.manual_seed(0)
             out = fn(x)
             out.sum().backward()

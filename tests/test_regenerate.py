@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
+from conftest import MASK_MODES, requires_extension
 from torch import nn
 
 import fastreg
-from conftest import MASK_MODES, requires_extension
 from fastreg import _regen, _rng
 
 P = 0.3
@@ -82,16 +82,17 @@ class _nothing:
 
 # ---- each op, each mask mode, each kind of consumer ------------------------------------
 
+
 def _ops():
     return {
         "dropout": lambda h, mask: fastreg.dropout(h, P, mask=mask),
         "dropout1d": lambda h, mask: fastreg.dropout1d(h, P, mask=mask),
         "dropout2d": lambda h, mask: fastreg.dropout2d(h.unsqueeze(-1), P, mask=mask).squeeze(-1),
         "dropout1d-unbatched": lambda h, mask: fastreg.dropout1d(h[0], P, mask=mask),
-        "bias_act_dropout": lambda h, mask: fastreg.bias_act_dropout(
-            h, BIAS, P, "gelu", mask=mask),
+        "bias_act_dropout": lambda h, mask: fastreg.bias_act_dropout(h, BIAS, P, "gelu", mask=mask),
         "bias_act_dropout-none": lambda h, mask: fastreg.bias_act_dropout(
-            h, BIAS, P, None, mask=mask),
+            h, BIAS, P, None, mask=mask
+        ),
     }
 
 
@@ -102,8 +103,9 @@ OPS = list(_ops())
 # a matmul with a transposed operand saves a strided view, a product saves it whole
 CONSUMERS = {
     "linear": lambda d, w: F.linear(d, w),
-    "matmul-transposed": lambda d, w: d.transpose(-1, -2) @ w[: d.shape[-2]].expand(
-        d.shape[:-2] + (d.shape[-2], w.shape[1])),
+    "matmul-transposed": lambda d, w: (
+        d.transpose(-1, -2) @ w[: d.shape[-2]].expand(d.shape[:-2] + (d.shape[-2], w.shape[1]))
+    ),
     "mul": lambda d, w: d * w[0],
 }
 
@@ -145,8 +147,9 @@ def test_what_is_kept_is_the_floor_plus_16_bytes_per_call():
 
     def block(dropout):
         h = F.layer_norm(x, (32,))
-        return sum(F.linear(h, base) + F.linear(F.linear(dropout(h), a[i]), b[i])
-                   for i in range(3)).sum()
+        return sum(
+            F.linear(h, base) + F.linear(F.linear(dropout(h), a[i]), b[i]) for i in range(3)
+        ).sum()
 
     def kept(dropout, regenerate):
         probe = Probe()
@@ -166,6 +169,7 @@ def test_what_is_kept_is_the_floor_plus_16_bytes_per_call():
 
 
 # ---- views, in place, versions ----------------------------------------------------------
+
 
 def test_a_view_saved_by_several_consumers_is_regenerated_for_each():
     gen = torch.Generator().manual_seed(3)
@@ -203,8 +207,9 @@ def test_an_input_modified_in_place_before_backward_raises():
         h = x * 2
         out = F.linear(fastreg.dropout(h, P, mask="recompute"), w)
     h.mul_(3)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation: the input of "
-                                           "fastreg's dropout"):
+    with pytest.raises(
+        RuntimeError, match="modified by an inplace operation: the input of fastreg's dropout"
+    ):
         out.sum().backward()
 
 
@@ -312,6 +317,7 @@ def test_double_backward():
 
 # ---- checkpointing, routing, autocast, compile -------------------------------------------
 
+
 def _block(x, w):
     return F.linear(fastreg.dropout(torch.tanh(x), 0.5, mask=MODE[0]), w).square().sum()
 
@@ -363,8 +369,7 @@ def test_replace_dropout_regenerate_functional(mask):
     torch.manual_seed(0)
     net = Net()
     plain = fastreg.replace_dropout(copy.deepcopy(net), mask=mask, functional=True)
-    regen = fastreg.replace_dropout(copy.deepcopy(net), mask=mask, functional=True,
-                                    regenerate=True)
+    regen = fastreg.replace_dropout(copy.deepcopy(net), mask=mask, functional=True, regenerate=True)
     x = torch.randn(8, 16)
     results = []
     for model in (plain, regen):
@@ -425,8 +430,8 @@ HAVE_SAC = _rng.memory_budget_refusal() is None
 
 
 def _saved_bytes_backend(record):
-    from torch._dynamo.backends.common import aot_autograd
     from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
 
     aliases = (torch.ops.aten.detach.default, torch.ops.aten.alias.default)
 
@@ -441,8 +446,9 @@ def _saved_bytes_backend(record):
         (outs,) = [n.args[0] for n in gm.graph.nodes if n.op == "output"]
         roots = {root(n) for n in outs if hasattr(n, "meta")}
         vals = [n.meta.get("val") for n in roots]
-        record.append(sum(v.numel() * v.element_size() for v in vals
-                          if isinstance(v, torch.Tensor)))
+        record.append(
+            sum(v.numel() * v.element_size() for v in vals if isinstance(v, torch.Tensor))
+        )
         return make_boxed_func(gm)
 
     return aot_autograd(fw_compiler=fw, bw_compiler=lambda gm, inputs: make_boxed_func(gm))
@@ -516,10 +522,12 @@ def test_a_graph_compiled_outside_the_context_is_recompiled_inside():
 
 # ---- Hugging Face models ------------------------------------------------------------------
 
+
 def _same_model_gradients(model, inputs, mask="recompute"):
     plain = fastreg.replace_dropout(copy.deepcopy(model), mask=mask, functional=True)
-    regen = fastreg.replace_dropout(copy.deepcopy(model), mask=mask, functional=True,
-                                    regenerate=True)
+    regen = fastreg.replace_dropout(
+        copy.deepcopy(model), mask=mask, functional=True, regenerate=True
+    )
     out = []
     for m in (plain, regen):
         m.train()
@@ -534,9 +542,18 @@ def _same_model_gradients(model, inputs, mask="recompute"):
 
 
 def test_t5(transformers):
-    config = transformers.T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=1,
-                                   num_decoder_layers=1, num_heads=4, dropout_rate=0.1,
-                                   decoder_start_token_id=0, pad_token_id=0)
+    config = transformers.T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        dropout_rate=0.1,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = transformers.T5ForConditionalGeneration(config)
     gen = torch.Generator().manual_seed(1)
@@ -546,14 +563,31 @@ def test_t5(transformers):
 
 def test_peft_lora_llama(transformers):
     peft = pytest.importorskip("peft")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                      num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=4, max_position_embeddings=32)
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                           "up_proj", "down_proj"])
+    lora = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.1,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+    )
     model = peft.get_peft_model(model, lora)
     for name, p in model.named_parameters():  # B starts at zero: give A a gradient
         if "lora_B" in name:
@@ -582,13 +616,15 @@ def test_a_compiled_model_with_replace_dropout_regenerate():
 
 # ---- DDP and FSDP2 (one process, gloo) -----------------------------------------------------
 
+
 @pytest.fixture
 def process_group(tmp_path):
     dist = torch.distributed
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch without torch.distributed's gloo backend")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     try:
         yield dist
     finally:
@@ -604,8 +640,12 @@ def _wrapped_gradients(wrap):
         model = wrap(net)
         torch.manual_seed(1)
         model(torch.randn(8, 16)).square().sum().backward()
-        grads_.append([p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-                       for p in model.parameters()])
+        grads_.append(
+            [
+                p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                for p in model.parameters()
+            ]
+        )
     return grads_
 
 

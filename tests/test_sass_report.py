@@ -9,7 +9,9 @@ import pytest
 
 import fastreg
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+)
 import sass_report  # noqa: E402
 
 RES_USAGE = """
@@ -43,47 +45,74 @@ SASS = """
 
 def test_parses_resource_usage_and_sass():
     usage = sass_report.parse_resources(RES_USAGE)
-    assert usage == {"_Z3fooPf": {"REG": 40, "STACK": 0, "SHARED": 0, "LOCAL": 0, "CONSTANT[0]": 592,
-                                  "TEXTURE": 0, "SURFACE": 0, "SAMPLER": 0},
-                     "_Z3barPf": {"REG": 72, "STACK": 16, "SHARED": 0, "LOCAL": 16,
-                                  "CONSTANT[0]": 600, "TEXTURE": 0, "SURFACE": 0, "SAMPLER": 0}}
+    assert usage == {
+        "_Z3fooPf": {
+            "REG": 40,
+            "STACK": 0,
+            "SHARED": 0,
+            "LOCAL": 0,
+            "CONSTANT[0]": 592,
+            "TEXTURE": 0,
+            "SURFACE": 0,
+            "SAMPLER": 0,
+        },
+        "_Z3barPf": {
+            "REG": 72,
+            "STACK": 16,
+            "SHARED": 0,
+            "LOCAL": 16,
+            "CONSTANT[0]": 600,
+            "TEXTURE": 0,
+            "SURFACE": 0,
+            "SAMPLER": 0,
+        },
+    }
     sass = sass_report.parse_sass(SASS)
     assert sass_report.memory_ops(sass["_Z3fooPf"]) == (2, 1, 0, 0)
     assert sass_report.memory_ops(sass["_Z3barPf"]) == (0, 0, 1, 1)
 
 
 def test_the_checks_flag_what_they_should():
-    names = {"_Z3fooPf": "void fastreg::device::dropout_kernel<4, fastreg::device::PhiloxBits, "
-                         "fastreg::device::NoSink, fastreg::device::ScaleEpilogue<float, true> >(long)",
-             "_Z3barPf": "void fastreg::device::dropout_kernel<4, fastreg::device::PhiloxBits, "
-                         "fastreg::device::NoSink, fastreg::device::ScaleEpilogue<float, true> >(int)"}
+    names = {
+        "_Z3fooPf": "void fastreg::device::dropout_kernel<4, fastreg::device::PhiloxBits, "
+        "fastreg::device::NoSink, fastreg::device::ScaleEpilogue<float, true> >(long)",
+        "_Z3barPf": "void fastreg::device::dropout_kernel<4, fastreg::device::PhiloxBits, "
+        "fastreg::device::NoSink, fastreg::device::ScaleEpilogue<float, true> >(int)",
+    }
     usage = sass_report.parse_resources(RES_USAGE)
     sass = sass_report.parse_sass(SASS)
     rows, problems = sass_report.check(usage, sass, names)
     assert len(rows) == 2
     assert ("vector", f"{rows[0][0]}: no 128-bit global stores") not in problems  # foo stores 128
     assert any(kind == "vector" and "no 128-bit global loads" in p for kind, p in problems)
-    assert any(kind == "local" and "local memory (1 LDL, 1 STL, 16 bytes)" in p
-               for kind, p in problems)
+    assert any(
+        kind == "local" and "local memory (1 LDL, 1 STL, 16 bytes)" in p for kind, p in problems
+    )
     assert [p for kind, p in problems if kind == "registers"] == [
-        f"{rows[1][0]}: 72 registers, more than {sass_report.MAX_REGISTERS}"]
+        f"{rows[1][0]}: 72 registers, more than {sass_report.MAX_REGISTERS}"
+    ]
 
 
 def test_unaligned_and_mask_kernels_need_no_vector_accesses():
     assert sass_report.is_aligned_elementwise(
-        "void fastreg::device::dropout_kernel<8, X, Y, fastreg::device::ScaleEpilogue<c10::Half, true> >()")
+        "void fastreg::device::dropout_kernel<8, X, Y, fastreg::device::ScaleEpilogue<c10::Half, true> >()"
+    )
     assert not sass_report.is_aligned_elementwise(
-        "void fastreg::device::dropout_kernel<8, X, Y, fastreg::device::ScaleEpilogue<c10::Half, false> >()")
+        "void fastreg::device::dropout_kernel<8, X, Y, fastreg::device::ScaleEpilogue<c10::Half, false> >()"
+    )
     assert not sass_report.is_aligned_elementwise(
-        "void fastreg::device::dropout_kernel<4, X, Y, fastreg::device::NoEpilogue>()")
+        "void fastreg::device::dropout_kernel<4, X, Y, fastreg::device::NoEpilogue>()"
+    )
     assert sass_report.is_aligned_elementwise(
         "void fastreg::device::dropout_kernel<4, X, Y, fastreg::device::BackwardEpilogue<float, "
-        "(fastreg::Activation)2> >()")
+        "(fastreg::Activation)2> >()"
+    )
 
 
 needs_build = pytest.mark.skipif(
     not fastreg.info()["cuda_kernels"] or sass_report.find_cuobjdump() is None,
-    reason="needs an extension built with CUDA kernels, and cuobjdump")
+    reason="needs an extension built with CUDA kernels, and cuobjdump",
+)
 
 
 @needs_build

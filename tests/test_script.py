@@ -11,15 +11,17 @@ import warnings
 
 import pytest
 import torch
+from conftest import MASK_MODES, requires_extension
 from torch import nn
 
 import fastreg
 from fastreg import _ops
-from conftest import MASK_MODES, requires_extension
 
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning",
-                                        "ignore:`torch.jit.save` is deprecated:FutureWarning",
-                                        "ignore:`torch.jit.load` is deprecated:FutureWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script` is deprecated:FutureWarning",
+    "ignore:`torch.jit.save` is deprecated:FutureWarning",
+    "ignore:`torch.jit.load` is deprecated:FutureWarning",
+)
 
 CLASSES = {  # class: an input shape with a batch dimension
     fastreg.Dropout: (6, 10),
@@ -78,9 +80,15 @@ def test_each_class_scripts_and_matches_eager(cls, mode):
 def test_a_model_scripts_saves_loads_and_trains_as_eager():
     def make():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), fastreg.Dropout2d(0.2),
-                             nn.Flatten(), nn.Linear(4 * 5 * 5, 16), nn.ReLU(),
-                             fastreg.Dropout(0.5, mask="recompute"), nn.Linear(16, 2))
+        return nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            fastreg.Dropout2d(0.2),
+            nn.Flatten(),
+            nn.Linear(4 * 5 * 5, 16),
+            nn.ReLU(),
+            fastreg.Dropout(0.5, mask="recompute"),
+            nn.Linear(16, 2),
+        )
 
     eager, scripted = make(), script(make())
     x = torch.randn(3, 3, 5, 5, generator=torch.Generator().manual_seed(1))
@@ -135,8 +143,11 @@ def test_scripted_errors_name_the_python_error():
     """Inside TorchScript errors arrive as torch.jit.Error whose message carries the
     Python error's type and fastreg's message."""
     scripted = script(fastreg.Dropout(0.5))
-    with pytest.raises(torch.jit.Error, match="TypeError: dropout\\(\\): input must be float16, "
-                                              "bfloat16, float32 or float64, but got torch.int64"):
+    with pytest.raises(
+        torch.jit.Error,
+        match="TypeError: dropout\\(\\): input must be float16, "
+        "bfloat16, float32 or float64, but got torch.int64",
+    ):
         scripted(torch.ones(3, dtype=torch.int64))
     leaf = torch.randn(3, requires_grad=True)
     with pytest.raises(torch.jit.Error, match="RuntimeError: dropout\\(\\): a leaf Variable"):
@@ -159,8 +170,9 @@ def test_scripted_p_one_draws_nothing():
     assert torch.equal(x.grad, torch.zeros(10))
 
 
-@pytest.mark.parametrize("cls", [fastreg.Penalty, fastreg.L1Penalty, fastreg.L2Penalty],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [fastreg.Penalty, fastreg.L1Penalty, fastreg.L2Penalty], ids=lambda c: c.__name__
+)
 def test_a_model_holding_a_penalty_module_scripts(cls):
     """A penalty's forward takes a Module or an iterable of tensors, which TorchScript cannot
     pass: it is left uncompiled (torch.jit.unused), so that a model holding a penalty module
@@ -196,17 +208,21 @@ def test_a_model_scripted_with_the_extension_needs_it_to_load(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(scripted, str(path))
-    code = ("import warnings, torch, fastreg; warnings.simplefilter('ignore')\n"
-            f"torch.jit.load({str(path)!r})\n")
+    code = (
+        "import warnings, torch, fastreg; warnings.simplefilter('ignore')\n"
+        f"torch.jit.load({str(path)!r})\n"
+    )
     env = dict(os.environ, FASTREG_BACKEND="reference")
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode != 0
     assert "fastreg::dropout_fwd" in result.stderr, result.stderr[-2000:]
 
 
 def test_backend_choice_is_the_eager_one():
     from fastreg import _modules
+
     assert _modules.has_kernels(torch.device("cpu")) == _ops.has_kernels("cpu")
     if torch.cuda.is_available():
         assert _modules.has_kernels(torch.device("cuda")) == _ops.has_kernels("cuda")
@@ -215,6 +231,7 @@ def test_backend_choice_is_the_eager_one():
 def test_a_forward_calling_the_functions_does_not_script():
     """The functions take keyword-only arguments with defaults, which TorchScript cannot
     compile (docs/torchscript.md, "The functions")."""
+
     class Net(nn.Module):
         def forward(self, x):
             return fastreg.dropout(x, 0.5)

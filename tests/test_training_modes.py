@@ -7,19 +7,21 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from all_ops_model import AllOps, batch, loss_fn, train
+from conftest import MASK_MODES, requires_cuda, requires_extension
 from torch import nn
 
 import fastreg
-from all_ops_model import AllOps, batch, loss_fn, train
-from conftest import MASK_MODES, requires_cuda, requires_extension
 
 P = 0.3
 
-AUTOCAST = [("cpu", torch.bfloat16)] + ([("cuda", torch.float16), ("cuda", torch.bfloat16)]
-                                        if torch.cuda.is_available() else [])
+AUTOCAST = [("cpu", torch.bfloat16)] + (
+    [("cuda", torch.float16), ("cuda", torch.bfloat16)] if torch.cuda.is_available() else []
+)
 
 
 # ---- autocast ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("device,dtype", AUTOCAST)
 def test_autocast_keeps_the_dtype_rules_of_native_dropout(device, dtype):
@@ -38,10 +40,14 @@ def test_autocast_keeps_the_dtype_rules_of_native_dropout(device, dtype):
         cases = {
             "dropout": (fastreg.dropout(h, P, seed=1), F.dropout(h, P)),
             "dropout float32": (fastreg.dropout(x, P, seed=1), F.dropout(x, P)),
-            "bias_dropout_add": (fastreg.bias_dropout_add(h, bias, residual, P, seed=1),
-                                 residual + F.dropout(h + bias, P)),
-            "bias_act_dropout": (fastreg.bias_act_dropout(h, bias, P, "gelu", seed=1),
-                                 F.dropout(F.gelu(h + bias), P)),
+            "bias_dropout_add": (
+                fastreg.bias_dropout_add(h, bias, residual, P, seed=1),
+                residual + F.dropout(h + bias, P),
+            ),
+            "bias_act_dropout": (
+                fastreg.bias_act_dropout(h, bias, P, "gelu", seed=1),
+                F.dropout(F.gelu(h + bias), P),
+            ),
             "dropout2d": (fastreg.dropout2d(c, P, seed=1), F.dropout2d(c, P)),
         }
     assert h.dtype == c.dtype == dtype
@@ -78,6 +84,7 @@ def test_model_trains_under_autocast(device, dtype):
 
 # ---- deterministic algorithms --------------------------------------------------
 
+
 @contextlib.contextmanager
 def deterministic_algorithms():
     enabled = torch.are_deterministic_algorithms_enabled()
@@ -96,8 +103,9 @@ def cublas_workspace(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", MASK_MODES)
-def test_training_runs_and_repeats_bitwise_under_deterministic_algorithms(device, mode,
-                                                                          cublas_workspace):
+def test_training_runs_and_repeats_bitwise_under_deterministic_algorithms(
+    device, mode, cublas_workspace
+):
     """Three SGD steps run with torch.use_deterministic_algorithms(True) (which also fills
     new tensors with NaN, so a kernel reading memory it did not write would show) and
     give the same bits twice; on the CPU also the bits of a run without the setting."""
@@ -109,10 +117,11 @@ def test_training_runs_and_repeats_bitwise_under_deterministic_algorithms(device
         runs += [train(m, 3, seed=5, device=device) for m in copies[1:]]
     # CUDA's own conv backward is not deterministic without the setting
     first = 1 if device == "cuda" else 0
-    for run, other in zip(runs[first + 1:], copies[first + 1:]):
+    for run, other in zip(runs[first + 1 :], copies[first + 1 :]):
         assert all(torch.equal(a, b) for a, b in zip(runs[first], run))
-        assert all(torch.equal(a, b) for a, b in zip(copies[first].parameters(),
-                                                     other.parameters()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(copies[first].parameters(), other.parameters())
+        )
 
 
 def test_in_place_penalty_steps_repeat_bitwise_under_deterministic_algorithms(device):
@@ -141,9 +150,11 @@ def test_mask_buffers_are_fully_written(device, mode, op):
     bias, residual = torch.randn(7, device=device), torch.randn(149, 7, device=device)
     state = torch.tensor([12, 34], device=device)
     ops = torch.ops.fastreg
-    run = {"dropout": lambda: ops.dropout_fwd(x, P, state, mode),
-           "bias_dropout_add": lambda: ops.bias_dropout_add_fwd(x, bias, residual, P, state, mode),
-           "bias_act_dropout": lambda: ops.bias_act_dropout_fwd(x, bias, P, "gelu", state, mode)}[op]
+    run = {
+        "dropout": lambda: ops.dropout_fwd(x, P, state, mode),
+        "bias_dropout_add": lambda: ops.bias_dropout_add_fwd(x, bias, residual, P, state, mode),
+        "bias_act_dropout": lambda: ops.bias_act_dropout_fwd(x, bias, P, "gelu", state, mode),
+    }[op]
     with deterministic_algorithms():
         out, mask = run()
     out_plain, mask_plain = run()
@@ -151,6 +162,7 @@ def test_mask_buffers_are_fully_written(device, mode, op):
 
 
 # ---- CUDA graphs ---------------------------------------------------------------
+
 
 @requires_cuda
 @pytest.mark.parametrize("mode", MASK_MODES)
@@ -165,7 +177,8 @@ def test_cuda_graph_training_step_replays_with_fresh_masks(mode):
     outputs = {}
     for name in ("drop", "drop2d"):
         getattr(model, name).register_forward_hook(
-            lambda module, args, out, name=name: outputs.__setitem__(name, out))
+            lambda module, args, out, name=name: outputs.__setitem__(name, out)
+        )
 
     def step():
         loss = loss_fn(model, static_x, static_y)

@@ -46,6 +46,7 @@ def all_equal(tensor):
 
 # ---- DDP ----------------------------------------------------------------------------
 
+
 def ddp(rank, world):
     """A few DDP steps with fastreg.Dropout and fastreg.penalty in the loss, ranks seeded
     apart: the replicas stay bitwise identical, and each rank drew its own masks, the
@@ -79,14 +80,16 @@ def ddp(rank, world):
         g.set_state(state)
         seed, offset = _rng.rng_state("cpu", generator=g).tolist()
         keep = fastreg.dropout_mask(out.shape, P, seed, offset)  # kept: scaled by 2, exactly
-        assert torch.equal(out, torch.where(keep, input * 2.0, 0.0)), \
+        assert torch.equal(out, torch.where(keep, input * 2.0, 0.0)), (
             "a mask is not the one the rank's RNG state gives"
+        )
         keeps.append(keep)
     masks = gather(torch.stack(keeps).to(torch.uint8))
     assert not torch.equal(masks[0], masks[1]), "ranks seeded apart drew the same masks"
 
 
 # ---- generators per tensor-parallel group ---------------------------------------------
+
 
 def generators(rank, world):
     """Ranks of a TP group holding the same activations: modules with generators seeded
@@ -111,6 +114,7 @@ def generators(rank, world):
 
 # ---- FSDP2 ------------------------------------------------------------------------------
 
+
 def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard
@@ -129,6 +133,7 @@ def _dtensor_api():
         from torch.distributed._tensor import DTensor, Replicate, Shard
         from torch.distributed._tensor.placement_types import Partial
     from torch.distributed.device_mesh import init_device_mesh
+
     return DTensor, Partial, Replicate, Shard, init_device_mesh
 
 
@@ -170,9 +175,13 @@ def placements(rank, world):
     ref_w, ref_b = w.clone().requires_grad_(), b.clone().requires_grad_()
     fastreg.penalty([ref_w, ref_b], L1, L2).backward()
     expected = oracle64([w, b], L1, L2)
-    layouts = [((world,), [Replicate()]), ((world,), [Shard(1)]),
-               ((world, 1), [Replicate(), Shard(0)]), ((1, world), [Replicate(), Shard(0)]),
-               ((world, 1), [Shard(0), Shard(1)])]
+    layouts = [
+        ((world,), [Replicate()]),
+        ((world,), [Shard(1)]),
+        ((world, 1), [Replicate(), Shard(0)]),
+        ((1, world), [Replicate(), Shard(0)]),
+        ((world, 1), [Shard(0), Shard(1)]),
+    ]
     for shape, where in layouts:
         mesh = init_device_mesh("cpu", shape)
         dw = nn.Parameter(distribute_tensor(w, mesh, where))
@@ -205,16 +214,18 @@ def fsdp(rank, world):
             raise Skip(f"torch {torch.__version__}'s fully_shard needs CUDA ({error})") from None
     torch.manual_seed(0)
     # Uneven dim 0 everywhere; the last layer's shards are empty on rank 1.
-    model = nn.Sequential(nn.Linear(6, 10), fastreg.Dropout(0.25), nn.ReLU(), nn.Linear(10, 5),
-                          nn.Linear(5, 1))
+    model = nn.Sequential(
+        nn.Linear(6, 10), fastreg.Dropout(0.25), nn.ReLU(), nn.Linear(10, 5), nn.Linear(5, 1)
+    )
     ref = copy.deepcopy(model)  # the unsharded model, same weights
     try:
         fully_shard(model[0], mesh=mesh)
         fully_shard(model[3], mesh=mesh)
         fully_shard(model, mesh=mesh)  # the root holds model[4]
-    except Exception as error:  # noqa: BLE001: what this torch cannot do, named in the skip
-        raise Skip(f"fully_shard on a CPU mesh with gloo fails on torch {torch.__version__}: "
-                   f"{error!r}") from None
+    except Exception as error:  # noqa: BLE001 (what this torch cannot do, named in the skip)
+        raise Skip(
+            f"fully_shard on a CPU mesh with gloo fails on torch {torch.__version__}: {error!r}"
+        ) from None
     shards = dict(model.named_parameters())
     full = dict(ref.named_parameters())
 
@@ -229,20 +240,28 @@ def fsdp(rank, world):
     assert shards["4.weight"].to_local().numel() == (0 if rank else 5)
 
     def oracle(l1, l2, names=None):
-        return oracle64([w for name, w in full.items() if names is None or name in names],
-                        l1, l2)
+        return oracle64([w for name, w in full.items() if names is None or name in names], l1, l2)
 
     weights = ["0.weight", "3.weight", "4.weight"]
-    cases = [("penalty", lambda m: fastreg.penalty(m, L1, L2), oracle(L1, L2)),
-             ("l1_penalty", lambda m: fastreg.l1_penalty(m, L1), oracle(L1, 0.0)),
-             ("l2_penalty", lambda m: fastreg.l2_penalty(m, L2), oracle(0.0, L2)),
-             ("Penalty", fastreg.Penalty(L1, L2), oracle(L1, L2)),
-             ("L2Penalty bias_and_norm", fastreg.L2Penalty(L2, exclude="bias_and_norm"),
-              oracle(0.0, L2, weights)),
-             ("groups", lambda m: fastreg.penalty([{"params": [m[0].weight], "l1": L1},
-                                                   {"params": [m[4].bias], "l2": L2}]),
-              oracle(L1, 0.0, ["0.weight"]) + oracle(0.0, L2, ["4.bias"])),
-             ("reference", lambda m: fastreg.reference.penalty(m, L1, L2), oracle(L1, L2))]
+    cases = [
+        ("penalty", lambda m: fastreg.penalty(m, L1, L2), oracle(L1, L2)),
+        ("l1_penalty", lambda m: fastreg.l1_penalty(m, L1), oracle(L1, 0.0)),
+        ("l2_penalty", lambda m: fastreg.l2_penalty(m, L2), oracle(0.0, L2)),
+        ("Penalty", fastreg.Penalty(L1, L2), oracle(L1, L2)),
+        (
+            "L2Penalty bias_and_norm",
+            fastreg.L2Penalty(L2, exclude="bias_and_norm"),
+            oracle(0.0, L2, weights),
+        ),
+        (
+            "groups",
+            lambda m: fastreg.penalty(
+                [{"params": [m[0].weight], "l1": L1}, {"params": [m[4].bias], "l2": L2}]
+            ),
+            oracle(L1, 0.0, ["0.weight"]) + oracle(0.0, L2, ["4.bias"]),
+        ),
+        ("reference", lambda m: fastreg.reference.penalty(m, L1, L2), oracle(L1, L2)),
+    ]
     for what, function, expected in cases:
         check_value(function(model), expected, what)
 
@@ -327,23 +346,38 @@ def fsdp(rank, world):
 
     # Errors name the argument.
     other_mesh = init_device_mesh("cpu", (1, world))
-    elsewhere = DTensor.from_local(torch.ones(3), other_mesh, [Replicate(), Shard(0)],
-                                   run_check=False)
-    expect_error(RuntimeError, "penalty(): all DTensors must be on one device mesh, but params[0] "
-                 "is on", lambda: fastreg.penalty([shards["3.weight"], elsewhere], l2=1.0))
-    expect_error(RuntimeError, "and params[1] on", lambda: fastreg.l2_penalty(
-        [shards["3.weight"], elsewhere]))
+    elsewhere = DTensor.from_local(
+        torch.ones(3), other_mesh, [Replicate(), Shard(0)], run_check=False
+    )
+    expect_error(
+        RuntimeError,
+        "penalty(): all DTensors must be on one device mesh, but params[0] is on",
+        lambda: fastreg.penalty([shards["3.weight"], elsewhere], l2=1.0),
+    )
+    expect_error(
+        RuntimeError,
+        "and params[1] on",
+        lambda: fastreg.l2_penalty([shards["3.weight"], elsewhere]),
+    )
     pending = DTensor.from_local(torch.ones(3), mesh, [Partial()], run_check=False)
-    for function in (lambda: fastreg.penalty([shards["3.weight"], pending], l1=1.0),
-                     lambda: fastreg.penalty_grad_([pending], l2=1.0),
-                     lambda: fastreg.prox_l1_([pending], 0.1)):
+    for function in (
+        lambda: fastreg.penalty([shards["3.weight"], pending], l1=1.0),
+        lambda: fastreg.penalty_grad_([pending], l2=1.0),
+        lambda: fastreg.prox_l1_([pending], 0.1),
+    ):
         expect_error(TypeError, "params[", function)
-    expect_error(TypeError, "must be a DTensor placed by Shard or Replicate, but mesh dimension "
-                 "0 has", lambda: fastreg.prox_l1_(pending, 0.1))
+    expect_error(
+        TypeError,
+        "must be a DTensor placed by Shard or Replicate, but mesh dimension 0 has",
+        lambda: fastreg.prox_l1_(pending, 0.1),
+    )
     weight = nn.Parameter(DTensor.from_local(torch.ones(2, 3), mesh, [Shard(0)], run_check=False))
     weight.grad = DTensor.from_local(torch.ones(4, 3), mesh, [Replicate()], run_check=False)
-    expect_error(RuntimeError, "penalty_grad_(): a gradient must be placed as its parameter",
-                 lambda: fastreg.penalty_grad_([weight], l2=1.0))
+    expect_error(
+        RuntimeError,
+        "penalty_grad_(): a gradient must be placed as its parameter",
+        lambda: fastreg.penalty_grad_([weight], l2=1.0),
+    )
 
 
 def expect_error(kind, text, function):
@@ -360,8 +394,9 @@ SCENARIOS = {"ddp": ddp, "generators": generators, "fsdp": fsdp, "placements": p
 
 def main():
     names, rank, world, port = sys.argv[1].split(","), *map(int, sys.argv[2:])
-    assert Path(fastreg.__file__).resolve().parent == ROOT / "fastreg", \
+    assert Path(fastreg.__file__).resolve().parent == ROOT / "fastreg", (
         f"imported {fastreg.__file__}, not the fastreg of {ROOT}"
+    )
     if not dist.is_available() or not dist.is_gloo_available():
         for name in names:
             print(f"{name}: SKIP: torch has no torch.distributed with gloo", flush=True)

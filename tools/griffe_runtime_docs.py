@@ -24,14 +24,19 @@ class RuntimeDocstrings(griffe.Extension):
             if not path.startswith(pkg.path + "."):
                 continue
             module_path, name = path.rsplit(".", 1)
-            module = pkg.get_member(module_path[len(pkg.path) + 1:]) if module_path != pkg.path else pkg
+            module = (
+                pkg.get_member(module_path[len(pkg.path) + 1 :]) if module_path != pkg.path else pkg
+            )
             # griffe imports with sys.path replaced by import_paths: the package's folder,
             # then this interpreter's path (where torch is)
             root = module.filepath.parents[len(module_path.split(".")) - 1]
-            inspected = griffe.inspect(module_path, filepath=module.filepath,
-                                       import_paths=[str(root), *sys.path],
-                                       docstring_parser=loader.docstring_parser,
-                                       docstring_options=loader.docstring_options)
+            inspected = griffe.inspect(
+                module_path,
+                filepath=module.filepath,
+                import_paths=[str(root), *sys.path],
+                docstring_parser=loader.docstring_parser,
+                docstring_options=loader.docstring_options,
+            )
             if not inspected[name].docstring:
                 raise ValueError(f"{path}: no docstring at run time either")
             module.set_member(name, inspected[name])

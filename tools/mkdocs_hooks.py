@@ -40,12 +40,17 @@ def _rewrite(text, page, config):
             return match.group(0)  # within docs/: mkdocs checks it
         rel = os.path.relpath(full, root)
         if rel.startswith(".."):
-            log.warning("%s: the link '%s' points outside the repository", page.file.src_path,
-                        target)
+            log.warning(
+                "%s: the link '%s' points outside the repository", page.file.src_path, target
+            )
             return match.group(0)
         if not os.path.exists(full):
-            log.warning("%s: the link '%s' points to '%s', which is not in the repository",
-                        page.file.src_path, target, rel)
+            log.warning(
+                "%s: the link '%s' points to '%s', which is not in the repository",
+                page.file.src_path,
+                target,
+                rel,
+            )
             return match.group(0)
         repo_url = config.get("repo_url")
         if repo_url:
@@ -69,7 +74,7 @@ def _rewrite(text, page, config):
             continue
         pieces, last = [], 0
         for span in CODE_SPAN.finditer(line):
-            pieces.append(LINK.sub(link, line[last:span.start()]))
+            pieces.append(LINK.sub(link, line[last : span.start()]))
             pieces.append(span.group(0))
             last = span.end()
         pieces.append(LINK.sub(link, line[last:]))

@@ -42,8 +42,9 @@ def find_cuobjdump():
     try:
         import triton
 
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
-                                       "bin", "cuobjdump"))
+        candidates.append(
+            os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        )
     except ImportError:
         pass
     for path in candidates:
@@ -56,8 +57,9 @@ def demangle(names):
     if not names:
         return {}
     try:
-        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
-                             check=True).stdout.splitlines()
+        out = subprocess.run(
+            ["c++filt"], input="\n".join(names), capture_output=True, text=True, check=True
+        ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return {n: n for n in names}
     return dict(zip(names, out))
@@ -99,9 +101,12 @@ def parse_sass(text):
 
 def memory_ops(counter):
     """(128-bit global loads, 128-bit global stores, local loads, local stores)."""
+
     def total(prefix, wide):
-        return sum(n for op, n in counter.items()
-                   if op.startswith(prefix) and (not wide or ".128" in op))
+        return sum(
+            n for op, n in counter.items() if op.startswith(prefix) and (not wide or ".128" in op)
+        )
+
     return total("LDG", True), total("STG", True), total("LDL", False), total("STL", False)
 
 
@@ -109,8 +114,11 @@ def is_aligned_elementwise(demangled):
     """An aligned dropout kernel, or a fused one (whose vector path is chosen at run time)."""
     if "dropout_kernel<" not in demangled:
         return False
-    return ("ScaleEpilogue<" in demangled and re.search(r"ScaleEpilogue<[^<>]*, true>", demangled)) \
-        or "ForwardEpilogue<" in demangled or "BackwardEpilogue<" in demangled
+    return (
+        ("ScaleEpilogue<" in demangled and re.search(r"ScaleEpilogue<[^<>]*, true>", demangled))
+        or "ForwardEpilogue<" in demangled
+        or "BackwardEpilogue<" in demangled
+    )
 
 
 def family(demangled):
@@ -134,10 +142,13 @@ def check(usage, sass, names):
         short = family(demangled)
         rows.append((short, regs, local, ldg128, stg128, ldl, stl))
         if is_aligned_elementwise(demangled) and (ldg128 == 0 or stg128 == 0):
-            problems.append(("vector", f"{short}: no 128-bit global "
-                                       f"{'loads' if ldg128 == 0 else 'stores'}"))
+            problems.append(
+                ("vector", f"{short}: no 128-bit global {'loads' if ldg128 == 0 else 'stores'}")
+            )
         if ldl or stl or local:
-            problems.append(("local", f"{short}: local memory ({ldl} LDL, {stl} STL, {local} bytes)"))
+            problems.append(
+                ("local", f"{short}: local memory ({ldl} LDL, {stl} STL, {local} bytes)")
+            )
         if regs > MAX_REGISTERS:
             problems.append(("registers", f"{short}: {regs} registers, more than {MAX_REGISTERS}"))
     return rows, problems
@@ -169,8 +180,13 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("library", nargs="?", help="the extension (default: fastreg/_C*.so)")
     parser.add_argument("--all", action="store_true", help="a line for every kernel")
-    parser.add_argument("--allow", nargs="*", default=[], choices=("vector", "local", "registers"),
-                        help="report these checks' failures without failing")
+    parser.add_argument(
+        "--allow",
+        nargs="*",
+        default=[],
+        choices=("vector", "local", "registers"),
+        help="report these checks' failures without failing",
+    )
     args = parser.parse_args(argv)
     library = args.library or default_library()
     result = analyse(library)
@@ -185,9 +201,11 @@ def main(argv=None):
         print(f"{short[:width]:<{width}}  {regs:4}  {local:5}  {ldg:7}  {stg:7}  {ldl:3}  {stl:3}")
     regs = [r[1] for r in rows]
     size_mb = os.path.getsize(library) / 1e6  # MB, as README and benchmarks/compile_times.py
-    print(f"sass report: {len(rows)} fastreg kernels, {min(regs)}-{max(regs)} registers, "
-          f"{sum(1 for r in rows if r[5] or r[6])} with local memory, extension {size_mb:.1f} MB"
-          + ("" if args.all else f" ({len(shown)} of {len(rows)} shown; --all for every one)"))
+    print(
+        f"sass report: {len(rows)} fastreg kernels, {min(regs)}-{max(regs)} registers, "
+        f"{sum(1 for r in rows if r[5] or r[6])} with local memory, extension {size_mb:.1f} MB"
+        + ("" if args.all else f" ({len(shown)} of {len(rows)} shown; --all for every one)")
+    )
     failed = False
     for kind, problem in problems:
         allowed = kind in args.allow

@@ -28,8 +28,16 @@ import torch
 import torch.nn.functional as F
 
 import fastreg
-from fastreg.bench.grid import (COMPILE_IMPL, DTYPES, FUSED_WIDTH, HOST_PROX_THRESHOLD,
-                                HOST_SETS, HOST_TENSOR_NUMEL, PARAM_SETS, Settings)
+from fastreg.bench.grid import (
+    COMPILE_IMPL,
+    DTYPES,
+    FUSED_WIDTH,
+    HOST_PROX_THRESHOLD,
+    HOST_SETS,
+    HOST_TENSOR_NUMEL,
+    PARAM_SETS,
+    Settings,
+)
 
 PENALTY_UNAVAILABLE = "penalty: not available in this build"
 FUSED_UNAVAILABLE = "fused: not available in this build"
@@ -38,11 +46,12 @@ FUSED_UNAVAILABLE = "fused: not available in this build"
 @dataclasses.dataclass
 class Prepared:
     """One case, ready: `fn()` is what is timed."""
+
     fn: object = None
-    bytes: int = 0                  # bytes the op must move per call
-    saved_per_elem: float = None    # bytes autograd keeps for backward, per element
-    rel_err: float = None           # penalty: relative error against float64
-    note: str = None                # why there is no fn
+    bytes: int = 0  # bytes the op must move per call
+    saved_per_elem: float = None  # bytes autograd keeps for backward, per element
+    rel_err: float = None  # penalty: relative error against float64
+    note: str = None  # why there is no fn
 
 
 def penalty_api():
@@ -109,12 +118,16 @@ def fused_impl(impl, op, p):
     """The function (x, bias, residual) -> output of `impl` for a fused op, or a note (str)
     when this build has no such op."""
     if op == "bias_dropout_add":
+
         def native(x, b, r):
             return r + F.dropout(x + b, p, training=True)
+
         name = "bias_dropout_add"
     else:
+
         def native(x, b, r):
             return F.dropout(F.gelu(x + b), p, training=True)
+
         name = "bias_act_dropout"
     if impl == "native":
         return native
@@ -235,8 +248,11 @@ def _prepare_fused(case, device, settings):
         r, inputs, tensors = None, (x, b), 5  # x, out; grad, x again, grad of x
     _, kept = saved_bytes(lambda: f(x, b, r), exclude=inputs)
     n_bytes = tensors * case.numel * x.element_size() + 2 * (case.numel // 8)
-    return Prepared(fn=lambda: torch.autograd.grad(f(x, b, r), inputs, g), bytes=n_bytes,
-                    saved_per_elem=kept / case.numel)
+    return Prepared(
+        fn=lambda: torch.autograd.grad(f(x, b, r), inputs, g),
+        bytes=n_bytes,
+        saved_per_elem=kept / case.numel,
+    )
 
 
 def make_params(name, dtype, device, requires_grad=True, seed=0):
@@ -278,19 +294,27 @@ def _prepare_penalty(case, device, settings):
         def fn():
             with no_grad():
                 return f(params)
+
         return Prepared(fn=fn, bytes=numel * size, rel_err=_rel_err(value, ref_value))
     if case.op == "penalty_fwdbwd":
         value, kept = saved_bytes(lambda: f(params), exclude=params)
-        return Prepared(fn=lambda: torch.autograd.grad(f(params), params), bytes=3 * numel * size,
-                        saved_per_elem=kept / numel, rel_err=_rel_err(value, ref_value))
+        return Prepared(
+            fn=lambda: torch.autograd.grad(f(params), params),
+            bytes=3 * numel * size,
+            saved_per_elem=kept / numel,
+            rel_err=_rel_err(value, ref_value),
+        )
     for w in params:
         w.grad = torch.zeros_like(w)
     with torch.no_grad():
         f(params)
     diff = sum((w.grad.double() - r).square().sum().item() for w, r in zip(params, ref_grads))
     norm = sum(r.square().sum().item() for r in ref_grads)
-    return Prepared(fn=lambda: f(params), bytes=3 * numel * size,
-                    rel_err=math.sqrt(diff / norm) if norm else math.sqrt(diff))
+    return Prepared(
+        fn=lambda: f(params),
+        bytes=3 * numel * size,
+        rel_err=math.sqrt(diff / norm) if norm else math.sqrt(diff),
+    )
 
 
 def _call_with_graph_alive(fn, forward_graph):
@@ -301,8 +325,10 @@ def _call_with_graph_alive(fn, forward_graph):
 def _prepare_host(case, settings):
     """Tiny float32 CPU tensors: the time per call is the work around the kernels."""
     gen = _generator("cpu")
-    params = [torch.randn(HOST_TENSOR_NUMEL, generator=gen).requires_grad_()
-              for _ in range(HOST_SETS[case.params])]
+    params = [
+        torch.randn(HOST_TENSOR_NUMEL, generator=gen).requires_grad_()
+        for _ in range(HOST_SETS[case.params])
+    ]
     l1, l2, impl = settings.l1, settings.l2, case.impl
     if case.op in ("host_penalty", "host_penalty_step"):
         if impl == "loop":
@@ -313,8 +339,9 @@ def _prepare_host(case, settings):
             fn = lambda: torch.cat(params)  # noqa: E731
         else:  # fastreg:Penalty, called on a module that holds the tensors
             module = torch.nn.Module()
-            module.params = torch.nn.ParameterList(torch.nn.Parameter(w.detach().clone())
-                                                   for w in params)
+            module.params = torch.nn.ParameterList(
+                torch.nn.Parameter(w.detach().clone()) for w in params
+            )
             params = list(module.parameters())
             penalty_module = fastreg.Penalty(l1=l1, l2=l2)
             fn = lambda: penalty_module(module)  # noqa: E731
@@ -328,23 +355,30 @@ def _prepare_host(case, settings):
         w.grad = torch.zeros_like(w)
     no_grad = torch.no_grad
     if case.op == "host_penalty_grad":
-        grad_ = penalty_grad_loop if impl == "loop" else (
-            lambda ps, a, b: fastreg.penalty_grad_(ps, l1=a, l2=b))
+        grad_ = (
+            penalty_grad_loop
+            if impl == "loop"
+            else (lambda ps, a, b: fastreg.penalty_grad_(ps, l1=a, l2=b))
+        )
 
         def fn():
             with no_grad():
                 grad_(params, l1, l2)
+
         return Prepared(fn=fn)
     threshold = HOST_PROX_THRESHOLD
     if impl == "loop":
+
         def fn():
             with no_grad():
                 for w in params:
                     w.copy_(F.softshrink(w, threshold))
     else:
+
         def fn():
             with no_grad():
                 fastreg.prox_l1_(params, threshold)
+
     return Prepared(fn=fn)
 
 

@@ -30,22 +30,39 @@ import re
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16",
-                 "fp16": "float16", "half": "float16"}
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 DROPOUT_OPS = ("dropout_fwd", "dropout_bwd", "dropout_fwdbwd")
 FUSED_OPS = ("bias_dropout_add", "bias_gelu_dropout")
 PENALTY_OPS = ("penalty_value", "penalty_fwdbwd", "penalty_grad")
 HOST_OPS = ("host_penalty", "host_penalty_step", "host_penalty_grad", "host_prox_l1")
 OPS = DROPOUT_OPS + FUSED_OPS + PENALTY_OPS + HOST_OPS
-FAMILY = {**{op: "dropout" for op in DROPOUT_OPS}, **{op: "fused" for op in FUSED_OPS},
-          **{op: "penalty" for op in PENALTY_OPS}, **{op: "host" for op in HOST_OPS}}
-OP_LABELS = {"dropout_fwd": "forward", "dropout_bwd": "backward", "dropout_fwdbwd": "fwd+bwd",
-             "bias_dropout_add": "bias+dropout+add", "bias_gelu_dropout": "bias+gelu+dropout",
-             "penalty_value": "value", "penalty_fwdbwd": "fwd+bwd", "penalty_grad": "grad_",
-             "host_penalty": "penalty", "host_penalty_step": "penalty in step",
-             "host_penalty_grad": "penalty_grad_",
-             "host_prox_l1": "prox_l1_"}
+FAMILY = {
+    **{op: "dropout" for op in DROPOUT_OPS},
+    **{op: "fused" for op in FUSED_OPS},
+    **{op: "penalty" for op in PENALTY_OPS},
+    **{op: "host" for op in HOST_OPS},
+}
+OP_LABELS = {
+    "dropout_fwd": "forward",
+    "dropout_bwd": "backward",
+    "dropout_fwdbwd": "fwd+bwd",
+    "bias_dropout_add": "bias+dropout+add",
+    "bias_gelu_dropout": "bias+gelu+dropout",
+    "penalty_value": "value",
+    "penalty_fwdbwd": "fwd+bwd",
+    "penalty_grad": "grad_",
+    "host_penalty": "penalty",
+    "host_penalty_step": "penalty in step",
+    "host_penalty_grad": "penalty_grad_",
+    "host_prox_l1": "prox_l1_",
+}
 
 # The impls of each family, the baseline (the speedup's reference) first.
 DROPOUT_IMPLS = ("native", "fastreg:bits", "fastreg:bool", "fastreg:recompute")
@@ -55,16 +72,19 @@ PENALTY_IMPLS = ("loop", "foreach", "fastreg")
 # torch.cat is torch.cat(list), torch's own operator over a tensor list with autograd: for
 # scale, the autograd work (an edge to each tensor's AccumulateGrad node, made anew when no
 # graph holds it) that any such operator pays.
-HOST_IMPLS = {"host_penalty": ("loop", "fastreg", "fastreg:Penalty", "torch.cat"),
-              "host_penalty_step": ("loop", "fastreg", "fastreg:Penalty", "torch.cat"),
-              "host_penalty_grad": ("loop", "fastreg"), "host_prox_l1": ("loop", "fastreg")}
+HOST_IMPLS = {
+    "host_penalty": ("loop", "fastreg", "fastreg:Penalty", "torch.cat"),
+    "host_penalty_step": ("loop", "fastreg", "fastreg:Penalty", "torch.cat"),
+    "host_penalty_grad": ("loop", "fastreg"),
+    "host_prox_l1": ("loop", "fastreg"),
+}
 COMPILE_IMPL = "compile"
 BASELINE = {"dropout": "native", "fused": "native", "penalty": "loop", "host": "loop"}
 FUSED_WIDTH = 1024  # the last dimension of the fused ops' input (the bias' length)
 
-GPU_SIZES = tuple(2 ** k for k in range(16, 29, 2))
-CPU_SIZES = tuple(2 ** k for k in range(16, 25, 2))
-QUICK_SIZES = {"cpu": (2 ** 16, 2 ** 20), "cuda": (2 ** 16, 2 ** 20, 2 ** 24)}
+GPU_SIZES = tuple(2**k for k in range(16, 29, 2))
+CPU_SIZES = tuple(2**k for k in range(16, 25, 2))
+QUICK_SIZES = {"cpu": (2**16, 2**20), "cuda": (2**16, 2**20, 2**24)}
 QUICK_DTYPES = ("float32",)
 
 
@@ -73,8 +93,20 @@ def _mlp_shapes(layers=50, width=256):
 
 
 def _gpt2_shapes(layers=12, d=768, vocab=50257, context=1024):
-    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,),          # ln_1, attn
-             (d,), (d,), (d, 4 * d), (4 * d,), (4 * d, d), (d,)]      # ln_2, mlp
+    block = [
+        (d,),
+        (d,),
+        (d, 3 * d),
+        (3 * d,),
+        (d, d),
+        (d,),  # ln_1, attn
+        (d,),
+        (d,),
+        (d, 4 * d),
+        (4 * d,),
+        (4 * d, d),
+        (d,),
+    ]  # ln_2, mlp
     return [(vocab, d), (context, d)] + block * layers + [(d,), (d,)]
 
 
@@ -93,6 +125,7 @@ HOST_PROX_THRESHOLD = 1e-7  # small: thousands of calls leave the weights nearly
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What a run holds fixed: dropout probability and penalty coefficients."""
+
     p: float = 0.5
     l1: float = 1e-5
     l2: float = 1e-4
@@ -139,7 +172,7 @@ def parse_size(text):
     m = re.fullmatch(r"(\d+)([kmg]?)", t)
     if not m:
         raise ValueError(f"cannot read size {text!r}: give an integer, 2^k, or 64k / 1M / 1G")
-    value = int(m.group(1)) * {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30}[m.group(2)]
+    value = int(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2)]
     if value <= 0:
         raise ValueError(f"size must be positive, but got {text!r}")
     return value
@@ -163,12 +196,16 @@ def parse_list(text, choices, aliases=None, groups=None, what="value"):
     return out
 
 
-OP_GROUPS = {"dropout": DROPOUT_OPS, "fused": FUSED_OPS, "penalty": PENALTY_OPS,
-             "host": HOST_OPS, "all": OPS}
+OP_GROUPS = {
+    "dropout": DROPOUT_OPS,
+    "fused": FUSED_OPS,
+    "penalty": PENALTY_OPS,
+    "host": HOST_OPS,
+    "all": OPS,
+}
 
 
-def cases(device, *, ops=OPS, dtypes=None, sizes=None, params=None, quick=False,
-          compile=False):
+def cases(device, *, ops=OPS, dtypes=None, sizes=None, params=None, quick=False, compile=False):
     """The grid for `device` ("cpu" or "cuda"), narrowed by the arguments."""
     kind = torch.device(device).type
     if dtypes is None:
@@ -181,18 +218,34 @@ def cases(device, *, ops=OPS, dtypes=None, sizes=None, params=None, quick=False,
     out = []
     for op in ops:
         if op in DROPOUT_OPS:
-            out += [Case(op, impl, dt, n) for dt in dtypes for n in sizes
-                    for impl in DROPOUT_IMPLS + extra]
+            out += [
+                Case(op, impl, dt, n)
+                for dt in dtypes
+                for n in sizes
+                for impl in DROPOUT_IMPLS + extra
+            ]
         elif op in FUSED_OPS:
-            out += [Case(op, impl, dt, n) for dt in dtypes for n in sizes
-                    if n % FUSED_WIDTH == 0 for impl in FUSED_IMPLS + extra]
+            out += [
+                Case(op, impl, dt, n)
+                for dt in dtypes
+                for n in sizes
+                if n % FUSED_WIDTH == 0
+                for impl in FUSED_IMPLS + extra
+            ]
         elif op in HOST_OPS:  # float32 CPU tensors whatever the dtypes and device
             sets = ("tiny148",) if quick else tuple(HOST_SETS)
-            out += [Case(op, impl, "float32", HOST_SETS[hs] * HOST_TENSOR_NUMEL, hs)
-                    for hs in sets for impl in HOST_IMPLS[op]]
+            out += [
+                Case(op, impl, "float32", HOST_SETS[hs] * HOST_TENSOR_NUMEL, hs)
+                for hs in sets
+                for impl in HOST_IMPLS[op]
+            ]
         else:
-            out += [Case(op, impl, dt, param_set_numel(ps), ps) for dt in dtypes
-                    for ps in params for impl in PENALTY_IMPLS + extra]
+            out += [
+                Case(op, impl, dt, param_set_numel(ps), ps)
+                for dt in dtypes
+                for ps in params
+                for impl in PENALTY_IMPLS + extra
+            ]
     return out
 
 

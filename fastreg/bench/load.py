@@ -9,6 +9,7 @@ import os
 import re
 import time
 
+
 def load_average():
     """The 1-minute load average, or None where the OS has none."""
     try:
@@ -66,7 +67,7 @@ def _descendants_cpu_seconds():
                 text = f.read()
         except OSError:
             continue
-        rest = text[text.rindex(")") + 2:].split()  # the fields after the command name
+        rest = text[text.rindex(")") + 2 :].split()  # the fields after the command name
         try:
             pid, ppid = int(entry), int(rest[1])
             cpu[pid] = (int(rest[11]) + int(rest[12])) / tick
@@ -91,8 +92,16 @@ class LoadMonitor:
     :meth:`start` and :meth:`stop`. The readers are arguments so that tests can fake them.
     """
 
-    def __init__(self, own_threads=1, interval_s=2.0, *, clock=time.perf_counter,
-                 machine=machine_cpu_seconds, own=own_cpu_seconds, load=load_average):
+    def __init__(
+        self,
+        own_threads=1,
+        interval_s=2.0,
+        *,
+        clock=time.perf_counter,
+        machine=machine_cpu_seconds,
+        own=own_cpu_seconds,
+        load=load_average,
+    ):
         self.own_threads = own_threads
         self.interval_s = interval_s
         self._clock, self._machine, self._own, self._load = clock, machine, own, load
@@ -103,13 +112,18 @@ class LoadMonitor:
 
     def start(self):
         import threading
+
         self._t0, (self._busy0, self._cpus), self._own0 = (
-            self._clock(), self._machine(), self._own())
+            self._clock(),
+            self._machine(),
+            self._own(),
+        )
         self.load_before = self._load()
         self._stop = threading.Event()
         if self.interval_s:
-            self._thread = threading.Thread(target=self._sample, daemon=True,
-                                            name="fastreg-load-monitor")
+            self._thread = threading.Thread(
+                target=self._sample, daemon=True, name="fastreg-load-monitor"
+            )
             self._thread.start()
         return self
 
@@ -137,20 +151,31 @@ class LoadMonitor:
         cpus = cpus or os.cpu_count() or 1
         if share is not None:
             competed = share > OTHERS_LIMIT
-            why = (f"other processes took {share:.0%} of the {cpus} CPUs' time during the run "
-                   f"(limit {OTHERS_LIMIT:.0%})")
+            why = (
+                f"other processes took {share:.0%} of the {cpus} CPUs' time during the run "
+                f"(limit {OTHERS_LIMIT:.0%})"
+            )
         elif loads:
             # no CPU accounting: the load average beyond this run's own threads
             excess = max(loads) - self.own_threads
             competed = excess > OTHERS_LIMIT * cpus
-            why = (f"the 1-minute load average reached {max(loads):.2f} on {cpus} CPUs, "
-                   f"{self.own_threads} of them this run's threads")
+            why = (
+                f"the 1-minute load average reached {max(loads):.2f} on {cpus} CPUs, "
+                f"{self.own_threads} of them this run's threads"
+            )
         else:
             competed, why = False, "no load information on this system"
-        self.result = {"load_before": self.load_before, "load_max": max(loads) if loads else None,
-                       "load_after": after, "load_samples": len(self.samples), "cpus": cpus,
-                       "others_cpu_share": share, "competed": competed, "why": why,
-                       "wall_s": wall}
+        self.result = {
+            "load_before": self.load_before,
+            "load_max": max(loads) if loads else None,
+            "load_after": after,
+            "load_samples": len(self.samples),
+            "cpus": cpus,
+            "others_cpu_share": share,
+            "competed": competed,
+            "why": why,
+            "wall_s": wall,
+        }
         return self.result
 
     def __enter__(self):

@@ -45,8 +45,8 @@ import math
 import statistics
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 import fastreg
 from fastreg.bench.report import speedup_cells
@@ -67,8 +67,10 @@ class ModelConfig:
     p: float = 0.1
 
 
-DEFAULTS = {"cpu": ModelConfig(batch=4, seq=128),
-            "cuda": ModelConfig(layers=12, width=768, heads=12, batch=8, seq=1024, vocab=50304)}
+DEFAULTS = {
+    "cpu": ModelConfig(batch=4, seq=128),
+    "cuda": ModelConfig(layers=12, width=768, heads=12, batch=8, seq=1024, vocab=50304),
+}
 
 
 class SelfAttention(nn.Module):
@@ -99,8 +101,12 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(cfg.width)
         self.attn = SelfAttention(cfg)
         self.ln2 = nn.LayerNorm(cfg.width)
-        self.mlp = nn.Sequential(nn.Linear(cfg.width, 4 * cfg.width), nn.GELU(),
-                                 nn.Linear(4 * cfg.width, cfg.width), nn.Dropout(cfg.p))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.width, 4 * cfg.width),
+            nn.GELU(),
+            nn.Linear(4 * cfg.width, cfg.width),
+            nn.Dropout(cfg.p),
+        )
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x))
@@ -185,10 +191,14 @@ class _Trainee:
         seen, owner, where = {}, {}, [None]
         handles = []
         for i, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(
-                lambda m, a, i=i: where.__setitem__(0, i)))
-            handles.append(block.register_forward_hook(
-                lambda m, a, o: where.__setitem__(0, None), always_call=True))
+            handles.append(
+                block.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i))
+            )
+            handles.append(
+                block.register_forward_hook(
+                    lambda m, a, o: where.__setitem__(0, None), always_call=True
+                )
+            )
 
         def pack(t):
             storage = t.untyped_storage()
@@ -231,7 +241,7 @@ def time_steps(trainees, steps, progress=None, label="memory", timer=None):
         raise next(iter(errors.values()))
     for t in trainees:
         t.times = times[t.variant]
-        t.peaks = t.peaks[len(t.peaks) - len(t.times):]  # the warm-up's peak left out
+        t.peaks = t.peaks[len(t.peaks) - len(t.times) :]  # the warm-up's peak left out
 
 
 def _timing(row, t, base):
@@ -249,8 +259,13 @@ def run(cfg, device, dtype=torch.float32, steps=5, progress=None):
     rows = []
     for t in trainees:
         kept, _ = t.kept()
-        rows.append({"variant": t.variant, "kept_bytes": kept,
-                     "parameters": sum(p.numel() for p in t.model.parameters())})
+        rows.append(
+            {
+                "variant": t.variant,
+                "kept_bytes": kept,
+                "parameters": sum(p.numel() for p in t.model.parameters()),
+            }
+        )
     base = trainees[VARIANTS.index(BASELINE)]
     for row, t in zip(rows, trainees):
         _timing(row, t, base)
@@ -259,8 +274,9 @@ def run(cfg, device, dtype=torch.float32, steps=5, progress=None):
     for r in rows:
         r["dropout_kept_bytes"] = r["kept_bytes"] - floor["kept_bytes"]
         r["kept_vs_native"] = r["kept_bytes"] / base_row["kept_bytes"]
-        r["peak_vs_native"] = (r["peak_bytes"] / base_row["peak_bytes"]
-                               if r["peak_bytes"] is not None else None)
+        r["peak_vs_native"] = (
+            r["peak_bytes"] / base_row["peak_bytes"] if r["peak_bytes"] is not None else None
+        )
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -268,18 +284,28 @@ def run(cfg, device, dtype=torch.float32, steps=5, progress=None):
 
 # ---- Hugging Face GPT-2 -------------------------------------------------------------------
 
-GPT2_VARIANTS = ("no dropout", "nn.Dropout", "fastreg:bits", "fastreg:bool", "fastreg:recompute",
-                 "fastreg:bits+functional", "fastreg:bool+functional",
-                 "fastreg:recompute+functional")
+GPT2_VARIANTS = (
+    "no dropout",
+    "nn.Dropout",
+    "fastreg:bits",
+    "fastreg:bool",
+    "fastreg:recompute",
+    "fastreg:bits+functional",
+    "fastreg:bool+functional",
+    "fastreg:recompute+functional",
+)
 
 MASKLESS = "fastreg:recompute+functional"
 
-GPT2_DEFAULTS = {"cpu": ModelConfig(layers=2, width=64, heads=2, batch=1, seq=512, vocab=512),
-                 "cuda": ModelConfig(layers=12, width=768, heads=12, batch=4, seq=1024,
-                                     vocab=50257)}
+GPT2_DEFAULTS = {
+    "cpu": ModelConfig(layers=2, width=64, heads=2, batch=1, seq=512, vocab=512),
+    "cuda": ModelConfig(layers=12, width=768, heads=12, batch=4, seq=1024, vocab=50257),
+}
 
-TRANSFORMERS_MISSING = ("GPT-2: skipped, transformers is not installed (pip install "
-                        "transformers; the model is built from a config, nothing is downloaded)")
+TRANSFORMERS_MISSING = (
+    "GPT-2: skipped, transformers is not installed (pip install "
+    "transformers; the model is built from a config, nothing is downloaded)"
+)
 
 
 def _transformers():
@@ -299,12 +325,23 @@ def _transformers():
 def build_gpt2(transformers, cfg, variant, device, dtype=torch.float32, seed=0):
     p = 0.0 if variant == "no dropout" else cfg.p
     config = transformers.GPT2Config(
-        vocab_size=cfg.vocab, n_embd=cfg.width, n_layer=cfg.layers, n_head=cfg.heads,
-        n_positions=cfg.seq, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p, bos_token_id=0,
-        eos_token_id=0)
+        vocab_size=cfg.vocab,
+        n_embd=cfg.width,
+        n_layer=cfg.layers,
+        n_head=cfg.heads,
+        n_positions=cfg.seq,
+        resid_pdrop=p,
+        embd_pdrop=p,
+        attn_pdrop=p,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(config, attn_implementation="eager") \
-        if _accepts_attn_kwarg(transformers) else transformers.GPT2LMHeadModel(config)
+    model = (
+        transformers.GPT2LMHeadModel(config, attn_implementation="eager")
+        if _accepts_attn_kwarg(transformers)
+        else transformers.GPT2LMHeadModel(config)
+    )
     model.config._attn_implementation = "eager"
     model.config.use_cache = False
     if variant.startswith("fastreg:"):
@@ -317,8 +354,10 @@ def _accepts_attn_kwarg(transformers):
     import inspect
 
     try:
-        return "attn_implementation" in inspect.signature(
-            transformers.GPT2LMHeadModel.__init__).parameters
+        return (
+            "attn_implementation"
+            in inspect.signature(transformers.GPT2LMHeadModel.__init__).parameters
+        )
     except (TypeError, ValueError):
         return False
 
@@ -336,15 +375,23 @@ def run_gpt2(cfg, device, dtype=torch.float32, steps=5, progress=None):
     transformers = _transformers()
     if transformers is None:
         return None
-    trainees = [_Trainee(v, build_gpt2(transformers, cfg, v, device, dtype), cfg, device)
-                for v in GPT2_VARIANTS]
+    trainees = [
+        _Trainee(v, build_gpt2(transformers, cfg, v, device, dtype), cfg, device)
+        for v in GPT2_VARIANTS
+    ]
     time_steps(trainees, steps, progress, label="gpt2")
     rows = []
     for t in trainees:
         kept, per_block = t.kept(list(t.model.transformer.h))
         layer = statistics.median(per_block.values()) if per_block else 0
-        rows.append({"variant": t.variant, "kept_bytes": kept, "layer_bytes": layer,
-                     "parameters": sum(p.numel() for p in t.model.parameters())})
+        rows.append(
+            {
+                "variant": t.variant,
+                "kept_bytes": kept,
+                "layer_bytes": layer,
+                "parameters": sum(p.numel() for p in t.model.parameters()),
+            }
+        )
     base = trainees[GPT2_VARIANTS.index(BASELINE)]
     for row, t in zip(rows, trainees):
         _timing(row, t, base)
@@ -356,8 +403,11 @@ def run_gpt2(cfg, device, dtype=torch.float32, steps=5, progress=None):
     for r in rows:
         r["layer_vs_native"] = r["layer_bytes"] / base_row["layer_bytes"]
         r["mask_bytes"] = r["layer_bytes"] - maskless if r["variant"] != "no dropout" else None
-        r["masks_removed"] = (1 - r["mask_bytes"] / native_masks
-                              if native_masks and r["mask_bytes"] is not None else None)
+        r["masks_removed"] = (
+            1 - r["mask_bytes"] / native_masks
+            if native_masks and r["mask_bytes"] is not None
+            else None
+        )
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -371,21 +421,24 @@ def _table(names, body):
     widths = [max(len(c[k]) for c in body + [names]) for k in range(len(names))]
 
     def line(cells):
-        return "  ".join(c.ljust(widths[0]) if k == 0 else c.rjust(widths[k])
-                         for k, c in enumerate(cells))
+        return "  ".join(
+            c.ljust(widths[0]) if k == 0 else c.rjust(widths[k]) for k, c in enumerate(cells)
+        )
+
     return [line(names), line(["-" * w for w in widths])] + [line(c) for c in body]
 
 
 def _time_cells(r):
     # the op bench's cells: "spread too wide" where the per-round ratios do not support one
     speedup, spread = speedup_cells(r)
-    return [f"{r['step_ms']:.1f}", f"{r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}",
-            speedup, spread]
+    return [f"{r['step_ms']:.1f}", f"{r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}", speedup, spread]
 
 
-TIME_NOTE = ("spread: the interquartile range of the per-round ratios; \"spread too wide\" "
-             "where it holds 1.0 (the rounds disagree on which is faster) or is wider than "
-             "half the median")
+TIME_NOTE = (
+    'spread: the interquartile range of the per-round ratios; "spread too wide" '
+    "where it holds 1.0 (the rounds disagree on which is faster) or is wider than "
+    "half the median"
+)
 
 
 TIME_NAMES = ["step ms", "IQR", "vs nn.Dropout", "spread"]
@@ -413,8 +466,12 @@ def format_table(rows, cfg, dtype, steps, env_lines):
     names += TIME_NAMES + ["loss"]
     body = []
     for r in rows:
-        cells = [r["variant"], _mib(r["kept_bytes"]), _mib(r["dropout_kept_bytes"]),
-                 f"{r['kept_vs_native']:.2f}x"]
+        cells = [
+            r["variant"],
+            _mib(r["kept_bytes"]),
+            _mib(r["dropout_kept_bytes"]),
+            f"{r['kept_vs_native']:.2f}x",
+        ]
         if cuda:
             cells += [_mib(r["peak_bytes"]), f"{r['peak_vs_native']:.2f}x"]
         cells += _time_cells(r) + [f"{r['loss']:.4f}"]
@@ -454,8 +511,14 @@ def format_gpt2_table(rows, cfg, dtype, steps):
     body = []
     for r in rows:
         removed = "" if r["masks_removed"] is None else f"{r['masks_removed']:.0%}"
-        cells = [r["variant"], _mib(r["layer_bytes"]), f"{r['layer_vs_native']:.2f}x",
-                 _mib(r["mask_bytes"]), removed, _mib(r["kept_bytes"])]
+        cells = [
+            r["variant"],
+            _mib(r["layer_bytes"]),
+            f"{r['layer_vs_native']:.2f}x",
+            _mib(r["mask_bytes"]),
+            removed,
+            _mib(r["kept_bytes"]),
+        ]
         if cuda:
             cells += [_mib(r["peak_bytes"])]
         cells += _time_cells(r) + [f"{r['loss']:.4f}"]
@@ -466,8 +529,13 @@ def format_gpt2_table(rows, cfg, dtype, steps):
 # ---- Hugging Face models with LoRA, T5, BERT: the dropped tensor regenerated -------------
 
 HF_MODELS = ("llama-lora", "t5", "bert")
-HF_VARIANTS = ("no dropout", "nn.Dropout", "fastreg:bits", "fastreg:recompute",
-               "fastreg:regenerated")
+HF_VARIANTS = (
+    "no dropout",
+    "nn.Dropout",
+    "fastreg:bits",
+    "fastreg:recompute",
+    "fastreg:regenerated",
+)
 REGENERATED = "fastreg:regenerated"
 
 
@@ -484,9 +552,12 @@ class HFConfig:
     rank: int = 8
 
 
-HF_DEFAULTS = {"cpu": HFConfig(),
-               "cuda": HFConfig(layers=4, width=1024, mlp=2752, heads=16, batch=4, seq=1024,
-                                vocab=32000, rank=16)}
+HF_DEFAULTS = {
+    "cpu": HFConfig(),
+    "cuda": HFConfig(
+        layers=4, width=1024, mlp=2752, heads=16, batch=4, seq=1024, vocab=32000, rank=16
+    ),
+}
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -514,27 +585,51 @@ def build_hf(transformers, name, cfg, variant, device, dtype=torch.float32, seed
     if name == "llama-lora":
         peft = _peft()
         config = transformers.LlamaConfig(
-            vocab_size=cfg.vocab, hidden_size=cfg.width, intermediate_size=cfg.mlp,
-            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-            num_key_value_heads=cfg.heads, max_position_embeddings=cfg.seq)
+            vocab_size=cfg.vocab,
+            hidden_size=cfg.width,
+            intermediate_size=cfg.mlp,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            num_key_value_heads=cfg.heads,
+            max_position_embeddings=cfg.seq,
+        )
         model = _eager(transformers, transformers.LlamaForCausalLM, config)
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            r=cfg.rank, lora_alpha=2 * cfg.rank, lora_dropout=p,
-            target_modules=list(LORA_TARGETS)))
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=cfg.rank,
+                lora_alpha=2 * cfg.rank,
+                lora_dropout=p,
+                target_modules=list(LORA_TARGETS),
+            ),
+        )
         blocks = list(model.base_model.model.model.layers)
     elif name == "t5":
         config = transformers.T5Config(
-            vocab_size=cfg.vocab, d_model=cfg.width, d_kv=cfg.width // cfg.heads, d_ff=cfg.mlp,
-            num_layers=cfg.layers, num_decoder_layers=cfg.layers, num_heads=cfg.heads,
-            dropout_rate=p, decoder_start_token_id=0, pad_token_id=0)
+            vocab_size=cfg.vocab,
+            d_model=cfg.width,
+            d_kv=cfg.width // cfg.heads,
+            d_ff=cfg.mlp,
+            num_layers=cfg.layers,
+            num_decoder_layers=cfg.layers,
+            num_heads=cfg.heads,
+            dropout_rate=p,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
         model = _eager(transformers, transformers.T5ForConditionalGeneration, config)
         blocks = list(model.encoder.block) + list(model.decoder.block)
     elif name == "bert":
         config = transformers.BertConfig(
-            vocab_size=cfg.vocab, hidden_size=cfg.width, intermediate_size=cfg.mlp,
-            num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-            max_position_embeddings=cfg.seq, hidden_dropout_prob=p,
-            attention_probs_dropout_prob=p)
+            vocab_size=cfg.vocab,
+            hidden_size=cfg.width,
+            intermediate_size=cfg.mlp,
+            num_hidden_layers=cfg.layers,
+            num_attention_heads=cfg.heads,
+            max_position_embeddings=cfg.seq,
+            hidden_dropout_prob=p,
+            attention_probs_dropout_prob=p,
+        )
         model = _eager(transformers, transformers.BertForMaskedLM, config)
         blocks = list(model.bert.encoder.layer)
     else:
@@ -553,8 +648,9 @@ class _HFTrainee(_Trainee):
     def __init__(self, variant, model, blocks, cfg, device):
         self.variant, self.model, self.blocks = variant, model, blocks
         self.device = torch.device(device)
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                           lr=1e-4)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=1e-4
+        )
         gen = torch.Generator(device="cpu").manual_seed(1)
         ids = torch.randint(1, cfg.vocab, (cfg.batch, cfg.seq), generator=gen).to(device)
         self.inputs = {"input_ids": ids, "labels": ids}
@@ -595,8 +691,11 @@ def count_dropout(trainee):
     handles = []
     for i, block in enumerate(trainee.blocks):
         handles.append(block.register_forward_pre_hook(lambda m, a, i=i: where.__setitem__(0, i)))
-        handles.append(block.register_forward_hook(lambda m, a, o: where.__setitem__(0, None),
-                                                   always_call=True))
+        handles.append(
+            block.register_forward_hook(
+                lambda m, a, o: where.__setitem__(0, None), always_call=True
+            )
+        )
     counter = _DropoutCounter(where)
     try:
         with torch.no_grad(), counter:
@@ -613,10 +712,8 @@ def count_dropout(trainee):
 # What each variant keeps per dropped element besides its copy of the dropped tensor: the
 # mask (bytes per element) on the CPU (torch's CPU dropout keeps a mask in the input's
 # dtype) and on a GPU (torch's CUDA dropout a bool mask); and whether the copy is kept.
-_MASK_CPU = {"nn.Dropout": None, "fastreg:bits": 1 / 8, "fastreg:recompute": 0.0,
-             REGENERATED: 0.0}
-_MASK_GPU = {"nn.Dropout": 1.0, "fastreg:bits": 1 / 8, "fastreg:recompute": 0.0,
-             REGENERATED: 0.0}
+_MASK_CPU = {"nn.Dropout": None, "fastreg:bits": 1 / 8, "fastreg:recompute": 0.0, REGENERATED: 0.0}
+_MASK_GPU = {"nn.Dropout": 1.0, "fastreg:bits": 1 / 8, "fastreg:recompute": 0.0, REGENERATED: 0.0}
 
 
 def implied_bf16_gpu(variant, per_element, element_size):
@@ -633,10 +730,12 @@ def implied_bf16_gpu(variant, per_element, element_size):
     return copy * 2 / element_size + _MASK_GPU[variant]
 
 
-HF_MISSING = {"transformers": "skipped, transformers is not installed (pip install "
-                              "transformers; the models are built from configs, nothing is "
-                              "downloaded)",
-              "peft": "skipped, peft is not installed (pip install peft)"}
+HF_MISSING = {
+    "transformers": "skipped, transformers is not installed (pip install "
+    "transformers; the models are built from configs, nothing is "
+    "downloaded)",
+    "peft": "skipped, peft is not installed (pip install peft)",
+}
 
 
 def run_hf(cfg, device, dtype=torch.float32, steps=5, progress=None, models=HF_MODELS):
@@ -662,11 +761,18 @@ def run_hf(cfg, device, dtype=torch.float32, steps=5, progress=None, models=HF_M
             kept, per_block = t.kept(t.blocks)
             layer = statistics.median(per_block.get(i, 0) for i in range(len(t.blocks)))
             layer = int(layer) if layer == int(layer) else layer
-            rows.append({"variant": t.variant, "kept_bytes": kept, "layer_bytes": layer,
-                         "dropout_calls_per_layer": calls,
-                         "dropped_elements_per_layer": elements,
-                         "trainable_parameters": sum(p.numel() for p in t.model.parameters()
-                                                     if p.requires_grad)})
+            rows.append(
+                {
+                    "variant": t.variant,
+                    "kept_bytes": kept,
+                    "layer_bytes": layer,
+                    "dropout_calls_per_layer": calls,
+                    "dropped_elements_per_layer": elements,
+                    "trainable_parameters": sum(
+                        p.numel() for p in t.model.parameters() if p.requires_grad
+                    ),
+                }
+            )
         base = trainees[HF_VARIANTS.index(BASELINE)]
         for row, t in zip(rows, trainees):
             _timing(row, t, base)
@@ -675,7 +781,8 @@ def run_hf(cfg, device, dtype=torch.float32, steps=5, progress=None, models=HF_M
         regen = trainees[HF_VARIANTS.index(REGENERATED)]
         cost = ratio_summary(regen.times, plain.times)  # > 1: regenerated is slower
         rows[HF_VARIANTS.index(REGENERATED)]["vs_recompute"] = {
-            k.replace("speedup", "slowdown"): v for k, v in cost.items()}
+            k.replace("speedup", "slowdown"): v for k, v in cost.items()
+        }
         floor = rows[HF_VARIANTS.index("no dropout")]["layer_bytes"]
         for r in rows:
             excess = r["layer_bytes"] - floor
@@ -683,18 +790,19 @@ def run_hf(cfg, device, dtype=torch.float32, steps=5, progress=None, models=HF_M
             r["over_floor_per_call"] = excess / calls if calls else None
             r["over_floor_per_element"] = excess / elements if elements else None
             r["bf16_gpu_bytes_per_element"] = implied_bf16_gpu(
-                r["variant"], r["over_floor_per_element"], size)
+                r["variant"], r["over_floor_per_element"], size
+            )
         results[name] = rows
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return results
 
 
-HF_TITLES = {"llama-lora": "PEFT LoRA Llama (LoRA r={rank} on q, k, v, o, gate, up, down; "
-                           "lora_dropout={p})",
-             "t5": "T5 (encoder and decoder; feed-forward, attention and residual dropout "
-                   "p={p})",
-             "bert": "BERT (masked LM; attention-probability and hidden dropout p={p})"}
+HF_TITLES = {
+    "llama-lora": "PEFT LoRA Llama (LoRA r={rank} on q, k, v, o, gate, up, down; lora_dropout={p})",
+    "t5": "T5 (encoder and decoder; feed-forward, attention and residual dropout p={p})",
+    "bert": "BERT (masked LM; attention-probability and hidden dropout p={p})",
+}
 
 
 def format_hf_tables(results, cfg, dtype, steps):
@@ -716,11 +824,17 @@ def format_hf_tables(results, cfg, dtype, steps):
             "over floor: per layer less the model without dropout, per call and per dropped "
             "element; bf16 GPU B/elem: what that implies for bfloat16 on a GPU (computed: "
             "the copy at 2 bytes, torch's CUDA mask 1 byte, fastreg's bits 1/8; not "
-            "measured); regenerated: replace_dropout(mask=\"recompute\", functional=True, "
+            'measured); regenerated: replace_dropout(mask="recompute", functional=True, '
             "regenerate=True); fastreg:recompute the same without regenerate=True",
         ]
-        names = ["variant", "per layer MiB", "over floor B", "B/call", "B/elem",
-                 "bf16 GPU B/elem (computed)"]
+        names = [
+            "variant",
+            "per layer MiB",
+            "over floor B",
+            "B/call",
+            "B/elem",
+            "bf16 GPU B/elem (computed)",
+        ]
         cuda = rows[0]["peak_bytes"] is not None
         if cuda:
             names += ["step peak MiB"]
@@ -730,10 +844,14 @@ def format_hf_tables(results, cfg, dtype, steps):
             per_call = r["over_floor_per_call"]
             per_elem = r["over_floor_per_element"]
             implied = r["bf16_gpu_bytes_per_element"]
-            cells = [r["variant"], f"{r['layer_bytes'] / 2**20:.2f}", f"{r['over_floor_bytes']:,}",
-                     "" if per_call is None else f"{per_call:,.0f}",
-                     "" if per_elem is None else f"{per_elem:.3f}",
-                     "" if implied is None else f"{implied:.3f}"]
+            cells = [
+                r["variant"],
+                f"{r['layer_bytes'] / 2**20:.2f}",
+                f"{r['over_floor_bytes']:,}",
+                "" if per_call is None else f"{per_call:,.0f}",
+                "" if per_elem is None else f"{per_elem:.3f}",
+                "" if implied is None else f"{implied:.3f}",
+            ]
             if cuda:
                 cells += [_mib(r["peak_bytes"])]
             cells += _time_cells(r) + [f"{r['loss']:.4f}"]
@@ -744,5 +862,6 @@ def format_hf_tables(results, cfg, dtype, steps):
             out.append(
                 f"regeneration's cost: step time of fastreg:regenerated / fastreg:recompute, "
                 f"median of the per-round ratios {cost['slowdown']:.3f} (interquartile range "
-                f"{cost['slowdown_q1']:.3f}-{cost['slowdown_q3']:.3f})")
+                f"{cost['slowdown_q1']:.3f}-{cost['slowdown_q3']:.3f})"
+            )
     return "\n".join(out)

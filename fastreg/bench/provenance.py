@@ -33,15 +33,27 @@ def commit():
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastreg.__file__)))
     fallback = os.environ.get("FASTREG_COMMIT") or "unknown"
     try:
-        top = subprocess.run(["git", "-C", root, "rev-parse", "--show-toplevel"],
-                             capture_output=True, text=True, timeout=10)
+        top = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if top.returncode or os.path.realpath(top.stdout.strip()) != os.path.realpath(root):
             return fallback
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10, check=True)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain",
-                                "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return fallback
@@ -58,8 +70,9 @@ def environment(device):
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "fastreg": info["version"],
-        "backend": ("extension" if kernels else "reference") + f" ({kind} kernels "
-                   + ("built)" if kernels else "missing: the pure-PyTorch fallback runs)"),
+        "backend": ("extension" if kernels else "reference")
+        + f" ({kind} kernels "
+        + ("built)" if kernels else "missing: the pure-PyTorch fallback runs)"),
         "commit": commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "python": platform.python_version(),

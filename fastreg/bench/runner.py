@@ -41,8 +41,9 @@ class Progress:
         if self.tty:
             self.stream.write("\r\033[K")
         if self.enabled:
-            self.stream.write(f"bench: {self.count} cases in "
-                              f"{time.perf_counter() - self.start:.0f}s\n")
+            self.stream.write(
+                f"bench: {self.count} cases in {time.perf_counter() - self.start:.0f}s\n"
+            )
             self.stream.flush()
 
 
@@ -79,8 +80,9 @@ def run(case_list, device, settings=Settings(), timer=None, progress=True):
                 del copy_prep
             for case in group:
                 bar.step(f"{case.op} {case.impl} {case.dtype} {case.size_label}")
-            rows += _time_comparison(group, device, settings,
-                                     host_timer if first.family == "host" else timer)
+            rows += _time_comparison(
+                group, device, settings, host_timer if first.family == "host" else timer
+            )
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM (a time limit): report what ran
             for case in (c for g in groups[done:] for c in g):
                 rows.append({**empty_row(case), "note": INTERRUPTED})
@@ -93,14 +95,30 @@ def run(case_list, device, settings=Settings(), timer=None, progress=True):
 
 
 def empty_row(case):
-    return {"op": case.op, "impl": case.impl, "dtype": case.dtype, "numel": case.numel,
-            "params": case.params,
-            "tensors": param_set_tensors(case.params) if case.params else None,
-            "device": "cpu" if case.family == "host" else None,
-            "median_ms": None, "iqr_ms": None, "runs": 0, "rounds": 0, "gbps": None,
-            "copy_frac": None, "speedup": None, "speedup_q1": None, "speedup_q3": None,
-            "speedup_min": None, "speedup_max": None, "speedup_clear": None,
-            "saved_bytes_per_elem": None, "rel_err": None, "note": None}
+    return {
+        "op": case.op,
+        "impl": case.impl,
+        "dtype": case.dtype,
+        "numel": case.numel,
+        "params": case.params,
+        "tensors": param_set_tensors(case.params) if case.params else None,
+        "device": "cpu" if case.family == "host" else None,
+        "median_ms": None,
+        "iqr_ms": None,
+        "runs": 0,
+        "rounds": 0,
+        "gbps": None,
+        "copy_frac": None,
+        "speedup": None,
+        "speedup_q1": None,
+        "speedup_q3": None,
+        "speedup_min": None,
+        "speedup_max": None,
+        "speedup_clear": None,
+        "saved_bytes_per_elem": None,
+        "rel_err": None,
+        "note": None,
+    }
 
 
 def _failed(error):
@@ -132,17 +150,28 @@ def _time_comparison(group, device, settings, timer):
     for impl, per_round in times.items():
         row, prep = rows[impl], prepared[impl]
         m = time_measurement(per_round, numbers[impl], cases[impl], threads)
-        row.update(median_ms=m.median * 1e3, iqr_ms=m.iqr * 1e3,
-                   runs=len(per_round) * numbers[impl], rounds=len(per_round),
-                   gbps=prep.bytes / m.median / 1e9 if prep.bytes else None,
-                   saved_bytes_per_elem=prep.saved_per_elem, rel_err=prep.rel_err)
+        row.update(
+            median_ms=m.median * 1e3,
+            iqr_ms=m.iqr * 1e3,
+            runs=len(per_round) * numbers[impl],
+            rounds=len(per_round),
+            gbps=prep.bytes / m.median / 1e9 if prep.bytes else None,
+            saved_bytes_per_elem=prep.saved_per_elem,
+            rel_err=prep.rel_err,
+        )
         if row["rel_err"] is not None and not math.isfinite(row["rel_err"]):
             row["note"] = f"the value is not finite: it overflows {cases[impl].dtype}"
         if base in times and impl != base:
             row.update(ratio_summary(times[base], per_round))
         elif impl == base:
-            row.update(speedup=1.0, speedup_q1=1.0, speedup_q3=1.0, speedup_min=1.0,
-                       speedup_max=1.0, speedup_clear=True)
+            row.update(
+                speedup=1.0,
+                speedup_q1=1.0,
+                speedup_q3=1.0,
+                speedup_min=1.0,
+                speedup_max=1.0,
+                speedup_clear=True,
+            )
     return [rows[case.impl] for case in group]
 
 

@@ -35,8 +35,7 @@ import timeit
 
 import torch
 
-
-L2_FLUSH_MIN_BYTES = 256 * 2 ** 20  # triton.testing.do_bench's cache buffer
+L2_FLUSH_MIN_BYTES = 256 * 2**20  # triton.testing.do_bench's cache buffer
 
 
 def l2_flush_bytes(device):
@@ -63,14 +62,21 @@ class Timer:
     several round by round, for per-round ratios.
     """
 
-    def __init__(self, device, repeats=5, min_time_s=0.3, min_block_s=None, l2_flush=None,
-                 number=None, clock=time.perf_counter):
+    def __init__(
+        self,
+        device,
+        repeats=5,
+        min_time_s=0.3,
+        min_block_s=None,
+        l2_flush=None,
+        number=None,
+        clock=time.perf_counter,
+    ):
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.repeats = max(1, repeats)
         self.min_time_s = min_time_s
-        self.min_block_s = min_block_s if min_block_s is not None else (
-            1e-3 if self.cuda else 2e-3)
+        self.min_block_s = min_block_s if min_block_s is not None else (1e-3 if self.cuda else 2e-3)
         self.l2_flush = self.cuda if l2_flush is None else bool(l2_flush) and self.cuda
         self.number = number
         self.clock = clock
@@ -83,8 +89,9 @@ class Timer:
     def flush(self):
         """Evicts the inputs from L2: writes a buffer larger than it (not timed)."""
         if self._flush_buffer is None:
-            self._flush_buffer = torch.empty(l2_flush_bytes(self.device) // 4,
-                                             dtype=torch.int32, device=self.device)
+            self._flush_buffer = torch.empty(
+                l2_flush_bytes(self.device) // 4, dtype=torch.int32, device=self.device
+            )
         self._flush_buffer.zero_()
 
     @staticmethod
@@ -122,7 +129,7 @@ class Timer:
     def _calibrate(self, fn):
         """Warms `fn` up and returns its calls per block."""
         self.sync()
-        fn()                                   # warm-up: lazy init, allocator, compile
+        fn()  # warm-up: lazy init, allocator, compile
         self.sync()
         if self.number:
             return self.number
@@ -141,8 +148,9 @@ class Timer:
             number = self._number(first)
             times = [first] if number == 1 else []
             spent = first
-        while len(times) < self.repeats or (spent < self.min_time_s
-                                            and len(times) < 10 * self.repeats):
+        while len(times) < self.repeats or (
+            spent < self.min_time_s and len(times) < 10 * self.repeats
+        ):
             t = self._block(fn, number)
             times.append(t)
             spent += t * number
@@ -165,8 +173,10 @@ class Timer:
         names = [n for n in fns if n in numbers]
         times = {n: [] for n in names}
         spent, rounds = 0.0, 0
-        while names and (rounds < self.repeats or (spent < self.min_time_s * len(names)
-                                                   and rounds < 10 * self.repeats)):
+        while names and (
+            rounds < self.repeats
+            or (spent < self.min_time_s * len(names) and rounds < 10 * self.repeats)
+        ):
             shift = rounds % len(names)
             for name in names[shift:] + names[:shift]:
                 wall = time.perf_counter()
@@ -201,13 +211,20 @@ def ratio_summary(base_times, times):
     {"speedup": median, "speedup_q1", "speedup_q3", "speedup_min", "speedup_max",
     "speedup_clear": whether the spread supports the ratio}."""
     if len(base_times) != len(times) or not times:
-        raise ValueError(f"per-round times must pair up, but got {len(base_times)} baseline "
-                         f"and {len(times)} impl rounds")
+        raise ValueError(
+            f"per-round times must pair up, but got {len(base_times)} baseline "
+            f"and {len(times)} impl rounds"
+        )
     ratios = [b / t for b, t in zip(base_times, times)]
     q1, median, q3 = quartiles(ratios)
-    return {"speedup": median, "speedup_q1": q1, "speedup_q3": q3,
-            "speedup_min": min(ratios), "speedup_max": max(ratios),
-            "speedup_clear": spread_supports(median, q1, q3)}
+    return {
+        "speedup": median,
+        "speedup_q1": q1,
+        "speedup_q3": q3,
+        "speedup_min": min(ratios),
+        "speedup_max": max(ratios),
+        "speedup_clear": spread_supports(median, q1, q3),
+    }
 
 
 def spread_supports(median, q1, q3):
@@ -223,8 +240,13 @@ def time_measurement(times, number, case, threads):
     """A torch.utils.benchmark Measurement of one impl's per-round times: its median and
     interquartile range are the row's."""
     from torch.utils.benchmark.utils.common import Measurement, TaskSpec
-    spec = TaskSpec(stmt=case.impl, setup="pass", label=case.op,
-                    sub_label=f"{case.dtype} {case.size_label}", description=case.impl,
-                    num_threads=threads)
-    return Measurement(number_per_run=number, raw_times=[t * number for t in times],
-                       task_spec=spec)
+
+    spec = TaskSpec(
+        stmt=case.impl,
+        setup="pass",
+        label=case.op,
+        sub_label=f"{case.dtype} {case.size_label}",
+        description=case.impl,
+        num_threads=threads,
+    )
+    return Measurement(number_per_run=number, raw_times=[t * number for t in times], task_spec=spec)

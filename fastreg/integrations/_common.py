@@ -18,8 +18,7 @@ def require(module, package, what):
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise ImportError(f"{what} needs {package} (pip install {package}): "
-                          f"{error}") from error
+        raise ImportError(f"{what} needs {package} (pip install {package}): {error}") from error
 
 
 class Settings:
@@ -36,8 +35,9 @@ class Settings:
         if dropout is not None:
             _checks.check_mask_mode(dropout)
         if not isinstance(functional, bool):
-            raise TypeError(f"{owner}(): functional must be a bool, but got "
-                            f"{type(functional).__name__}")
+            raise TypeError(
+                f"{owner}(): functional must be a bool, but got {type(functional).__name__}"
+            )
         self.dropout, self.functional = dropout, functional
         self._swapped = weakref.WeakSet()
 

@@ -60,13 +60,24 @@ class FastregCallback(transformers.TrainerCallback):
     gradients themselves.
     """
 
-    def __init__(self, l1=None, l2=None, *, exclude="trainer", dropout="bits", functional=True,
-                 log_key="penalty"):
-        self.settings = Settings("FastregCallback", l1, l2, exclude, dropout, functional,
-                                 own_rules=("trainer",))
+    def __init__(
+        self,
+        l1=None,
+        l2=None,
+        *,
+        exclude="trainer",
+        dropout="bits",
+        functional=True,
+        log_key="penalty",
+    ):
+        self.settings = Settings(
+            "FastregCallback", l1, l2, exclude, dropout, functional, own_rules=("trainer",)
+        )
         if log_key is not None and not isinstance(log_key, str):
-            raise TypeError(f"FastregCallback(): log_key must be a str or None, but got "
-                            f"{type(log_key).__name__}")
+            raise TypeError(
+                f"FastregCallback(): log_key must be a str or None, but got "
+                f"{type(log_key).__name__}"
+            )
         self.log_key = log_key
         self._excludes = {}  # id(model) -> (model, exclude): the "trainer" rule per model
 
@@ -111,6 +122,9 @@ class FastregCallback(transformers.TrainerCallback):
         value = self.settings.value(model, self.exclude_for(model))
         logs[self.log_key] = value
         # Trainer.log appends a copy of the logs to the history before the callbacks run
-        if state.log_history and state.log_history[-1].get("step") == state.global_step \
-                and "loss" in state.log_history[-1]:
+        if (
+            state.log_history
+            and state.log_history[-1].get("step") == state.global_step
+            and "loss" in state.log_history[-1]
+        ):
             state.log_history[-1][self.log_key] = value

@@ -26,8 +26,9 @@ except ImportError:
     try:
         pl = importlib.import_module("pytorch_lightning")
     except ImportError as error:
-        raise ImportError("fastreg.integrations.lightning needs lightning (pip install "
-                          f"lightning): {error}") from error
+        raise ImportError(
+            f"fastreg.integrations.lightning needs lightning (pip install lightning): {error}"
+        ) from error
 
 __all__ = ["FastregCallback"]
 
@@ -51,12 +52,22 @@ class FastregCallback(pl.Callback):
             logged with ``LightningModule.log`` each step; None: not logged.
     """
 
-    def __init__(self, l1=None, l2=None, *, exclude="bias_and_norm", dropout="bits",
-                 functional=True, log_key="penalty"):
+    def __init__(
+        self,
+        l1=None,
+        l2=None,
+        *,
+        exclude="bias_and_norm",
+        dropout="bits",
+        functional=True,
+        log_key="penalty",
+    ):
         self.settings = Settings("FastregCallback", l1, l2, exclude, dropout, functional)
         if log_key is not None and not isinstance(log_key, str):
-            raise TypeError(f"FastregCallback(): log_key must be a str or None, but got "
-                            f"{type(log_key).__name__}")
+            raise TypeError(
+                f"FastregCallback(): log_key must be a str or None, but got "
+                f"{type(log_key).__name__}"
+            )
         self.log_key = log_key
 
     @property
@@ -73,14 +84,22 @@ class FastregCallback(pl.Callback):
     def selection(self, pl_module, optimizer):
         """The parameters the penalty takes at a step of `optimizer`."""
         stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        return [p for _, p in _params.module_params(pl_module, self.settings.exclude)
-                if id(p) in stepped]
+        return [
+            p
+            for _, p in _params.module_params(pl_module, self.settings.exclude)
+            if id(p) in stepped
+        ]
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if not self.settings.penalized:
             return
         params = self.selection(pl_module, optimizer)
         if self.log_key is not None:
-            pl_module.log(self.log_key, self.settings.value(params, None), on_step=True,
-                          on_epoch=False, prog_bar=False)
+            pl_module.log(
+                self.log_key,
+                self.settings.value(params, None),
+                on_step=True,
+                on_epoch=False,
+                prog_bar=False,
+            )
         self.settings.add_grad(params, None)
