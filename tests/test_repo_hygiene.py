@@ -18,8 +18,13 @@ TEXT_SUFFIXES = (".py", ".h", ".cuh", ".cpp", ".cu", ".md", ".toml", ".in", "")
 
 
 def repo_files():
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     return sorted(p for p in out.splitlines() if (ROOT / p).is_file())
 
 
@@ -27,10 +32,15 @@ FILES = repo_files()
 
 
 def code_files():
-    return [p for p in FILES
-            if (p in CODE_FILES or p.split("/")[0] in CODE_DIRS)
-            and Path(p).suffix in TEXT_SUFFIXES and not p.startswith("benchmarks/results/")
-            or p.startswith("benchmarks/results/") and p.endswith(".md")]
+    return [
+        p
+        for p in FILES
+        if (p in CODE_FILES or p.split("/")[0] in CODE_DIRS)
+        and Path(p).suffix in TEXT_SUFFIXES
+        and not p.startswith("benchmarks/results/")
+        or p.startswith("benchmarks/results/")
+        and p.endswith(".md")
+    ]
 
 
 def doc_files():
@@ -43,8 +53,12 @@ def python_comments(text):
     for token in tokenize.generate_tokens(io.StringIO(text).readline):
         if token.type == tokenize.COMMENT:
             parts.append(token.string)
-        elif token.type == tokenize.STRING and previous in (tokenize.NEWLINE, tokenize.INDENT,
-                                                            tokenize.DEDENT, tokenize.NL):
+        elif token.type == tokenize.STRING and previous in (
+            tokenize.NEWLINE,
+            tokenize.INDENT,
+            tokenize.DEDENT,
+            tokenize.NL,
+        ):
             parts.append(token.string)
         if token.type not in (tokenize.COMMENT, tokenize.NL):
             previous = token.type
@@ -77,15 +91,24 @@ def prose(path):
 # their path under csrc/).
 TOP = r"(?:\.ci|csrc|fastreg|docs|tests|tools|benchmarks)"
 PATH = re.compile(rf"(?<![\w./<>-]){TOP}/[\w./<>*{{}}$-]*[\w>*}}]")
-# a section cited by its heading: README, "Quickstart"; docs/penalty.md, "API"
+# a section cited by its heading: README, "Install"; docs/penalty.md, "API"
 SECTION = re.compile(r"\b(README|docs/[\w-]+\.md), \"([^\"]+)\"")
 NAME = re.compile(r"(?<![\w.<>*/-])((?:[\w-]+/)*[\w-]+\.(?:py|h|cuh|cpp|cu|md))\b(?![\w/*-])")
 LINK = re.compile(r"\]\(([^)#\s:]+\.(?:md|png|txt))(?:#[^)]*)?\)")
 # what other projects' files are called, and what the runs write
-NOT_OURS = {"cpp_extension.py", "conftest.py", "setup.py", "README.md", "__init__.py",
-            "__main__.py", "sitecustomize.py"}
-WRITTEN = re.compile(r"benchmarks/results/[\w.-]*\.json|docs/bench-[\w-]+\.png|fastreg/_C\b.*"
-                     r"|fastreg/csrc(/.*)?|\S*[*<>{}$].*")
+NOT_OURS = {
+    "cpp_extension.py",
+    "conftest.py",
+    "setup.py",
+    "README.md",
+    "__init__.py",
+    "__main__.py",
+    "sitecustomize.py",
+}
+WRITTEN = re.compile(
+    r"benchmarks/results/[\w.-]*\.json|docs/bench-[\w-]+\.png|fastreg/_C\b.*"
+    r"|fastreg/csrc(/.*)?|\S*[*<>{}$].*"
+)
 UPSTREAM_PATH = re.compile(r"(torch|aten|c10)/.*")  # PyTorch's sources
 
 
@@ -102,14 +125,22 @@ def citations(path):
     found = set(PATH.findall(text)) | set(NAME.findall(text))
     if path.endswith(".md"):
         found |= {link for link in LINK.findall(text)}
-    missing = [c for c in found if c not in NOT_OURS and not WRITTEN.fullmatch(c)
-               and not UPSTREAM_PATH.fullmatch(c) and not exists(c, folder)]
+    missing = [
+        c
+        for c in found
+        if c not in NOT_OURS
+        and not WRITTEN.fullmatch(c)
+        and not UPSTREAM_PATH.fullmatch(c)
+        and not exists(c, folder)
+    ]
     for doc, title in SECTION.findall(" ".join(text.split())):
         doc = "README.md" if doc == "README" else doc
-        headings = [line.replace("`", "").lower() for line in
-                    (ROOT / doc).read_text().splitlines() if line.startswith("#")]
-        if (ROOT / doc).exists() and not any(title.replace("`", "").lower() in h
-                                             for h in headings):
+        headings = [
+            line.replace("`", "").lower()
+            for line in (ROOT / doc).read_text().splitlines()
+            if line.startswith("#")
+        ]
+        if (ROOT / doc).exists() and not any(title.replace("`", "").lower() in h for h in headings):
             missing.append(f'{doc}, "{title}"')
     return sorted(missing)
 
@@ -123,9 +154,6 @@ def test_cited_paths_exist(path):
 TRACKER = re.compile(r"\b(?:issue|task)s? ?#?\d+|(?<![\w/&])#\d{1,4}\b", re.I)
 UPSTREAM = re.compile(r"pytorch/pytorch#\d+|pytorch issue \d+", re.I)
 THIS_FILE = "tests/test_repo_hygiene.py"
-# Docs still citing tracker numbers (to be cleaned; remove each as it is).
-DOCS_WITH_TRACKER_NUMBERS = {"docs/bench-method.md", "docs/benchmarks.md",
-                             "docs/cpu-kernels.md", "docs/penalty-arguments.md"}
 
 
 def tracker_numbers(path):
@@ -133,9 +161,6 @@ def tracker_numbers(path):
     return [m.group(0) for m in TRACKER.finditer(text)]
 
 
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="docs not yet cleaned"))
-    if p in DOCS_WITH_TRACKER_NUMBERS else p
-    for p in code_files() + doc_files() if p != THIS_FILE])
+@pytest.mark.parametrize("path", [p for p in code_files() + doc_files() if p != THIS_FILE])
 def test_no_tracker_numbers(path):
     assert tracker_numbers(path) == []

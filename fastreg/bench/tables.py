@@ -35,9 +35,21 @@ import os
 import re
 import sys
 
-from fastreg.bench.grid import (DROPOUT_IMPLS, DTYPES, FAMILY, FUSED_WIDTH, HOST_IMPLS,
-                                OP_GROUPS, OP_LABELS, OPS, PENALTY_IMPLS, COMPILE_IMPL,
-                                human_size, parse_list, parse_size)
+from fastreg.bench.grid import (
+    COMPILE_IMPL,
+    DROPOUT_IMPLS,
+    DTYPES,
+    FAMILY,
+    FUSED_WIDTH,
+    HOST_IMPLS,
+    OP_GROUPS,
+    OP_LABELS,
+    OPS,
+    PENALTY_IMPLS,
+    human_size,
+    parse_list,
+    parse_size,
+)
 from fastreg.bench.report import speedup_cells
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -56,6 +68,7 @@ def default_files(root=ROOT):
 
 
 # ---- cells ----------------------------------------------------------------------------
+
 
 def fmt_ms(ms):
     """Three significant digits (at least the unit): 377, 58.7, 1.73, 0.978."""
@@ -92,6 +105,7 @@ def markdown_table(names, body):
 
 # ---- conditions -----------------------------------------------------------------------
 
+
 def _get(doc, key):
     value = doc.get(key)
     return UNKNOWN if value in (None, "") else value
@@ -105,11 +119,15 @@ def load_text(doc):
         share = load.get("others_cpu_share")
         if share is not None:
             cpus = load.get("cpus")
-            parts.append(f"other processes {share:.0%} of the {cpus} CPUs" if cpus
-                         else f"other processes {share:.0%} of the CPUs")
+            parts.append(
+                f"other processes {share:.0%} of the {cpus} CPUs"
+                if cpus
+                else f"other processes {share:.0%} of the CPUs"
+            )
         if load.get("load_before") is not None and load.get("load_max") is not None:
-            parts.append(f"load average {load['load_before']:.2f} before, "
-                         f"{load['load_max']:.2f} at most")
+            parts.append(
+                f"load average {load['load_before']:.2f} before, {load['load_max']:.2f} at most"
+            )
         if load.get("competed"):
             parts.append("competed: timings may be inflated")
         if parts:
@@ -127,12 +145,15 @@ def conditions(doc, source):
     threads = doc.get("threads")
     if threads is not None and str(device).startswith("cpu"):
         device = f"{device}, {threads} threads"
-    return (f"{device}; torch {_get(doc, 'torch')}; fastreg {_get(doc, 'fastreg')}, "
-            f"commit {_get(doc, 'commit')}; {_get(doc, 'date')}; load: {load_text(doc)}; "
-            f"from `{source}`")
+    return (
+        f"{device}; torch {_get(doc, 'torch')}; fastreg {_get(doc, 'fastreg')}, "
+        f"commit {_get(doc, 'commit')}; {_get(doc, 'date')}; load: {load_text(doc)}; "
+        f"from `{source}`"
+    )
 
 
 # ---- kinds ----------------------------------------------------------------------------
+
 
 def _find(rows, **key):
     found = [r for r in rows if all(r.get(k) == v for k, v in key.items())]
@@ -162,11 +183,17 @@ def results_table(doc, options):
             fast = _find(rows, op=op, dtype=dtype, numel=n, impl=impl)
             if base is None or fast is None:
                 raise TableError(f"no {op} rows for {dtype} {human_size(n)} ({impl} and native)")
-            body.append([f"{label}{p_text}", _size_label(op, n),
-                         f"{fmt_ms(base['median_ms'])} ms",
-                         f"{fmt_ms(fast['median_ms'])} ms (`{mask}`)", fmt_speedup_iqr(fast),
-                         f"{fmt_kept(base['saved_bytes_per_elem'])}, "
-                         f"{fmt_kept(fast['saved_bytes_per_elem'])}"])
+            body.append(
+                [
+                    f"{label}{p_text}",
+                    _size_label(op, n),
+                    f"{fmt_ms(base['median_ms'])} ms",
+                    f"{fmt_ms(fast['median_ms'])} ms (`{mask}`)",
+                    fmt_speedup_iqr(fast),
+                    f"{fmt_kept(base['saved_bytes_per_elem'])}, "
+                    f"{fmt_kept(fast['saved_bytes_per_elem'])}",
+                ]
+            )
     if params != "none":
         base = _find(rows, op="penalty_fwdbwd", dtype=dtype, params=params, impl="loop")
         fast = _find(rows, op="penalty_fwdbwd", dtype=dtype, params=params, impl="fastreg")
@@ -174,21 +201,39 @@ def results_table(doc, options):
             raise TableError(f"no penalty_fwdbwd rows for {dtype} {params} (fastreg and loop)")
         tensors = fast.get("tensors")
         label = "penalty" + (f", {tensors} tensors" if tensors else "")
-        body.append([label, human_size(fast["numel"]), f"{fmt_ms(base['median_ms'])} ms (loop)",
-                     f"{fmt_ms(fast['median_ms'])} ms", fmt_speedup_iqr(fast), ""])
-    names = ["op", "size", "native", "fastreg", "speedup [interquartile range]",
-             "kept B/el (native, fastreg)"]
+        body.append(
+            [
+                label,
+                human_size(fast["numel"]),
+                f"{fmt_ms(base['median_ms'])} ms (loop)",
+                f"{fmt_ms(fast['median_ms'])} ms",
+                fmt_speedup_iqr(fast),
+                "",
+            ]
+        )
+    names = [
+        "op",
+        "size",
+        "native",
+        "fastreg",
+        "speedup [interquartile range]",
+        "kept B/el (native, fastreg)",
+    ]
     return markdown_table(names, body)
 
 
-_IMPL_ORDER = {impl: i for i, impl in enumerate(dict.fromkeys(
-    DROPOUT_IMPLS + PENALTY_IMPLS + HOST_IMPLS["host_penalty"] + (COMPILE_IMPL,)))}
+_IMPL_ORDER = {
+    impl: i
+    for i, impl in enumerate(
+        dict.fromkeys(DROPOUT_IMPLS + PENALTY_IMPLS + HOST_IMPLS["host_penalty"] + (COMPILE_IMPL,))
+    )
+}
 FAMILY_CAPTIONS = {
     "dropout": "dropout: speedup against `F.dropout`",
     "fused": f"fused ops, forward and backward, bias over a last dimension of {FUSED_WIDTH}: "
-             "speedup against the native composition",
+    "speedup against the native composition",
     "penalty": "penalty over a parameter set: speedup against the Python loop; rel err "
-               "against float64",
+    "against float64",
     "host": "the penalty's host overhead, microseconds per call: speedup against the Python loop",
 }
 
@@ -212,23 +257,45 @@ def bench_tables(doc, options):
     if not rows:
         raise TableError("no rows selected")
     order = {op: i for i, op in enumerate(OPS)}
-    rows.sort(key=lambda r: (order.get(r["op"], 99), list(DTYPES).index(r["dtype"])
-                             if r["dtype"] in DTYPES else 99, r["numel"], r["params"] or "",
-                             _IMPL_ORDER.get(r["impl"], 99)))
-    families = [f for f in ("dropout", "fused", "penalty", "host")
-                if any(FAMILY.get(r["op"]) == f for r in rows)]
+    rows.sort(
+        key=lambda r: (
+            order.get(r["op"], 99),
+            list(DTYPES).index(r["dtype"]) if r["dtype"] in DTYPES else 99,
+            r["numel"],
+            r["params"] or "",
+            _IMPL_ORDER.get(r["impl"], 99),
+        )
+    )
+    families = [
+        f
+        for f in ("dropout", "fused", "penalty", "host")
+        if any(FAMILY.get(r["op"]) == f for r in rows)
+    ]
     out = []
     for family in families:
         host = family == "host"
         unit = "us" if host else "ms"
         last = {"penalty": "rel err", "host": "per tensor us"}.get(family, "kept B/el")
-        names = ["op", "dtype", "size", "impl", f"median {unit}", "GB/s", "copy", "speedup",
-                 "spread", last]
+        names = [
+            "op",
+            "dtype",
+            "size",
+            "impl",
+            f"median {unit}",
+            "GB/s",
+            "copy",
+            "speedup",
+            "spread",
+            last,
+        ]
         body, previous = [], None
         for r in (r for r in rows if FAMILY.get(r["op"]) == family):
             group = (r["op"], r["dtype"], r["numel"], r["params"])
-            lead = ([OP_LABELS.get(r["op"], r["op"]), r["dtype"],
-                     r["params"] or human_size(r["numel"])] if group != previous else ["", "", ""])
+            lead = (
+                [OP_LABELS.get(r["op"], r["op"]), r["dtype"], r["params"] or human_size(r["numel"])]
+                if group != previous
+                else ["", "", ""]
+            )
             previous = group
             if r.get("median_ms") is None:
                 body.append(lead + [r["impl"], r.get("note") or "no result"] + [""] * 5)
@@ -238,12 +305,22 @@ def bench_tables(doc, options):
                 err = r.get("rel_err")
                 last_cell = "" if err is None else ("0" if err == 0 else f"{err:.1e}")
             elif host:
-                last_cell = _fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f") if r.get("tensors") else ""
+                last_cell = (
+                    _fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f") if r.get("tensors") else ""
+                )
             else:
                 last_cell = _fmt(r.get("saved_bytes_per_elem"), ".3f")
-            body.append(lead + [f"`{r['impl']}`", fmt_ms(r["median_ms"] * scale),
-                                _fmt(r.get("gbps"), ".1f"), _fmt(r.get("copy_frac"), ".0%"),
-                                *speedup_cells(r), last_cell])
+            body.append(
+                lead
+                + [
+                    f"`{r['impl']}`",
+                    fmt_ms(r["median_ms"] * scale),
+                    _fmt(r.get("gbps"), ".1f"),
+                    _fmt(r.get("copy_frac"), ".0%"),
+                    *speedup_cells(r),
+                    last_cell,
+                ]
+            )
         if len(families) > 1:
             out += [f"*{FAMILY_CAPTIONS[family]}*", ""]
         out += markdown_table(names, body) + [""]
@@ -262,6 +339,13 @@ def _share(x):
     return "" if x is None else f"{x:.0%}"
 
 
+def _slowdown(x):
+    """A step-time ratio against another variant, {"slowdown", "slowdown_q1", ...}."""
+    if not x or x.get("slowdown") is None:
+        return ""
+    return f"{x['slowdown']:.2f}x [{x['slowdown_q1']:.2f}-{x['slowdown_q3']:.2f}]"
+
+
 # row key -> (column name, cell)
 MEMORY_COLUMNS = {
     "layer_bytes": ("per layer MiB", _mib),
@@ -272,9 +356,15 @@ MEMORY_COLUMNS = {
     "kept_vs_native": ("kept vs nn.Dropout", _ratio),
     "dropout_kept_bytes": ("of which dropout MiB", _mib),
     "peak_bytes": ("step peak MiB", _mib),
-    "over_floor_per_call": ("over no dropout, B per call", lambda x: "" if x is None else f"{x:,.0f}"),
-    "bf16_gpu_bytes_per_element": ("bf16 GPU B/el over no dropout (computed)",
-                                   lambda x: "" if x is None else f"{x:.3g}"),
+    "over_floor_per_call": (
+        "over no dropout, B per call",
+        lambda x: "" if x is None else f"{x:,.0f}",
+    ),
+    "vs_recompute": ("step time vs fastreg:recompute [IQR]", lambda x: _slowdown(x)),
+    "bf16_gpu_bytes_per_element": (
+        "bf16 GPU B/el over no dropout (computed)",
+        lambda x: "" if x is None else f"{x:.3g}",
+    ),
 }
 
 
@@ -291,14 +381,23 @@ def memory_models(memory):
         if isinstance(value, dict) and isinstance(value.get("rows"), list):
             sections.append((value.get("name") or value.get("model") or key, value))
         elif isinstance(value, dict) and isinstance(value.get("models"), dict):
-            sections += [(name, {"config": value.get("config"), "rows": rows})
-                         for name, rows in value["models"].items() if isinstance(rows, list)]
+            sections += [
+                (name, {"config": value.get("config"), "rows": rows})
+                for name, rows in value["models"].items()
+                if isinstance(rows, list)
+            ]
         elif key == "models" and isinstance(value, list):
-            sections += [(m.get("name") or m.get("model") or str(i), m) for i, m in enumerate(value)
-                         if isinstance(m, dict) and isinstance(m.get("rows"), list)]
+            sections += [
+                (m.get("name") or m.get("model") or str(i), m)
+                for i, m in enumerate(value)
+                if isinstance(m, dict) and isinstance(m.get("rows"), list)
+            ]
         elif key == "models" and isinstance(value, dict):
-            sections += [(name, m) for name, m in value.items()
-                         if isinstance(m, dict) and isinstance(m.get("rows"), list)]
+            sections += [
+                (name, m)
+                for name, m in value.items()
+                if isinstance(m, dict) and isinstance(m.get("rows"), list)
+            ]
     out = []
     for name, section in sections:
         groups = {}
@@ -317,26 +416,31 @@ def memory_table(doc, options):
         wanted = options.pop("models").split(",")
         unknown = set(wanted) - {m for m, _, _ in models}
         if unknown:
-            raise TableError(f"no model {sorted(unknown)} in the JSON; it has "
-                             f"{[m for m, _, _ in models]}")
+            raise TableError(
+                f"no model {sorted(unknown)} in the JSON; it has {[m for m, _, _ in models]}"
+            )
         models = [m for m in models if m[0] in wanted]
     if not models:
         raise TableError("no memory rows in the JSON")
     if "variants" in options:
         variants = options.pop("variants").split(",")  # a space in a name written as _
-        models = [(m, section, [r for r in rs
-                                if str(r.get("variant")).replace(" ", "_") in variants])
-                  for m, section, rs in models]
+        models = [
+            (m, section, [r for r in rs if str(r.get("variant")).replace(" ", "_") in variants])
+            for m, section, rs in models
+        ]
     rows = [r for _, _, rs in models for r in rs]
     if "columns" in options:
         keys = options.pop("columns").split(",")
         unknown = set(keys) - set(MEMORY_COLUMNS)
         if unknown:
-            raise TableError(f"unknown memory columns {sorted(unknown)}; choose from "
-                             f"{', '.join(MEMORY_COLUMNS)}")
+            raise TableError(
+                f"unknown memory columns {sorted(unknown)}; choose from {', '.join(MEMORY_COLUMNS)}"
+            )
     else:
         keys = [k for k in MEMORY_COLUMNS if any(r.get(k) is not None for r in rows)]
-    names = (["model"] if len(models) > 1 else []) + ["variant"] + [MEMORY_COLUMNS[k][0] for k in keys]
+    names = (
+        (["model"] if len(models) > 1 else []) + ["variant"] + [MEMORY_COLUMNS[k][0] for k in keys]
+    )
     body = []
     for model, _, model_rows in models:
         for i, r in enumerate(model_rows):
@@ -357,6 +461,7 @@ KINDS = {"results": results_table, "bench": bench_tables, "memory": memory_table
 
 
 # ---- the files ------------------------------------------------------------------------
+
 
 def render(kind, options, root=ROOT):
     """The lines between a marker pair."""
@@ -400,7 +505,9 @@ def regenerate(text, root=ROOT, where="<text>"):
         end = i + 1
         while end < len(lines) and not CLOSE.match(lines[end]):
             if OPEN.match(lines[end]):
-                raise TableError(f"{where}:{end + 1}: a table marker inside the table of line {i + 1}")
+                raise TableError(
+                    f"{where}:{end + 1}: a table marker inside the table of line {i + 1}"
+                )
             end += 1
         if end == len(lines):
             raise TableError(f"{where}:{i + 1}: no <!-- /table --> after this marker")
@@ -434,8 +541,14 @@ def run(files=None, root=ROOT, check=False, out=None):
             continue
         stale.append(rel)
         if check:
-            out.writelines(difflib.unified_diff(text.splitlines(True), new.splitlines(True),
-                                                f"{rel} (as committed)", f"{rel} (from the JSON)"))
+            out.writelines(
+                difflib.unified_diff(
+                    text.splitlines(True),
+                    new.splitlines(True),
+                    f"{rel} (as committed)",
+                    f"{rel} (from the JSON)",
+                )
+            )
         else:
             with open(path, "w") as f:
                 f.write(new)
@@ -447,14 +560,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m fastreg.bench.tables",
         description="Regenerate the tables between <!-- table: ... --> markers in README.md "
-                    "and docs/*.md from the JSON in benchmarks/results/.")
-    parser.add_argument("files", nargs="*", help="Markdown files (default: README.md and docs/*.md)")
-    parser.add_argument("--check", action="store_true",
-                        help="change nothing; print the differences and exit 1 if any table "
-                             "differs from what its JSON gives")
-    parser.add_argument("--root", default=ROOT,
-                        help="the repository root, which sources are relative to (default: "
-                             "this checkout's)")
+        "and docs/*.md from the JSON in benchmarks/results/.",
+    )
+    parser.add_argument(
+        "files", nargs="*", help="Markdown files (default: README.md and docs/*.md)"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="change nothing; print the differences and exit 1 if any table "
+        "differs from what its JSON gives",
+    )
+    parser.add_argument(
+        "--root",
+        default=ROOT,
+        help="the repository root, which sources are relative to (default: this checkout's)",
+    )
     args = parser.parse_args(argv)
     try:
         stale = run(args.files or None, root=args.root, check=args.check)
@@ -462,8 +583,11 @@ def main(argv=None):
         print(f"fastreg.bench.tables: {error}", file=sys.stderr)
         return 2
     if args.check and stale:
-        print(f"\nout of date: {', '.join(stale)}; run `make tables` (python -m fastreg.bench.tables)",
-              file=sys.stderr)
+        print(
+            f"\nout of date: {', '.join(stale)}; "
+            "run `make tables` (python -m fastreg.bench.tables)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
