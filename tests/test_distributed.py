@@ -5,6 +5,9 @@ time); each scenario is its own test, passed when every rank printed "NAME: ok".
 
 * ddp: DistributedDataParallel with fastreg.Dropout and fastreg.penalty in the loss keeps
   the replicas bitwise identical, and ranks seeded apart draw their own masks.
+* regenerate: DDP with the dropped tensors regenerated in backward
+  (`replace_dropout(..., regenerate=True)`): the same parameters, bit for bit, as with them
+  kept.
 * generators: a generator per tensor-parallel group: seeded alike, equal masks on every
   rank; with seed + rank, different ones.
 * placements: DTensors on 1-D and 2-D meshes, sharded and replicated: replicated mesh
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tools" / "distributed_worker.py"
 # placements before fsdp: a scenario that fails ends the launch, and placements runs
 # where fsdp skips
-SCENARIOS = ("ddp", "generators", "placements", "fsdp")
+SCENARIOS = ("ddp", "regenerate", "generators", "placements", "fsdp")
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available(), reason="torch is built without torch.distributed"

@@ -88,6 +88,58 @@ def ddp(rank, world):
     assert not torch.equal(masks[0], masks[1]), "ranks seeded apart drew the same masks"
 
 
+def regenerate(rank, world):
+    """DDP steps with the dropped tensors regenerated in backward
+    (replace_dropout(..., regenerate=True)): the parameters after the steps equal, bit for
+    bit, those of the same steps with the dropped tensors kept, on every rank, and the
+    replicas stay identical."""
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
+
+    def train(regenerate):
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Linear(8, 32),
+            nn.Dropout(P),
+            nn.Linear(32, 32),
+            nn.ReLU(),
+            nn.Dropout(P),
+            nn.Linear(32, 4),
+        )
+        fastreg.replace_dropout(model, mask="recompute", regenerate=regenerate)
+        replica = DistributedDataParallel(model)
+        opt = torch.optim.SGD(replica.parameters(), lr=0.1)
+        torch.manual_seed(1000 + rank)
+        data = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            x, y = torch.randn(16, 8, generator=data), torch.randn(16, 4, generator=data)
+            opt.zero_grad()
+            F.mse_loss(replica(x), y).backward()
+            opt.step()
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    from fastreg import _regen
+
+    regenerations = []
+    original = _regen._Recipe.regenerate
+
+    def counted(self, *args, **kwargs):
+        regenerations.append(1)
+        return original(self, *args, **kwargs)
+
+    _regen._Recipe.regenerate = counted
+    try:
+        kept = train(False)
+        assert not regenerations, "dropped tensors were regenerated with regenerate=False"
+        regenerated = train(True)
+    finally:
+        _regen._Recipe.regenerate = original
+    # 3 steps, two dropouts each, each output saved by one Linear
+    assert len(regenerations) == 6, f"{len(regenerations)} regenerations, not 6"
+    assert torch.equal(kept, regenerated), "regeneration changed the parameters after DDP steps"
+    assert all_equal(regenerated), "the replicas' parameters differ after the steps"
+
+
 # ---- generators per tensor-parallel group ---------------------------------------------
 
 
@@ -389,7 +441,13 @@ def expect_error(kind, text, function):
         raise AssertionError(f"no {kind.__name__} ({text!r})")
 
 
-SCENARIOS = {"ddp": ddp, "generators": generators, "fsdp": fsdp, "placements": placements}
+SCENARIOS = {
+    "ddp": ddp,
+    "regenerate": regenerate,
+    "generators": generators,
+    "fsdp": fsdp,
+    "placements": placements,
+}
 
 
 def main():
