@@ -87,7 +87,8 @@ def load_line(env):
     return line
 
 
-def _fmt_ms(ms):
+def fmt_ms(ms):
+    """Three significant digits (at least the unit): 377, 58.7, 1.73, 0.978."""
     if ms is None:
         return ""
     if ms >= 100:
@@ -99,11 +100,22 @@ def _fmt_ms(ms):
     return f"{ms:.3f}" if ms >= 0.01 else f"{ms:.4f}"
 
 
-def _fmt(value, spec, suffix=""):
+def fmt(value, spec, suffix=""):
     return "" if value is None else f"{value:{spec}}{suffix}"
 
 
-def _fmt_err(value):
+def measured_cells(r, scale=1.0):
+    """A timed row's cells: median time (times `scale`: 1e3 for microseconds), GB/s, share
+    of the copy bandwidth, speedup and its spread."""
+    return [
+        fmt_ms(r["median_ms"] * scale),
+        fmt(r.get("gbps"), ".1f"),
+        fmt(r.get("copy_frac"), ".0%"),
+        *speedup_cells(r),
+    ]
+
+
+def fmt_err(value):
     if value is None:
         return ""
     return "0" if value == 0 else f"{value:.1e}"
@@ -185,7 +197,7 @@ def format_table(rows, env, settings=Settings(), timer=None):
                 "spread",
                 "kept B/el",
             ],
-            lambda r: _fmt(r["saved_bytes_per_elem"], ".3f"),
+            lambda r: fmt(r["saved_bytes_per_elem"], ".3f"),
         )
     if fused:
         out += [
@@ -208,7 +220,7 @@ def format_table(rows, env, settings=Settings(), timer=None):
                 "spread",
                 "kept B/el",
             ],
-            lambda r: _fmt(r["saved_bytes_per_elem"], ".3f"),
+            lambda r: fmt(r["saved_bytes_per_elem"], ".3f"),
         )
     if penalty:
         sets = sorted({r["params"] for r in penalty}, key=list(PARAM_SETS).index)
@@ -237,7 +249,7 @@ def format_table(rows, env, settings=Settings(), timer=None):
                 "spread",
                 "rel err",
             ],
-            lambda r: _fmt_err(r["rel_err"]),
+            lambda r: fmt_err(r["rel_err"]),
         )
     if host:
         out += [
@@ -263,7 +275,7 @@ def format_table(rows, env, settings=Settings(), timer=None):
                 "spread",
                 "per tensor us",
             ],
-            lambda r: _fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f"),
+            lambda r: fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f"),
             unit="us",
         )
     return "\n".join(out)
@@ -315,17 +327,7 @@ def _table(rows, names, last_cell, unit="ms"):
             notes.append(len(body))
             body.append(lead + [r["impl"], r["note"] or "no result"])
             continue
-        body.append(
-            lead
-            + [
-                r["impl"],
-                _fmt_ms(r["median_ms"] * scale),
-                _fmt(r["gbps"], ".1f"),
-                _fmt(r["copy_frac"], ".0%"),
-                *speedup_cells(r),
-                last_cell(r),
-            ]
-        )
+        body.append(lead + [r["impl"], *measured_cells(r, scale), last_cell(r)])
     widths = [len(n) for n in names]
     for i, cells in enumerate(body):
         for k, cell in enumerate(cells or ()):

@@ -50,7 +50,7 @@ from fastreg.bench.grid import (
     parse_list,
     parse_size,
 )
-from fastreg.bench.report import speedup_cells
+from fastreg.bench.report import fmt, fmt_err, fmt_ms, measured_cells
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPEN = re.compile(r"^<!--\s*table:\s*(\S+)((?:\s+[\w-]+=\S+)*)\s*-->\s*$")
@@ -68,19 +68,6 @@ def default_files(root=ROOT):
 
 
 # ---- cells ----------------------------------------------------------------------------
-
-
-def fmt_ms(ms):
-    """Three significant digits (at least the unit): 377, 58.7, 1.73, 0.978."""
-    if ms is None:
-        return ""
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3f}" if ms >= 0.01 else f"{ms:.4f}"
 
 
 def fmt_kept(value):
@@ -238,10 +225,6 @@ FAMILY_CAPTIONS = {
 }
 
 
-def _fmt(value, spec):
-    return "" if value is None else f"{value:{spec}}"
-
-
 def bench_tables(doc, options):
     """The bench's tables by family, as ``python -m fastreg bench`` prints them."""
     rows = list(doc.get("results") or [])
@@ -302,25 +285,14 @@ def bench_tables(doc, options):
                 continue
             scale = 1e3 if host else 1.0
             if family == "penalty":
-                err = r.get("rel_err")
-                last_cell = "" if err is None else ("0" if err == 0 else f"{err:.1e}")
+                last_cell = fmt_err(r.get("rel_err"))
             elif host:
                 last_cell = (
-                    _fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f") if r.get("tensors") else ""
+                    fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f") if r.get("tensors") else ""
                 )
             else:
-                last_cell = _fmt(r.get("saved_bytes_per_elem"), ".3f")
-            body.append(
-                lead
-                + [
-                    f"`{r['impl']}`",
-                    fmt_ms(r["median_ms"] * scale),
-                    _fmt(r.get("gbps"), ".1f"),
-                    _fmt(r.get("copy_frac"), ".0%"),
-                    *speedup_cells(r),
-                    last_cell,
-                ]
-            )
+                last_cell = fmt(r.get("saved_bytes_per_elem"), ".3f")
+            body.append(lead + [f"`{r['impl']}`", *measured_cells(r, scale), last_cell])
         if len(families) > 1:
             out += [f"*{FAMILY_CAPTIONS[family]}*", ""]
         out += markdown_table(names, body) + [""]
