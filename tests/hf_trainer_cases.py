@@ -1,22 +1,30 @@
 """The Hugging Face Trainer runs of tests/test_integrations_hf.py, shared with the DDP
-worker (tests/hf_ddp_worker.py): a tiny BERT classifier trained by the Trainer with
+worker (tools/hf_ddp_worker.py): a tiny BERT classifier trained by the Trainer with
 fastreg's callback, and the hand-written loop that it must equal: the same micro-batches
 (recorded from the Trainer's run), the loss as the Trainer normalizes it, plus
 ``l1 * sum|w| + l2 * sum w**2`` over the parameters that Trainer's weight decay takes,
 scaled by a GradScaler, unscaled, clipped, stepped."""
 
+import contextlib
 import copy
 
 import torch
 import transformers
+from hand_loop import (  # noqa: F401  (the settings, for the tests that import this module)
+    BATCH,
+    INIT_SCALE,
+    L1,
+    L2,
+    LR,
+    MAX_NORM,
+    PRECISIONS,
+    grad_scaler,
+    max_difference,
+    optimizer_step,
+)
 from transformers import Trainer, TrainingArguments
 
 from fastreg.integrations.huggingface import FastregCallback
-
-L1, L2, LR, MAX_NORM = 2e-3, 2e-2, 0.1, 0.5
-BATCH = 2
-INIT_SCALE = 2.0**8
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def config(dropout=0.0):
@@ -145,12 +153,12 @@ def hand_written(
     net = torch.nn.parallel.DistributedDataParallel(model) if ddp else model
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     dtype = PRECISIONS[precision]
-    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if precision == "fp16" else None
+    scaler = grad_scaler(precision)
     assert len(calls) == accum * steps, len(calls)
     for step in range(steps):
         batch = calls[step * accum : (step + 1) * accum]
         for i, kwargs in enumerate(batch):
-            sync = net.no_sync() if ddp and i < accum - 1 else _null()
+            sync = net.no_sync() if ddp and i < accum - 1 else contextlib.nullcontext()
             with sync:
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                     loss = net(**kwargs).loss.float()
@@ -161,29 +169,5 @@ def hand_written(
                 # the penalty in the loss: once per optimizer step, a k-th on each of k
                 loss = loss + hand_penalty(model, penalty_times) / accum
                 (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(opt)
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, model.parameters(), scaler, clip)
     return model
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def max_difference(a, b):
-    """The largest elementwise difference of two models' parameters."""
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    assert pa.keys() == pb.keys()
-    return max((pa[k].detach() - pb[k].detach()).abs().max().item() for k in pa)

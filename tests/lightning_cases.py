@@ -1,23 +1,31 @@
 """The Lightning runs of tests/test_integrations_lightning.py, shared with its DDP worker
-(tests/lightning_ddp_worker.py): a small MLP with LayerNorm and dropout, trained by
+(tools/lightning_ddp_worker.py): a small MLP with LayerNorm and dropout, trained by
 lightning.Trainer with fastreg's callback, and the hand-written loop that it must equal
 (the same batches, recorded in training_step; the loss divided by the accumulation,
 plus ``l1 * sum|w| + l2 * sum w**2`` over the weights that are neither biases nor
 LayerNorm's, scaled, unscaled, clipped, stepped)."""
 
+import contextlib
 import copy
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from hand_loop import (  # noqa: F401  (the settings, for the tests that import this module)
+    BATCH,
+    INIT_SCALE,
+    L1,
+    L2,
+    LR,
+    MAX_NORM,
+    PRECISIONS,
+    grad_scaler,
+    max_difference,
+    optimizer_step,
+)
 from torch import nn
 
 from fastreg.integrations.lightning import FastregCallback
-
-L1, L2, LR, MAX_NORM = 2e-3, 2e-2, 0.1, 0.5
-BATCH = 2
-INIT_SCALE = 2.0**8
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_net(dropout=0.0, seed=0):
@@ -117,37 +125,14 @@ def hand_written(
     model = torch.nn.parallel.DistributedDataParallel(net) if ddp else net
     opt = torch.optim.SGD(net.parameters(), lr=LR)
     dtype = PRECISIONS[precision]
-    scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE) if precision == "fp16" else None
+    scaler = grad_scaler(precision)
     assert len(batches) == accum * steps, len(batches)
     for step in range(steps):
         for i, (x, y) in enumerate(batches[step * accum : (step + 1) * accum]):
-            with model.no_sync() if ddp and i < accum - 1 else _null():
+            with model.no_sync() if ddp and i < accum - 1 else contextlib.nullcontext():
                 with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                     loss = F.cross_entropy(model(x), y)
                 loss = (loss + hand_penalty(net, penalty_times)) / accum
                 (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(opt)
-        if clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), MAX_NORM)
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(opt, net.parameters(), scaler, clip)
     return net
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def max_difference(a, b):
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    assert pa.keys() == pb.keys()
-    return max((pa[k].detach() - pb[k].detach()).abs().max().item() for k in pa)

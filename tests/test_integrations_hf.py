@@ -151,7 +151,7 @@ def test_checkpoint_loads_into_the_original_class_and_resume_continues(
 
 
 def test_ddp_two_processes(cases, tmp_path):
-    """tests/hf_ddp_worker.py under torch.distributed.run, two CPU processes (gloo): the
+    """tools/hf_ddp_worker.py under torch.distributed.run, two CPU processes (gloo): the
     Trainer with the callback against the hand-written DDP loop, for fp32 and bf16 with
     accumulation 1 and 4, clipping on and off."""
     env = dict(
@@ -163,7 +163,7 @@ def test_ddp_two_processes(cases, tmp_path):
         ),
     )
     result = tmp_path / "result.json"
-    worker = pathlib.Path(__file__).parent / "hf_ddp_worker.py"
+    worker = pathlib.Path(__file__).parents[1] / "tools" / "hf_ddp_worker.py"
     run = subprocess.run(
         [
             sys.executable,

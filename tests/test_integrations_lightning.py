@@ -124,7 +124,7 @@ def test_checkpoint_loads_into_the_plain_module_and_resume_continues(cases, tmp_
 
 
 def test_ddp_two_processes(cases, tmp_path):
-    """tests/lightning_ddp_worker.py: strategy="ddp", devices=2 on the CPU (gloo), the fit
+    """tools/lightning_ddp_worker.py: strategy="ddp", devices=2 on the CPU (gloo), the fit
     against the hand-written DDP loop for fp32, bf16 and fp16, accumulation 1 and 4,
     clipping on and off."""
     env = dict(
@@ -137,7 +137,7 @@ def test_ddp_two_processes(cases, tmp_path):
     for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     result = tmp_path / "result.json"
-    worker = pathlib.Path(__file__).parent / "lightning_ddp_worker.py"
+    worker = pathlib.Path(__file__).parents[1] / "tools" / "lightning_ddp_worker.py"
     run = subprocess.run(
         [sys.executable, str(worker), str(tmp_path), str(result)],
         env=env,

@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
+sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tests"))  # the cases
 import hf_trainer_cases as cases  # noqa: E402
 
 out, result = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
