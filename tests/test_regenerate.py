@@ -22,12 +22,28 @@ from fastreg import _regen, _rng
 P = 0.3
 
 
+# Whether this torch reports the active saved-tensor hooks, which regenerate_dropped
+# composes with its own; where it does not (torch 2.4), the context's hooks replace outer
+# ones while it is active, so an outer Probe sees nothing inside it.
+HOOKS_COMPOSE = hasattr(torch._C._autograd, "_top_saved_tensors_default_hooks")
+
+
 class Probe:
     """An outer saved-tensor hook pair that records what autograd keeps (each storage
-    once, by its data pointer) and keeps it unchanged."""
+    once, by its data pointer) and keeps it unchanged. Around a regenerate_dropped context
+    on a torch whose hooks do not compose it sees nothing: asking it then skips the test
+    (after the gradients have been compared)."""
 
     def __init__(self):
         self.storages = {}
+        self.blind = False
+
+    def _check_sight(self):
+        if self.blind:
+            pytest.skip(
+                "this torch cannot report the active saved-tensor hooks, so an outer "
+                "probe sees nothing inside regenerate_dropped()"
+            )
 
     def pack(self, t):
         storage = t.untyped_storage()
@@ -41,9 +57,11 @@ class Probe:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
     def keeps(self, tensor):
+        self._check_sight()
         return tensor.untyped_storage().data_ptr() in self.storages
 
     def bytes(self):
+        self._check_sight()
         return sum(self.storages.values())
 
 
@@ -65,6 +83,8 @@ def assert_same(a, b):
 def run(step, leaves, regenerate, seed=0, probe=None):
     """(gradients of `leaves`, what step() returned) for one step with seed `seed`."""
     torch.manual_seed(seed)
+    if probe is not None and regenerate and not HOOKS_COMPOSE:
+        probe.blind = True
     with probe() if probe is not None else _nothing():
         with fastreg.regenerate_dropped(regenerate):
             loss, extra = step()
@@ -153,6 +173,7 @@ def test_what_is_kept_is_the_floor_plus_16_bytes_per_call():
 
     def kept(dropout, regenerate):
         probe = Probe()
+        probe.blind = regenerate and not HOOKS_COMPOSE
         with probe(), fastreg.regenerate_dropped(regenerate):
             block(dropout).backward()
         return probe.bytes()
@@ -374,17 +395,18 @@ def test_replace_dropout_regenerate_functional(mask):
     results = []
     for model in (plain, regen):
         probe = Probe()
+        probe.blind = model is regen and not HOOKS_COMPOSE
         torch.manual_seed(1)
         with probe():
             model(x).square().sum().backward()
-        results.append(([p.grad for p in model.parameters()], probe.bytes()))
+        results.append(([p.grad for p in model.parameters()], probe))
     assert_same(results[1][0], results[0][0])
-    assert results[1][1] < results[0][1]
     assert not _regen.active()
     copy.deepcopy(regen)
     regen.eval()
     with torch.no_grad():
         assert torch.equal(regen(x), net.eval()(x))
+    assert results[1][1].bytes() < results[0][1].bytes()
 
 
 def test_dropout_mode_inside_the_context():
@@ -532,13 +554,14 @@ def _same_model_gradients(model, inputs, mask="recompute"):
     for m in (plain, regen):
         m.train()
         probe = Probe()
+        probe.blind = m is regen and not HOOKS_COMPOSE
         torch.manual_seed(0)
         with probe():
             loss = m(**inputs).loss
         loss.backward()
-        out.append(([p.grad for p in m.parameters() if p.requires_grad], probe.bytes()))
+        out.append(([p.grad for p in m.parameters() if p.requires_grad], probe))
     assert_same(out[1][0], out[0][0])
-    assert out[1][1] < out[0][1]
+    assert out[1][1].bytes() < out[0][1].bytes()
 
 
 def test_t5(transformers):
