@@ -104,6 +104,40 @@ def fmt(value, spec, suffix=""):
     return "" if value is None else f"{value:{spec}}{suffix}"
 
 
+MEASURED = ["GB/s", "copy", "speedup", "spread"]
+
+
+def table_columns(family):
+    """The columns of a family's table (dropout, fused, penalty, host): the row's case,
+    the measured cells, and the family's last column."""
+    size = "params" if family in ("penalty", "host") else "size"
+    unit = "us" if family == "host" else "ms"
+    last = {"penalty": "rel err", "host": "per tensor us"}.get(family, "kept B/el")
+    return [
+        "op",
+        "dtype",
+        size,
+        "impl",
+        f"median {unit}",
+        "GB/s",
+        "copy",
+        "speedup",
+        "spread",
+        last,
+    ]
+
+
+def last_cell(family, r):
+    """A row's last cell: the penalty's error against float64, the host overhead per
+    tensor in microseconds, else the bytes kept for backward per element."""
+    if family == "penalty":
+        return fmt_err(r.get("rel_err"))
+    if family == "host":
+        tensors = r.get("tensors")
+        return fmt(r["median_ms"] * 1e3 / tensors, ".2f") if tensors else ""
+    return fmt(r.get("saved_bytes_per_elem"), ".3f")
+
+
 def measured_cells(r, scale=1.0):
     """A timed row's cells: median time (times `scale`: 1e3 for microseconds), GB/s, share
     of the copy bandwidth, speedup and its spread."""
@@ -183,22 +217,7 @@ def format_table(rows, env, settings=Settings(), timer=None):
             f"dropout, p={settings.p}: speedup against F.dropout; kept: bytes autograd "
             "keeps for backward per element",
         ]
-        out += _table(
-            dropout,
-            [
-                "op",
-                "dtype",
-                "size",
-                "impl",
-                "median ms",
-                "GB/s",
-                "copy",
-                "speedup",
-                "spread",
-                "kept B/el",
-            ],
-            lambda r: fmt(r["saved_bytes_per_elem"], ".3f"),
-        )
+        out += _table(dropout, "dropout")
     if fused:
         out += [
             "",
@@ -206,22 +225,7 @@ def format_table(rows, env, settings=Settings(), timer=None):
             f"{FUSED_WIDTH}: speedup against the native composition; GB/s: the fused "
             "op's bytes (same for every impl)",
         ]
-        out += _table(
-            fused,
-            [
-                "op",
-                "dtype",
-                "size",
-                "impl",
-                "median ms",
-                "GB/s",
-                "copy",
-                "speedup",
-                "spread",
-                "kept B/el",
-            ],
-            lambda r: fmt(r["saved_bytes_per_elem"], ".3f"),
-        )
+        out += _table(fused, "fused")
     if penalty:
         sets = sorted({r["params"] for r in penalty}, key=list(PARAM_SETS).index)
         described = "; ".join(
@@ -235,22 +239,7 @@ def format_table(rows, env, settings=Settings(), timer=None):
             "speedup against the Python loop; rel err: against float64 (value; grad_: "
             "the gradient's norm)",
         ]
-        out += _table(
-            penalty,
-            [
-                "op",
-                "dtype",
-                "params",
-                "impl",
-                "median ms",
-                "GB/s",
-                "copy",
-                "speedup",
-                "spread",
-                "rel err",
-            ],
-            lambda r: fmt_err(r["rel_err"]),
-        )
+        out += _table(penalty, "penalty")
     if host:
         out += [
             "",
@@ -261,23 +250,7 @@ def format_table(rows, env, settings=Settings(), timer=None):
             "Penalty(l1=, l2=)(module); torch.cat: torch.cat(list), torch's own "
             "operator over a tensor list with autograd, for scale",
         ]
-        out += _table(
-            host,
-            [
-                "op",
-                "dtype",
-                "params",
-                "impl",
-                "median us",
-                "GB/s",
-                "copy",
-                "speedup",
-                "spread",
-                "per tensor us",
-            ],
-            lambda r: fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f"),
-            unit="us",
-        )
+        out += _table(host, "host")
     return "\n".join(out)
 
 
@@ -299,8 +272,10 @@ def speedup_cells(r):
     return f"{r['speedup']:.2f}x", spread
 
 
-def _table(rows, names, last_cell, unit="ms"):
-    """Aligned rows, grouped by (op, dtype, size); repeated group cells left blank."""
+def _table(rows, family):
+    """A family's rows aligned, grouped by (op, dtype, size); repeated group cells left
+    blank."""
+    names = table_columns(family)
     order = {op: i for i, op in enumerate(OPS)}
     impl_order = DROPOUT_IMPLS + PENALTY_IMPLS + HOST_IMPLS["host_penalty"] + (COMPILE_IMPL,)
     impls = {impl: i for i, impl in enumerate(dict.fromkeys(impl_order))}
@@ -314,7 +289,7 @@ def _table(rows, names, last_cell, unit="ms"):
             impls.get(r["impl"], 99),
         ),
     )
-    scale = 1e3 if unit == "us" else 1.0
+    scale = 1e3 if family == "host" else 1.0
     body, notes, previous = [], [], None
     for r in rows:
         group = (r["op"], r["dtype"], r["numel"], r["params"])
@@ -327,7 +302,7 @@ def _table(rows, names, last_cell, unit="ms"):
             notes.append(len(body))
             body.append(lead + [r["impl"], r["note"] or "no result"])
             continue
-        body.append(lead + [r["impl"], *measured_cells(r, scale), last_cell(r)])
+        body.append(lead + [r["impl"], *measured_cells(r, scale), last_cell(family, r)])
     widths = [len(n) for n in names]
     for i, cells in enumerate(body):
         for k, cell in enumerate(cells or ()):

@@ -50,7 +50,7 @@ from fastreg.bench.grid import (
     parse_list,
     parse_size,
 )
-from fastreg.bench.report import fmt, fmt_err, fmt_ms, measured_cells
+from fastreg.bench.report import fmt_ms, last_cell, measured_cells, table_columns
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OPEN = re.compile(r"^<!--\s*table:\s*(\S+)((?:\s+[\w-]+=\S+)*)\s*-->\s*$")
@@ -257,20 +257,7 @@ def bench_tables(doc, options):
     out = []
     for family in families:
         host = family == "host"
-        unit = "us" if host else "ms"
-        last = {"penalty": "rel err", "host": "per tensor us"}.get(family, "kept B/el")
-        names = [
-            "op",
-            "dtype",
-            "size",
-            "impl",
-            f"median {unit}",
-            "GB/s",
-            "copy",
-            "speedup",
-            "spread",
-            last,
-        ]
+        names = table_columns(family)
         body, previous = [], None
         for r in (r for r in rows if FAMILY.get(r["op"]) == family):
             group = (r["op"], r["dtype"], r["numel"], r["params"])
@@ -284,15 +271,7 @@ def bench_tables(doc, options):
                 body.append(lead + [r["impl"], r.get("note") or "no result"] + [""] * 5)
                 continue
             scale = 1e3 if host else 1.0
-            if family == "penalty":
-                last_cell = fmt_err(r.get("rel_err"))
-            elif host:
-                last_cell = (
-                    fmt(r["median_ms"] * 1e3 / r["tensors"], ".2f") if r.get("tensors") else ""
-                )
-            else:
-                last_cell = fmt(r.get("saved_bytes_per_elem"), ".3f")
-            body.append(lead + [f"`{r['impl']}`", *measured_cells(r, scale), last_cell])
+            body.append(lead + [f"`{r['impl']}`", *measured_cells(r, scale), last_cell(family, r)])
         if len(families) > 1:
             out += [f"*{FAMILY_CAPTIONS[family]}*", ""]
         out += markdown_table(names, body) + [""]
